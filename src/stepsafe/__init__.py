@@ -1,0 +1,47 @@
+"""stepsafe: fast, atomic, verified checkpoints for large-model training.
+
+import stepsafe
+stepsafe.save("ckpt/1000", state)               # durable and committed when it returns
+state = stepsafe.restore("ckpt/1000", target)   # bit-exact, checksums verified
+stepsafe.metadata("ckpt/1000")                  # shapes and dtypes, no data read
+"""
+
+from stepsafe.checkpoint import ArrayMetadata, CheckpointInfo, info, metadata, restore, save
+from stepsafe.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ManifestError,
+    StepsafeError,
+    TargetMismatchError,
+    TruncatedDataError,
+    UnsupportedFormatError,
+    UnsupportedLeafError,
+)
+from stepsafe.storage import remove_stale_temporaries, stale_temporaries
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrayMetadata",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "ManifestError",
+    "StepsafeError",
+    "TargetMismatchError",
+    "TruncatedDataError",
+    "UnsupportedFormatError",
+    "UnsupportedLeafError",
+    "info",
+    "metadata",
+    "remove_stale_temporaries",
+    "restore",
+    "save",
+    "stale_temporaries",
+]

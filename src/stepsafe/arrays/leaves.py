@@ -1,0 +1,53 @@
+"""Which leaves are arrays, which are small inline values, and the host snapshot of an array.
+
+The snapshot is what a save writes from: numpy arrays are used in place (``copy=False``) or
+copied (``copy=True``, for async saves: the caller may mutate or donate its buffers the moment
+``save`` returns); JAX arrays are brought to host shard by shard, each replica written once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from stepsafe.format.dtypes import dtype_to_str
+from stepsafe.format.writer import HostArray
+
+VALUE_TYPES = (type(None), bool, int, float, str)
+
+
+def is_value(x: Any) -> bool:
+    return type(x) in VALUE_TYPES
+
+
+def is_jax_array(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.Array)
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray | np.generic) or is_jax_array(x)
+
+
+def is_leaf(x: Any) -> bool:
+    return is_value(x) or is_array(x)
+
+
+def full_index(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((0, n) for n in shape)
+
+
+def to_host(path: str, x: Any, *, copy: bool) -> HostArray:
+    if is_jax_array(x):
+        from stepsafe.arrays.jax_arrays import host_shards
+
+        dtype = np.dtype(x.dtype)
+        dtype_to_str(dtype, path)
+        return HostArray(path, dtype, tuple(x.shape), host_shards(x, copy=copy))
+    a = np.asarray(x)
+    dtype_to_str(a.dtype, path)
+    if copy or not a.flags.c_contiguous:
+        a = np.array(a, order="C", copy=True)
+    return HostArray(path, a.dtype, a.shape, [(full_index(a.shape), a)])

@@ -1,0 +1,22 @@
+"""save / restore / metadata: tree + format + array adapters, for one checkpoint path."""
+
+from stepsafe.checkpoint.inspect import ArrayMetadata, CheckpointInfo, info, metadata
+from stepsafe.checkpoint.locate import committed_steps, locate, uncommitted_entries
+from stepsafe.checkpoint.restore import open_checkpoint, restore
+from stepsafe.checkpoint.save import Snapshot, save, snapshot, write
+
+__all__ = [
+    "ArrayMetadata",
+    "CheckpointInfo",
+    "Snapshot",
+    "committed_steps",
+    "info",
+    "locate",
+    "metadata",
+    "open_checkpoint",
+    "restore",
+    "save",
+    "snapshot",
+    "uncommitted_entries",
+    "write",
+]

@@ -1,0 +1,73 @@
+"""What a checkpoint holds, from its two JSON files alone: no array bytes read, no JAX needed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stepsafe.checkpoint.restore import open_checkpoint, select_prefix
+from stepsafe.errors import TargetMismatchError
+from stepsafe.tree import build_plain, subtree
+
+
+@dataclass(frozen=True)
+class ArrayMetadata:
+    """One saved array. Usable as a restore target leaf (restores as numpy of this dtype)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    step: int | None
+    init_timestamp_nsecs: int
+    commit_timestamp_nsecs: int | None
+    format_version: int
+    custom_metadata: dict[str, Any]
+    nbytes: int
+    num_arrays: int
+    files: dict[str, int]
+
+
+def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
+    """The saved tree with every array replaced by its ``ArrayMetadata``; small values as saved."""
+    reader = open_checkpoint(path)
+    prefix = select_prefix(select)
+    manifest = reader.manifest
+    try:
+        node = subtree(manifest.structure, prefix)
+    except KeyError as e:
+        raise TargetMismatchError(
+            f"select={select!r} is not in checkpoint {reader.path}: {e.args[0]}"
+        ) from e
+
+    def leaf(key: str) -> Any:
+        if key in manifest.values:
+            return manifest.values[key]
+        a = manifest.arrays[key]
+        return ArrayMetadata(a.shape, a.dtype, a.nbytes)
+
+    return build_plain(node, leaf, prefix)
+
+
+def info(path: str) -> CheckpointInfo:
+    """The checkpoint's ``_CHECKPOINT_METADATA`` plus totals from its manifest."""
+    reader = open_checkpoint(path)
+    m, man = reader.metadata, reader.manifest
+    return CheckpointInfo(
+        path=reader.path,
+        step=m.step,
+        init_timestamp_nsecs=m.init_timestamp_nsecs,
+        commit_timestamp_nsecs=m.commit_timestamp_nsecs,
+        format_version=m.format_version,
+        custom_metadata=m.custom_metadata,
+        nbytes=man.nbytes,
+        num_arrays=len(man.arrays),
+        files=dict(man.files),
+    )

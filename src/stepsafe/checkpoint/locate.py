@@ -1,0 +1,69 @@
+"""Find the checkpoint a user means from the path they typed.
+
+Accepted, as the seeds write them: a step directory (``.../checkpoints/1000``), its ``items/``
+child, the seeds' ``.../checkpoints/items/1000`` spelling, a ``checkpoints`` directory, or a run
+directory holding ``checkpoints/`` (both mean: the latest committed step).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from stepsafe.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from stepsafe.format import ITEMS_DIR, METADATA_FILE, is_committed
+from stepsafe.storage import Storage, is_temporary
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def committed_steps(storage: Storage, directory: str) -> list[int]:
+    """Steps under ``directory`` (names that are integers) that hold a committed checkpoint."""
+    steps = [int(n) for n in storage.list_dir(directory) if n.isdigit()]
+    return sorted(s for s in steps if is_committed(storage, storage.join(directory, str(s))))
+
+
+def uncommitted_entries(storage: Storage, directory: str) -> list[str]:
+    """Step-like names under ``directory`` that are not committed checkpoints."""
+    return [
+        n
+        for n in storage.list_dir(directory)
+        if is_temporary(n)
+        or (n.isdigit() and not is_committed(storage, storage.join(directory, n)))
+    ]
+
+
+def locate(storage: Storage, path: str) -> str:
+    """The step directory ``path`` designates; raises when there is none or it is incomplete."""
+    p = path.rstrip("/") or "/"
+    base = posixpath.basename(p)
+    parent = posixpath.dirname(p)
+    if not storage.exists(p):
+        if posixpath.basename(parent) == ITEMS_DIR and base.isdigit():
+            alt = storage.join(posixpath.dirname(parent), base)
+            if storage.exists(alt):
+                return locate(storage, alt)
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    if is_temporary(base):
+        raise IncompleteCheckpointError(
+            f"{path} is the temporary directory of a save that never committed; it is not a "
+            "checkpoint (remove it with stepsafe.remove_stale_temporaries)"
+        )
+    if storage.exists(storage.join(p, METADATA_FILE)) or storage.is_dir(storage.join(p, ITEMS_DIR)):
+        return p
+    if base == ITEMS_DIR and storage.exists(storage.join(parent, METADATA_FILE)):
+        return parent
+    for d in (storage.join(p, CHECKPOINTS_DIR), p):
+        steps = committed_steps(storage, d)
+        if steps:
+            return storage.join(d, str(steps[-1]))
+    pending = uncommitted_entries(storage, storage.join(p, CHECKPOINTS_DIR)) + uncommitted_entries(
+        storage, p
+    )
+    if pending:
+        raise IncompleteCheckpointError(
+            f"no committed checkpoint under {path}; only incomplete ones: {', '.join(pending)}"
+        )
+    raise CheckpointNotFoundError(
+        f"{path} holds no stepsafe checkpoint: expected a step directory (with "
+        f"{METADATA_FILE}), its {ITEMS_DIR}/, or a run directory with {CHECKPOINTS_DIR}/<step>/"
+    )

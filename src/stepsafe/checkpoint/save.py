@@ -1,0 +1,87 @@
+"""``save``: tree -> committed checkpoint, in two steps that async callers run apart.
+
+``snapshot`` flattens the tree and captures every array on the host (the only part that must
+happen while the caller waits); ``write`` turns a snapshot into a committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from stepsafe.arrays import is_array, is_leaf, to_host
+from stepsafe.errors import UnsupportedLeafError
+from stepsafe.format import DEFAULT_FILE_SIZE, CheckpointMetadata, HostArray, write_checkpoint
+from stepsafe.storage import storage_for
+from stepsafe.tree import Structure, flatten
+
+
+@dataclass
+class Snapshot:
+    """A tree captured on the host, independent of the caller's live buffers when copied."""
+
+    structure: Structure
+    arrays: list[HostArray]
+    values: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for a in self.arrays for _, d in a.shards)
+
+
+def snapshot(tree: Any, *, copy: bool = False) -> Snapshot:
+    flat = flatten(tree, is_leaf=is_leaf)
+    arrays, values = [], {}
+    for path, leaf in zip(flat.paths, flat.leaves):
+        if is_array(leaf):
+            arrays.append(to_host(path, leaf, copy=copy))
+        else:
+            values[path] = leaf
+    return Snapshot(flat.structure, arrays, values)
+
+
+def _check_json(what: str, obj: Any) -> None:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedLeafError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def write(
+    path: str,
+    snap: Snapshot,
+    *,
+    metadata: dict[str, Any] | None = None,
+    step: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    data_file_size_bytes: int = DEFAULT_FILE_SIZE,
+) -> None:
+    _check_json("metadata", metadata or {})
+    storage, local = storage_for(path)
+    write_checkpoint(
+        storage,
+        local,
+        snap.structure,
+        snap.arrays,
+        snap.values,
+        metadata=CheckpointMetadata(step=step, custom_metadata=dict(metadata or {})),
+        extra_files=extra_files,
+        file_size=data_file_size_bytes,
+    )
+
+
+def save(
+    path: str,
+    tree: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    data_file_size_bytes: int = DEFAULT_FILE_SIZE,
+) -> None:
+    """Write ``tree`` as a committed checkpoint at ``path``; durable when this returns.
+
+    ``path`` must not exist yet: a checkpoint is never overwritten. ``metadata`` is any
+    JSON-serialisable dict, stored in ``_CHECKPOINT_METADATA`` as ``custom_metadata``.
+    """
+    snap = snapshot(tree)
+    write(str(path), snap, metadata=metadata, data_file_size_bytes=data_file_size_bytes)

@@ -1,0 +1,26 @@
+"""The layout of ONE checkpoint: manifest, packed data files, checksums, commit."""
+
+from stepsafe.format.layout import (
+    ITEMS_DIR,
+    MANIFEST_PATH,
+    METADATA_FILE,
+    CheckpointMetadata,
+)
+from stepsafe.format.manifest import FORMAT_VERSION, ArrayEntry, Manifest
+from stepsafe.format.reader import CheckpointReader, is_committed
+from stepsafe.format.writer import DEFAULT_FILE_SIZE, HostArray, write_checkpoint
+
+__all__ = [
+    "DEFAULT_FILE_SIZE",
+    "FORMAT_VERSION",
+    "ITEMS_DIR",
+    "MANIFEST_PATH",
+    "METADATA_FILE",
+    "ArrayEntry",
+    "CheckpointMetadata",
+    "CheckpointReader",
+    "HostArray",
+    "Manifest",
+    "is_committed",
+    "write_checkpoint",
+]

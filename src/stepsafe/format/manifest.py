@@ -1,0 +1,172 @@
+"""The manifest: everything about one checkpoint's tree except the array bytes.
+
+Reading it alone answers "what is in this checkpoint" (keys, dtypes, shapes, sizes) and tells a
+reader exactly which byte ranges of which data files hold each shard, so a partial restore reads
+only what it needs. It is JSON, parsed with validation: a manifest is untrusted input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stepsafe.errors import ManifestError, UnsupportedFormatError
+from stepsafe.format.checksum import ALGORITHM
+from stepsafe.format.dtypes import dtype_from_str
+from stepsafe.tree import Structure, structure_paths
+
+FORMAT = "stepsafe"
+FORMAT_VERSION = 1
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous run of a shard's bytes inside one data file."""
+
+    file: str
+    offset: int
+    length: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A box of the global array (``index``: [start, stop) per axis) and where its bytes lie."""
+
+    index: tuple[tuple[int, int], ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.index)
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.index)
+
+
+@dataclass(frozen=True)
+class ArrayEntry:
+    dtype: np.dtype
+    dtype_name: str
+    shape: tuple[int, ...]
+    shards: tuple[Shard, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class Manifest:
+    structure: Structure
+    arrays: dict[str, ArrayEntry] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "checksum": ALGORITHM,
+            "structure": self.structure,
+            "arrays": {
+                k: {
+                    "dtype": a.dtype_name,
+                    "shape": list(a.shape),
+                    "shards": [
+                        {
+                            "index": [list(r) for r in s.index],
+                            "chunks": [[c.file, c.offset, c.length, c.checksum] for c in s.chunks],
+                        }
+                        for s in a.shards
+                    ],
+                }
+                for k, a in self.arrays.items()
+            },
+            "values": self.values,
+            "files": self.files,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(
+                f"manifest {where} is not valid JSON ({e}): the file is corrupt"
+            ) from e
+        try:
+            return _parse(doc, where)
+        except UnsupportedFormatError:
+            raise
+        except ManifestError as e:
+            raise ManifestError(f"manifest {where}: {e}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ManifestError(f"manifest {where} is malformed ({type(e).__name__}: {e})") from e
+
+
+def _parse(doc: dict, where: str) -> Manifest:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ManifestError("not a stepsafe manifest")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"checkpoint {where} has format version {version!r}; this stepsafe reads version "
+            f"{FORMAT_VERSION}: upgrade stepsafe to read it"
+        )
+    if doc.get("checksum") != ALGORITHM:
+        raise ManifestError(f"unknown checksum algorithm {doc.get('checksum')!r}")
+    files = {str(name): _nonneg(size) for name, size in doc["files"].items()}
+    for name in files:
+        if not _FILE_NAME.match(name) or ".." in name:
+            raise ManifestError(f"data file name {name!r} would escape the checkpoint directory")
+    arrays = {str(k): _parse_array(k, a, files) for k, a in doc["arrays"].items()}
+    values = dict(doc["values"])
+    structure = doc["structure"]
+    paths = structure_paths(structure)
+    if set(paths) != set(arrays) | set(values) or len(paths) != len(arrays) + len(values):
+        raise ManifestError("structure and leaf entries disagree")
+    return Manifest(structure, arrays, values, files)
+
+
+def _nonneg(x: Any) -> int:
+    if type(x) is not int or x < 0:
+        raise ManifestError(f"expected a non-negative integer, got {x!r}")
+    return x
+
+
+def _parse_array(key: str, a: dict, files: dict[str, int]) -> ArrayEntry:
+    dtype = dtype_from_str(a["dtype"])
+    shape = tuple(_nonneg(d) for d in a["shape"])
+    shards = []
+    for s in a["shards"]:
+        index = tuple((_nonneg(lo), _nonneg(hi)) for lo, hi in s["index"])
+        if len(index) != len(shape) or any(not lo <= hi <= n for (lo, hi), n in zip(index, shape)):
+            raise ManifestError(f"array {key!r}: shard index {index} outside shape {shape}")
+        chunks = []
+        for name, offset, length, digest in s["chunks"]:
+            if name not in files:
+                raise ManifestError(f"array {key!r} points at unlisted data file {name!r}")
+            if _nonneg(offset) + _nonneg(length) > files[name]:
+                raise ManifestError(f"array {key!r}: chunk at {offset}+{length} beyond {name}")
+            chunks.append(Chunk(name, offset, length, str(digest)))
+        shard = Shard(index, tuple(chunks))
+        if sum(c.length for c in chunks) != math.prod(shard.shape) * dtype.itemsize:
+            raise ManifestError(f"array {key!r}: shard {index} byte count does not match its shape")
+        shards.append(shard)
+    covered = sum(math.prod(s.shape) for s in shards)
+    if covered != math.prod(shape):
+        raise ManifestError(f"array {key!r}: shards cover {covered} of {math.prod(shape)} elements")
+    return ArrayEntry(dtype, a["dtype"], shape, tuple(shards))

@@ -1,0 +1,110 @@
+"""Read one committed checkpoint: its metadata, its manifest, and array bytes by range.
+
+Bytes are read with ``preadv`` straight into the destination array when the destination region
+is contiguous (always for whole arrays and for shards split along the first axis), so a restore
+needs no staging copy; every chunk is checked against its checksum unless ``verify=False``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stepsafe.errors import ChecksumMismatchError, IncompleteCheckpointError, TruncatedDataError
+from stepsafe.format.checksum import checksum
+from stepsafe.format.layout import ITEMS_DIR, MANIFEST_PATH, METADATA_FILE, CheckpointMetadata
+from stepsafe.format.manifest import ArrayEntry, Manifest, Shard
+from stepsafe.storage import Storage
+
+
+def is_committed(storage: Storage, path: str) -> bool:
+    """True when ``path`` holds a committed checkpoint (metadata with a commit timestamp)."""
+    try:
+        raw = storage.read_bytes(storage.join(path, METADATA_FILE))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    try:
+        return CheckpointMetadata.from_json(raw, path).commit_timestamp_nsecs is not None
+    except Exception:
+        return False
+
+
+class CheckpointReader:
+    """An open, committed checkpoint. Construction reads only the two small JSON files."""
+
+    def __init__(self, storage: Storage, path: str) -> None:
+        self.storage = storage
+        self.path = path
+        try:
+            raw = storage.read_bytes(storage.join(path, METADATA_FILE))
+        except FileNotFoundError as e:
+            raise IncompleteCheckpointError(
+                f"{path} is not a committed checkpoint (no {METADATA_FILE}): the save that "
+                "wrote it did not finish; delete it or restore an earlier step"
+            ) from e
+        self.metadata = CheckpointMetadata.from_json(raw, storage.join(path, METADATA_FILE))
+        if self.metadata.commit_timestamp_nsecs is None:
+            raise IncompleteCheckpointError(f"{path} was never committed")
+        manifest_path = storage.join(path, MANIFEST_PATH)
+        try:
+            raw = storage.read_bytes(manifest_path)
+        except FileNotFoundError as e:
+            raise TruncatedDataError(
+                f"{manifest_path} is missing: the checkpoint is damaged"
+            ) from e
+        self.manifest = Manifest.from_json(raw, manifest_path)
+
+    def _file(self, name: str) -> str:
+        return self.storage.join(self.path, ITEMS_DIR, name)
+
+    def read_shard_into(self, key: str, shard: Shard, out: np.ndarray, verify: bool) -> None:
+        """Fill the C-contiguous ``out`` (the shard's shape) with the shard's bytes."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        pos = 0
+        for c in shard.chunks:
+            part = view[pos : pos + c.length]
+            self.storage.read_into(self._file(c.file), c.offset, part)
+            if verify and checksum(part) != c.checksum:
+                raise ChecksumMismatchError(
+                    f"checksum mismatch in array {key!r}: file {self._file(c.file)}, offset "
+                    f"{c.offset}, {c.length} bytes; the checkpoint is corrupt (restore an earlier "
+                    "step, or pass verify=False to read it anyway)"
+                )
+            pos += c.length
+
+    def read_array(self, key: str, verify: bool = True) -> np.ndarray:
+        """The whole global array ``key`` as a fresh host array."""
+        entry: ArrayEntry = self.manifest.arrays[key]
+        out = np.empty(entry.shape, entry.dtype)
+        for shard in entry.shards:
+            self.read_region_from(key, shard, out[(*shard.slices, ...)], verify)
+        return out
+
+    def read_region_from(self, key: str, shard: Shard, dest: np.ndarray, verify: bool) -> None:
+        if dest.flags.c_contiguous:
+            self.read_shard_into(key, shard, dest, verify)
+        else:
+            tmp = np.empty(shard.shape, dest.dtype)
+            self.read_shard_into(key, shard, tmp, verify)
+            dest[...] = tmp
+
+    def read_box(
+        self, key: str, box: tuple[tuple[int, int], ...], verify: bool = True
+    ) -> np.ndarray:
+        """The region ``box`` of array ``key``, reading only the saved shards it overlaps."""
+        entry = self.manifest.arrays[key]
+        for shard in entry.shards:
+            if shard.index == box:
+                out = np.empty(shard.shape, entry.dtype)
+                self.read_shard_into(key, shard, out, verify)
+                return out
+        out = np.empty(tuple(b - a for a, b in box), entry.dtype)
+        for shard in entry.shards:
+            inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(shard.index, box)]
+            if any(lo >= hi for lo, hi in inter):
+                continue
+            src = np.empty(shard.shape, entry.dtype)
+            self.read_shard_into(key, shard, src, verify)
+            src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, shard.index))
+            dst_sl = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, box))
+            out[dst_sl] = src[src_sl]
+        return out

@@ -1,0 +1,69 @@
+"""What the format needs from a place that holds bytes, and nothing more.
+
+A checkpoint is written through a ``Transaction``: files appear under their final names only
+when ``commit()`` returns, all of them or none (local disk: a temporary sibling directory and one
+atomic rename; object stores: a marker written last). Readers address files by path strings in
+the storage's own syntax (a local path or a URL) and read byte ranges into caller-owned buffers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+
+class Transaction(ABC):
+    """The files of one directory-to-be, invisible until ``commit``."""
+
+    @abstractmethod
+    def write_file(self, relpath: str, chunks: Iterable[memoryview | bytes]) -> None:
+        """Write one file from a sequence of buffers; durable once ``commit`` returns."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make every written file visible at once; raise if the destination exists."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop everything written; safe to call after a failure or twice."""
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class Storage(ABC):
+    """Bytes at paths. Paths are strings in this storage's own syntax."""
+
+    @abstractmethod
+    def join(self, base: str, *parts: str) -> str: ...
+
+    @abstractmethod
+    def transaction(self, path: str) -> Transaction:
+        """Start writing a new directory at ``path``."""
+
+    @abstractmethod
+    def read_into(self, path: str, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``path`` at ``offset``; TruncatedDataError when the file is short."""
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abstractmethod
+    def size(self, path: str) -> int: ...
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def is_dir(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def list_dir(self, path: str) -> list[str]:
+        """Names (not paths) directly under ``path``; empty when it does not exist."""
+
+    @abstractmethod
+    def delete_tree(self, path: str) -> None: ...

@@ -1,0 +1,204 @@
+"""Local POSIX storage: durable writes and an atomic commit by rename.
+
+A transaction writes into ``<parent>/<name>.stepsafe-tmp-<host>-<pid>-<random>``, fsyncs every
+file and directory in it, renames it to ``<name>`` and fsyncs the parent. A crash at any moment
+leaves either nothing under ``<name>`` or the whole committed directory; what it leaves behind is
+a temporary whose name says which process wrote it, so it can be recognised and removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from stepsafe.errors import CheckpointExistsError, TruncatedDataError
+from stepsafe.storage.base import Storage, Transaction
+
+TMP_MARK = ".stepsafe-tmp-"
+_MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under
+
+
+def is_temporary(name: str) -> bool:
+    return TMP_MARK in name
+
+
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing each new directory's parent so the chain survives a power cut."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
+        while len(view):
+            n = os.write(fd, view[:_MAX_WRITE])
+            view = view[n:]
+
+
+class LocalTransaction(Transaction):
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        _makedirs_durable(final.parent)
+        if final.exists():
+            raise CheckpointExistsError(
+                f"{final} already exists: stepsafe never overwrites a checkpoint; "
+                "save to a new path or delete the old one first"
+            )
+        tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp = final.parent / f"{final.name}{TMP_MARK}{tag}"
+        self.tmp.mkdir()
+        self._dirs: set[Path] = {self.tmp}
+        self._done = False
+
+    def write_file(self, relpath: str, chunks: Iterable[memoryview | bytes]) -> None:
+        target = self.tmp / relpath
+        if target.parent not in self._dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            p = target.parent
+            while p != self.tmp:
+                self._dirs.add(p)
+                p = p.parent
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_all(fd, chunks)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def commit(self) -> None:
+        for d in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
+            _fsync_dir(d)
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                self.abort()
+                raise CheckpointExistsError(
+                    f"{self.final} was committed by another writer while this save ran; "
+                    "this save was discarded"
+                ) from e
+            raise
+        _fsync_dir(self.final.parent)
+        self._done = True
+
+    def abort(self) -> None:
+        if not self._done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._done = True
+
+
+class LocalStorage(Storage):
+    def join(self, base: str, *parts: str) -> str:
+        return os.path.join(base, *parts)
+
+    def transaction(self, path: str) -> LocalTransaction:
+        return LocalTransaction(Path(path))
+
+    def read_into(self, path: str, offset: int, buf: memoryview) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise TruncatedDataError(f"data file {path} is missing") from e
+        try:
+            view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+            pos = 0
+            while pos < len(view):
+                n = os.preadv(fd, [view[pos : pos + _MAX_WRITE]], offset + pos)
+                if n == 0:
+                    size = os.fstat(fd).st_size
+                    raise TruncatedDataError(
+                        f"data file {path} is truncated: needed bytes "
+                        f"{offset}..{offset + len(view)}, file has {size}"
+                    )
+                pos += n
+        finally:
+            os.close(fd)
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def delete_tree(self, path: str) -> None:
+        shutil.rmtree(path)
+
+
+def stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
+    """Temporaries under ``directory`` left by saves that can no longer finish.
+
+    One written on this host by a process that is gone is stale at once; any other only once
+    it is older than ``min_age_s`` (another host's save may still be running).
+    """
+    host = socket.gethostname()
+    now = time.time()
+    out = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if not is_temporary(name):
+            continue
+        path = os.path.join(directory, name)
+        host_pid = name.split(TMP_MARK, 1)[1].rpartition("-")[0]
+        t_host, _, pid = host_pid.rpartition("-")
+        dead_here = t_host == host and pid.isdigit() and not _pid_alive(int(pid))
+        try:
+            old = now - os.stat(path).st_mtime >= min_age_s
+        except FileNotFoundError:
+            continue
+        if dead_here or (old and min_age_s > 0):
+            out.append(path)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
+    """Delete what ``stale_temporaries`` finds; returns the removed paths."""
+    removed = stale_temporaries(directory, min_age_s=min_age_s)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
