@@ -72,6 +72,14 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
     )
 
 
+def _target_sharding(target: Any) -> Any:
+    """The sharding to restore onto; None (JAX's default placement, uncommitted) when the target
+    is an uncommitted array, so that it can still be combined with arrays on other devices."""
+    if getattr(target, "committed", True) is False:
+        return None
+    return getattr(target, "sharding", None)
+
+
 def _wants_jax(target: Any) -> bool:
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(target, jax.Array | jax.ShapeDtypeStruct)
@@ -93,7 +101,7 @@ def restore_leaf(reader: CheckpointReader, key: str, target: Any, verify: bool) 
         return place(
             entry.shape,
             np.dtype(target.dtype),
-            getattr(target, "sharding", None),
+            _target_sharding(target),
             lambda box: reader.read_box(key, box, verify),
         )
     arr = reader.read_array(key, verify)
