@@ -49,3 +49,7 @@ class UnsupportedLeafError(StepsafeError, TypeError):
 
 class TargetMismatchError(StepsafeError, ValueError):
     """The restore target's structure, shapes or dtypes do not fit the checkpoint."""
+
+
+class ConfigError(StepsafeError, ValueError):
+    """A configuration that cannot be run as given (unknown flag, bad value, conflict)."""

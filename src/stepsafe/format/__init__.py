@@ -7,7 +7,7 @@ from stepsafe.format.layout import (
     CheckpointMetadata,
 )
 from stepsafe.format.manifest import FORMAT_VERSION, ArrayEntry, Manifest
-from stepsafe.format.reader import CheckpointReader, is_committed
+from stepsafe.format.reader import CheckpointReader, delete_checkpoint, is_committed
 from stepsafe.format.writer import DEFAULT_FILE_SIZE, HostArray, write_checkpoint
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointReader",
     "HostArray",
     "Manifest",
+    "delete_checkpoint",
     "is_committed",
     "write_checkpoint",
 ]

@@ -108,3 +108,11 @@ class CheckpointReader:
             dst_sl = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, box))
             out[dst_sl] = src[src_sl]
         return out
+
+
+def delete_checkpoint(storage: Storage, path: str) -> None:
+    """Delete a checkpoint, its commit marker first: a half-deleted step never looks complete."""
+    marker = storage.join(path, METADATA_FILE)
+    if storage.exists(marker):
+        storage.delete_file(marker)
+    storage.delete_tree(path)

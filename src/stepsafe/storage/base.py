@@ -66,4 +66,7 @@ class Storage(ABC):
         """Names (not paths) directly under ``path``; empty when it does not exist."""
 
     @abstractmethod
+    def delete_file(self, path: str) -> None: ...
+
+    @abstractmethod
     def delete_tree(self, path: str) -> None: ...

@@ -157,6 +157,10 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def delete_file(self, path: str) -> None:
+        os.unlink(path)
+        _fsync_dir(os.path.dirname(path) or ".")
+
     def delete_tree(self, path: str) -> None:
         shutil.rmtree(path)
 

@@ -1,0 +1,1 @@
+"""The stepsafe command line."""

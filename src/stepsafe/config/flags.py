@@ -1,0 +1,57 @@
+"""Every flag stepsafe knows: MaxText's checkpoint flags plus the demo trainer's own.
+
+Defaults follow the seeds, with one documented choice where they disagree:
+``enable_checkpointing`` defaults to True (seed 000's table says False, MaxText's base.yml and
+seed 002 say True; losing a run's work is the worse surprise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    # where checkpoints live
+    base_output_directory: str = "outputs"
+    run_name: str = "demo"
+    # checkpointing (seed 000)
+    enable_checkpointing: bool = True
+    async_checkpointing: bool = True
+    checkpoint_period: int = 10000
+    save_checkpoint_on_completion: bool = True
+    max_num_checkpoints_to_keep: int = 0  # 0 or null: keep all
+    enable_single_replica_ckpt_restoring: bool = False
+    load_parameters_path: str = ""
+    load_full_state_path: str = ""
+    lora_input_adapters_path: str = ""
+    force_unroll: bool = False
+    # storage and format (seed 000)
+    checkpoint_storage_target_data_file_size_bytes: int = 2147483648
+    checkpoint_storage_use_ocdbt: bool = True
+    checkpoint_storage_use_zarr3: bool = True
+    checkpoint_storage_concurrent_gb: int = 96
+    enable_orbax_v1: bool = False
+    source_checkpoint_layout: str = "orbax"
+    checkpoint_conversion_fn: str | None = None
+    # emergency / multi-tier (seeds 002, 004)
+    enable_emergency_checkpoint: bool = False
+    local_checkpoint_directory: str = ""
+    local_checkpoint_period: int = 0
+    enable_multi_tier_checkpointing: bool = False
+    # interruption (seed 003: "Modal timeout"): save and stop after this many seconds; 0 = off
+    wall_clock_limit_seconds: float = 0.0
+    # the demo trainer
+    steps: int = 200
+    seed: int = 0
+    per_device_batch_size: int = 16
+    max_target_length: int = 32
+    vocab_size: int = 128
+    emb_dim: int = 64
+    num_heads: int = 4
+    mlp_dim: int = 256
+    num_decoder_layers: int = 2
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    adam_weight_decay: float = 0.01
+    log_period: int = 10

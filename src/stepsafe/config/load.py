@@ -1,0 +1,138 @@
+"""MaxText-style configuration: a YAML file, then ``key=value`` overrides, typed and checked.
+
+Every flag either does what the seeds say or is refused here with a message saying why; none
+is accepted and silently ignored. Values in overrides are parsed as YAML scalars
+(``true``, ``10``, ``1e-3``, ``null``), except for string flags, which keep the text as typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from stepsafe.config.flags import Config
+from stepsafe.errors import ConfigError
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+# flag -> (value that works, why any other value is refused)
+_NOT_YET = {
+    "enable_single_replica_ckpt_restoring": (
+        False, "single-replica restore (read once, broadcast) needs multi-host support, not built"
+    ),
+    "lora_input_adapters_path": ("", "LoRA adapter loading is not built yet"),
+    "force_unroll": (False, "param-only export with unrolling comes with the conversion tools"),
+    "checkpoint_storage_use_ocdbt": (
+        True, "stepsafe always packs many arrays per data file (OCDBT's purpose); it has no "
+        "one-file-per-array mode"
+    ),
+    "checkpoint_storage_use_zarr3": (
+        True, "stepsafe always writes its own chunked, checksummed format (zarr3's role); it "
+        "cannot write Zarr"
+    ),
+    "enable_orbax_v1": (False, "stepsafe is not Orbax; there is no v1 API to switch to"),
+    "source_checkpoint_layout": (
+        "orbax", "only checkpoints written by stepsafe can be loaded so far (safetensors import "
+        "comes with the conversion tools)"
+    ),
+    "checkpoint_conversion_fn": (None, "conversion functions come with the conversion tools"),
+    "enable_emergency_checkpoint": (False, "emergency (local-tier) checkpoints are not built yet"),
+    "local_checkpoint_directory": ("", "the local checkpoint tier is not built yet"),
+    "local_checkpoint_period": (0, "the local checkpoint tier is not built yet"),
+    "enable_multi_tier_checkpointing": (False, "multi-tier checkpointing is not built yet"),
+}  # fmt: skip
+
+
+def _coerce(name: str, value: Any) -> Any:
+    want = _TYPES[name]
+    optional = isinstance(want, types.UnionType) and type(None) in typing.get_args(want)
+    base = next(t for t in typing.get_args(want) if t is not type(None)) if optional else want
+    if value is None and (optional or name == "max_num_checkpoints_to_keep"):
+        return None if optional else 0
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and type(value) is int:
+        return value
+    if base is float and type(value) in (int, float):
+        return float(value)
+    if base is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{name} must be {base.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    _check_known(key, "command line")
+    if _TYPES[key] is str:
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({e})") from e
+
+
+def _check_known(key: str, where: str) -> None:
+    if key not in _FIELDS:
+        close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown flag {key!r} in {where}{hint}")
+
+
+def load_config(
+    yaml_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    values: dict[str, Any] = {}
+    if yaml_path:
+        try:
+            with open(yaml_path) as f:
+                doc = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {yaml_path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {yaml_path} is not valid YAML: {e}") from e
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config {yaml_path} must be a mapping of flag: value")
+        for key, value in doc.items():
+            _check_known(str(key), yaml_path)
+            values[str(key)] = value
+    for text in overrides:
+        key, value = _parse_override(text)
+        values[key] = value
+    config = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    for name, (works, why) in _NOT_YET.items():
+        value = getattr(config, name)
+        if value != works:
+            raise ConfigError(f"{name}={value!r} is not supported: {why}. Leave it at {works!r}.")
+    if config.load_parameters_path and config.load_full_state_path:
+        raise ConfigError(
+            "load_parameters_path and load_full_state_path are mutually exclusive: set one"
+        )
+    positive = ["checkpoint_period", "steps", "per_device_batch_size", "max_target_length",
+                "vocab_size", "emb_dim", "num_heads", "mlp_dim", "num_decoder_layers",
+                "log_period", "checkpoint_storage_concurrent_gb"]  # fmt: skip
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("max_num_checkpoints_to_keep", "warmup_steps", "wall_clock_limit_seconds"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.checkpoint_storage_target_data_file_size_bytes < 4096:
+        raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
+    if config.emb_dim % config.num_heads:
+        raise ConfigError(f"emb_dim ({config.emb_dim}) must be divisible by num_heads")
+    if not config.run_name or "/" in config.run_name:
+        raise ConfigError(f"run_name must be a non-empty name without '/', got {config.run_name!r}")

@@ -1,0 +1,1 @@
+"""A small JAX transformer trained with stepsafe checkpointing: the main job."""

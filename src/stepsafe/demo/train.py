@@ -1,0 +1,176 @@
+"""The demo trainer: the whole checkpointing life of a run, in one loop.
+
+Start-up follows the loading priority (resume this run > load_parameters_path /
+load_full_state_path > scratch); every ``checkpoint_period`` steps an async save; Ctrl+C,
+SIGTERM or the wall-clock limit save at the current step and stop; the end saves once more.
+The step stored in the state is the source of truth for where training resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stepsafe.config import Config
+from stepsafe.demo.data import SyntheticData
+from stepsafe.demo.model import init_params, loss_fn
+from stepsafe.manager import (
+    CheckpointManager,
+    ManagerOptions,
+    StopRequest,
+    load_initial_state,
+    run_checkpoint_dir,
+)
+
+log = logging.getLogger("stepsafe")
+
+
+def learning_rate_schedule(config: Config) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to 0 at ``steps`` (seed 003)."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1)
+    )
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate_schedule(config), weight_decay=config.adam_weight_decay)
+
+
+def init_state(config: Config, key: jax.Array) -> dict[str, Any]:
+    params = init_params(config, key)
+    return state_from_params(config, params)
+
+
+def state_from_params(config: Config, params: Any) -> dict[str, Any]:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": make_optimizer(config).init(params),
+    }
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=1)
+def train_step(config: Config, state: dict[str, Any], batch: jax.Array) -> tuple[dict, jax.Array]:
+    loss, grads = jax.value_and_grad(partial(loss_fn, config))(state["params"], batch)
+    updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, Any]
+    start_step: int
+    end_step: int
+    source: str
+    stopped_by: str | None
+    losses: list[float]
+
+
+def train(config: Config, *, progress: bool = True) -> TrainResult:
+    manager = CheckpointManager(
+        run_checkpoint_dir(config.base_output_directory, config.run_name),
+        ManagerOptions(
+            enable_checkpointing=config.enable_checkpointing,
+            async_save=config.async_checkpointing,
+            save_interval_steps=config.checkpoint_period,
+            max_to_keep=config.max_num_checkpoints_to_keep or 0,
+            data_file_size_bytes=config.checkpoint_storage_target_data_file_size_bytes,
+        ),
+    )
+    data = SyntheticData(
+        config.seed, config.per_device_batch_size, config.max_target_length, config.vocab_size
+    )
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(partial(init_state, config), key)
+    loaded = load_initial_state(
+        manager,
+        abstract,
+        load_parameters_path=config.load_parameters_path,
+        load_full_state_path=config.load_full_state_path,
+        data_iterator=data,
+    )
+    if loaded.source in ("resume", "full_state"):
+        state = loaded.state
+    elif loaded.source == "parameters":
+        state = state_from_params(config, loaded.state)
+    else:
+        state = init_state(config, key)
+    start = int(state["step"])
+    data.position = data.position if loaded.source == "resume" else start
+    log.info(
+        "Starting at step %d (%s%s)", start, loaded.source, f": {loaded.path}" * bool(loaded.path)
+    )
+
+    losses: list[float] = []
+    stopped_by = None
+    step = start
+    with (
+        manager,
+        StopRequest(config.wall_clock_limit_seconds) as stop,
+        _Progress(progress, start, config.steps) as bar,
+    ):
+        while step < config.steps:
+            state, loss = train_step(config, state, jnp.asarray(next(data)))
+            step = int(state["step"])
+            if step % config.log_period == 0 or step == config.steps:
+                losses.append(float(loss))
+                bar.update(step, float(loss))
+            manager.save(step, state, data_iterator=data)
+            if stop.reason:
+                stopped_by = stop.reason
+                log.warning(
+                    "Training interrupted at step %d (%s). Saving checkpoint...", step, stop.reason
+                )
+                manager.save(step, state, data_iterator=data, force=True)
+                break
+        else:
+            if config.save_checkpoint_on_completion:
+                manager.save(step, state, data_iterator=data, force=True)
+    return TrainResult(state, start, step, loaded.source, stopped_by, losses)
+
+
+class _Progress:
+    """A rich progress bar with the loss, or plain log lines when not wanted."""
+
+    def __init__(self, enabled: bool, start: int, total: int) -> None:
+        self.enabled, self.start, self.total = enabled, start, total
+        self._bar: Any = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+            )  # fmt: skip
+            self._bar.__enter__()
+            self._task = self._bar.add_task(
+                "train", total=self.total, completed=self.start, loss="-"
+            )
+        return self
+
+    def update(self, step: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, loss=f"{loss:.4f}")
+        else:
+            log.info("step %d loss %.4f", step, loss)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

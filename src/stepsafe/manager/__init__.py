@@ -1,0 +1,16 @@
+"""A training run: layout, periods, retention, async saves, loading priority, interruptions."""
+
+from stepsafe.manager.async_writer import BackgroundSaveError
+from stepsafe.manager.interrupts import StopRequest
+from stepsafe.manager.loading import Loaded, load_initial_state
+from stepsafe.manager.manager import CheckpointManager, ManagerOptions, run_checkpoint_dir
+
+__all__ = [
+    "BackgroundSaveError",
+    "CheckpointManager",
+    "Loaded",
+    "ManagerOptions",
+    "StopRequest",
+    "load_initial_state",
+    "run_checkpoint_dir",
+]

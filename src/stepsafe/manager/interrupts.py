@@ -1,0 +1,49 @@
+"""Turn SIGINT, SIGTERM and a wall-clock limit into "save now and stop" (seed 003).
+
+The handler only sets a flag: the training loop finishes its step, saves at the current step
+and exits cleanly, so the save never races the step that is mutating the state. A second
+Ctrl+C restores Python's default behaviour (KeyboardInterrupt) for a user who really wants out.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+log = logging.getLogger("stepsafe")
+
+
+class StopRequest:
+    """Context manager; ``reason`` is None until a signal or the time limit asks to stop."""
+
+    def __init__(self, wall_clock_limit_s: float = 0.0) -> None:
+        self.deadline = time.monotonic() + wall_clock_limit_s if wall_clock_limit_s > 0 else None
+        self._reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def reason(self) -> str | None:
+        if self._reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self._reason = "wall-clock limit"
+        return self._reason
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._reason is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._reason = name
+        log.warning("%s received: saving a checkpoint at the current step, then stopping", name)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

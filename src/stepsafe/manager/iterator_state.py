@@ -1,0 +1,53 @@
+"""Data-iterator position under ``<step>/iter/``, one file per process.
+
+Any object with ``get_state()`` / ``set_state(state)`` works (Grain's protocol). A state that
+is ``bytes`` is stored as is (``.bin``); anything else must be JSON (``.json``). Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from stepsafe.errors import StepsafeError, TruncatedDataError, UnsupportedLeafError
+from stepsafe.storage import Storage
+
+ITER_DIR = "iter"
+
+
+class CheckpointableIterator(Protocol):
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+def iterator_files(iterator: CheckpointableIterator, process_index: int = 0) -> dict[str, bytes]:
+    state = iterator.get_state()
+    name = f"{ITER_DIR}/process_{process_index}"
+    if isinstance(state, bytes):
+        return {f"{name}.bin": state}
+    try:
+        return {f"{name}.json": json.dumps(state).encode()}
+    except (TypeError, ValueError) as e:
+        raise UnsupportedLeafError(
+            f"data iterator state must be bytes or JSON-serialisable: {e}"
+        ) from e
+
+
+def restore_iterator(
+    storage: Storage, step_dir: str, iterator: CheckpointableIterator, process_index: int = 0
+) -> None:
+    base = storage.join(step_dir, ITER_DIR, f"process_{process_index}")
+    if storage.exists(base + ".bin"):
+        iterator.set_state(storage.read_bytes(base + ".bin"))
+        return
+    if storage.exists(base + ".json"):
+        try:
+            iterator.set_state(json.loads(storage.read_bytes(base + ".json")))
+        except ValueError as e:
+            raise TruncatedDataError(f"{base}.json is corrupt: {e}") from e
+        return
+    raise StepsafeError(
+        f"{step_dir} holds no data-iterator state for process {process_index}: it was saved "
+        "without a data iterator; restore without one or start the data from scratch"
+    )

@@ -1,0 +1,63 @@
+"""Which state a run starts from (seed 000's loading priority), first match wins:
+
+1. a committed checkpoint of this run -> its full state (and data-iterator position);
+2. ``load_parameters_path`` -> parameters only, or ``load_full_state_path`` -> a full state
+   from another run (setting both is an error);
+3. nothing -> the caller initialises from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from stepsafe.checkpoint import metadata, restore
+from stepsafe.checkpoint.restore import open_checkpoint
+from stepsafe.errors import ConfigError
+from stepsafe.manager.iterator_state import CheckpointableIterator
+from stepsafe.manager.manager import CheckpointManager
+
+log = logging.getLogger("stepsafe")
+
+
+@dataclass
+class Loaded:
+    """``source`` is "resume", "parameters", "full_state" or "scratch"; ``state`` what was read
+    (the full state, or only the parameters for "parameters"; None for "scratch")."""
+
+    source: str
+    state: Any = None
+    path: str = ""
+
+
+def load_initial_state(
+    manager: CheckpointManager,
+    abstract_state: Any,
+    *,
+    load_parameters_path: str = "",
+    load_full_state_path: str = "",
+    data_iterator: CheckpointableIterator | None = None,
+    params_key: str = "params",
+) -> Loaded:
+    if load_parameters_path and load_full_state_path:
+        raise ConfigError(
+            "load_parameters_path and load_full_state_path are mutually exclusive: set one"
+        )
+    step = manager.latest_step()
+    if step is not None:
+        state = manager.restore(step, abstract_state, data_iterator=data_iterator)
+        return Loaded("resume", state, manager.step_path(step))
+    if load_parameters_path:
+        path = open_checkpoint(load_parameters_path).path
+        top = metadata(path)
+        select = params_key if isinstance(top, dict) and params_key in top else None
+        params = restore(path, abstract_state[params_key], select=select)
+        log.info("Restored parameters from %s", path)
+        return Loaded("parameters", params, path)
+    if load_full_state_path:
+        path = open_checkpoint(load_full_state_path).path
+        state = restore(path, abstract_state)
+        log.info("Restored full state from %s", path)
+        return Loaded("full_state", state, path)
+    return Loaded("scratch")
