@@ -61,6 +61,11 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     if base is float and type(value) in (int, float):
         return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if base is str and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(f"{name} must be {base.__name__}, got {value!r} ({type(value).__name__})")
