@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -13,11 +12,11 @@ from stepsafe.arrays import is_leaf
 from stepsafe.checkpoint.locate import locate
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
-from stepsafe.storage import storage_for
+from stepsafe.storage import run_all, storage_for
 from stepsafe.tree import build_plain, check_target_paths, concat, flatten, structure_paths, subtree
 from stepsafe.tree import join as join_key
 
-READ_THREADS = 4
+PARALLEL_BYTES = 32 << 20  # below this, threads cost more than they save
 
 
 def open_checkpoint(path: str) -> CheckpointReader:
@@ -50,6 +49,11 @@ def _restore_value(key: str, value: Any, target: Any) -> Any:
     if isinstance(target, (bool, int, float, str)) and isinstance(value, (bool, int, float)):
         return type(target)(value)
     if hasattr(target, "shape") and hasattr(target, "dtype"):
+        if isinstance(value, str) or tuple(target.shape) != ():
+            raise TargetMismatchError(
+                f"{key!r}: the checkpoint holds the {type(value).__name__} {value!r}, the target "
+                f"an array of shape {tuple(target.shape)}"
+            )
         return _restore_array_host(key, np.asarray(value), target)
     raise TargetMismatchError(
         f"{key!r}: the checkpoint holds a {type(value).__name__}, "
@@ -164,11 +168,9 @@ def _restore_all(
     def one(i: int) -> None:
         out[i] = restore_leaf(reader, keys[i], targets[i], verify)
 
-    if len(order) < 2:
+    if sum(arrays[k].nbytes for k in keys if k in arrays) < PARALLEL_BYTES:
         for i in order:
             one(i)
-        return out
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        for f in [pool.submit(one, i) for i in order]:
-            f.result()
+    else:
+        run_all(one, order)
     return out

@@ -7,6 +7,7 @@ their ``.str`` is an anonymous ``V`` type.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import ml_dtypes
@@ -25,19 +26,25 @@ _ML_BY_NAME = {n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_NAMES}
 _PLAIN = re.compile(r"^[<>|=]([biufc]\d{1,2}|[SU]\d{1,9}|[mM]8(\[\d*[a-zA-Z]+\])?)$")
 
 
-def dtype_to_str(dtype: np.dtype, where: str = "") -> str:
-    dtype = np.dtype(dtype)
+@functools.lru_cache(maxsize=256)
+def _name_of(dtype: np.dtype) -> str | None:
     if dtype.name in _ML_BY_NAME and _ML_BY_NAME[dtype.name] == dtype:
         return dtype.name
     s = dtype.str
-    if dtype.kind in "biufcmMSU" and _PLAIN.match(s):
-        return s
-    raise UnsupportedLeafError(
-        f"array at {where or '<root>'!r} has dtype {dtype} which stepsafe cannot save "
-        "(object, structured and void dtypes are refused: they may hold code or pointers)"
-    )
+    return s if dtype.kind in "biufcmMSU" and _PLAIN.match(s) else None
 
 
+def dtype_to_str(dtype: np.dtype, where: str = "") -> str:
+    name = _name_of(np.dtype(dtype))
+    if name is None:
+        raise UnsupportedLeafError(
+            f"array at {where or '<root>'!r} has dtype {dtype} which stepsafe cannot save "
+            "(object, structured and void dtypes are refused: they may hold code or pointers)"
+        )
+    return name
+
+
+@functools.lru_cache(maxsize=256)
 def dtype_from_str(s: str) -> np.dtype:
     if s in _ML_BY_NAME:
         return _ML_BY_NAME[s]

@@ -18,7 +18,7 @@ import numpy as np
 from stepsafe.errors import ManifestError, UnsupportedFormatError
 from stepsafe.format.checksum import ALGORITHM
 from stepsafe.format.dtypes import dtype_from_str
-from stepsafe.tree import Structure, structure_paths
+from stepsafe.tree import Structure, check_structure, structure_paths
 
 FORMAT = "stepsafe"
 FORMAT_VERSION = 1
@@ -103,7 +103,7 @@ class Manifest:
     def from_json(cls, raw: bytes, where: str) -> Manifest:
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise ManifestError(
                 f"manifest {where} is not valid JSON ({e}): the file is corrupt"
             ) from e
@@ -113,7 +113,7 @@ class Manifest:
             raise
         except ManifestError as e:
             raise ManifestError(f"manifest {where}: {e}") from None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
             raise ManifestError(f"manifest {where} is malformed ({type(e).__name__}: {e})") from e
 
 
@@ -135,6 +135,7 @@ def _parse(doc: dict, where: str) -> Manifest:
     arrays = {str(k): _parse_array(k, a, files) for k, a in doc["arrays"].items()}
     values = dict(doc["values"])
     structure = doc["structure"]
+    check_structure(structure)
     paths = structure_paths(structure)
     if set(paths) != set(arrays) | set(values) or len(paths) != len(arrays) + len(values):
         raise ManifestError("structure and leaf entries disagree")
@@ -166,7 +167,26 @@ def _parse_array(key: str, a: dict, files: dict[str, int]) -> ArrayEntry:
         if sum(c.length for c in chunks) != math.prod(shard.shape) * dtype.itemsize:
             raise ManifestError(f"array {key!r}: shard {index} byte count does not match its shape")
         shards.append(shard)
-    covered = sum(math.prod(s.shape) for s in shards)
-    if covered != math.prod(shape):
-        raise ManifestError(f"array {key!r}: shards cover {covered} of {math.prod(shape)} elements")
+    _check_exact_cover(key, shape, shards)
     return ArrayEntry(dtype, a["dtype"], shape, tuple(shards))
+
+
+def _check_exact_cover(key: str, shape: tuple[int, ...], shards: list[Shard]) -> None:
+    """Every element in exactly one shard: no gap (uninitialised memory would be restored as
+    if it were data) and no overlap. Checked on the grid cut by all shard boundaries."""
+    if math.prod(shape) == 0:
+        return
+    cuts = [
+        sorted({0, n, *(b for s in shards for b in s.index[axis])}) for axis, n in enumerate(shape)
+    ]
+    if math.prod(len(c) - 1 for c in cuts) > 1 << 22:
+        raise ManifestError(f"array {key!r}: shard layout too irregular to check")
+    grid = np.zeros([len(c) - 1 for c in cuts], np.int32)
+    for s in shards:
+        box = tuple(
+            slice(c.index(lo), c.index(hi)) for c, (lo, hi) in zip(cuts, s.index, strict=True)
+        )
+        grid[box] += 1
+    if not (grid == 1).all():
+        problem = "overlap" if (grid > 1).any() else "leave gaps in"
+        raise ManifestError(f"array {key!r}: its shards {problem} the array")

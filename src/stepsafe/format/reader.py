@@ -51,10 +51,38 @@ class CheckpointReader:
             raise TruncatedDataError(
                 f"{manifest_path} is missing: the checkpoint is damaged"
             ) from e
+        if checksum(raw) != self.metadata.manifest_checksum:
+            raise ChecksumMismatchError(
+                f"{manifest_path} does not match the checksum in {METADATA_FILE}: the manifest is "
+                "corrupt; restore an earlier step"
+            )
         self.manifest = Manifest.from_json(raw, manifest_path)
+        self._checked_files: set[str] = set()
 
     def _file(self, name: str) -> str:
         return self.storage.join(self.path, ITEMS_DIR, name)
+
+    def check_files(self, key: str) -> None:
+        """The data files of array ``key`` exist and have the size the manifest says: checked
+        before anything is allocated, so a lying manifest cannot make us allocate terabytes."""
+        for shard in self.manifest.arrays[key].shards:
+            for c in shard.chunks:
+                if c.file in self._checked_files:
+                    continue
+                path = self._file(c.file)
+                try:
+                    size = self.storage.size(path)
+                except FileNotFoundError as e:
+                    raise TruncatedDataError(f"data file {path} is missing") from e
+                except OSError as e:
+                    raise TruncatedDataError(f"data file {path} cannot be read: {e}") from e
+                want = self.manifest.files[c.file]
+                if size != want:
+                    raise TruncatedDataError(
+                        f"data file {path} has {size} bytes, the manifest says {want}: it was "
+                        "truncated or replaced"
+                    )
+                self._checked_files.add(c.file)
 
     def read_shard_into(self, key: str, shard: Shard, out: np.ndarray, verify: bool) -> None:
         """Fill the C-contiguous ``out`` (the shard's shape) with the shard's bytes."""
@@ -74,6 +102,7 @@ class CheckpointReader:
     def read_array(self, key: str, verify: bool = True) -> np.ndarray:
         """The whole global array ``key`` as a fresh host array."""
         entry: ArrayEntry = self.manifest.arrays[key]
+        self.check_files(key)
         out = np.empty(entry.shape, entry.dtype)
         for shard in entry.shards:
             self.read_region_from(key, shard, out[(*shard.slices, ...)], verify)
@@ -92,6 +121,7 @@ class CheckpointReader:
     ) -> np.ndarray:
         """The region ``box`` of array ``key``, reading only the saved shards it overlaps."""
         entry = self.manifest.arrays[key]
+        self.check_files(key)
         for shard in entry.shards:
             if shard.index == box:
                 out = np.empty(shard.shape, entry.dtype)

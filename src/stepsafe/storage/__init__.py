@@ -10,6 +10,7 @@ from stepsafe.storage.local import (
     remove_stale_temporaries,
     stale_temporaries,
 )
+from stepsafe.storage.threads import io_pool, run_all
 
 
 def storage_for(path: str) -> tuple[Storage, str]:
@@ -28,8 +29,10 @@ __all__ = [
     "LocalStorage",
     "Storage",
     "Transaction",
+    "io_pool",
     "is_temporary",
     "remove_stale_temporaries",
+    "run_all",
     "stale_temporaries",
     "storage_for",
 ]

@@ -19,17 +19,20 @@ from pathlib import Path
 
 from stepsafe.errors import CheckpointExistsError, TruncatedDataError
 from stepsafe.storage.base import Storage, Transaction
+from stepsafe.storage.threads import run_all
 
 TMP_MARK = ".stepsafe-tmp-"
 _MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under
+_SYNC_NOW = 1 << 20  # files at least this big are fsynced as soon as written
 
 
 def is_temporary(name: str) -> bool:
     return TMP_MARK in name
 
 
-def _fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: str | Path) -> None:
+    """fsync a file or a directory by path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -48,15 +51,18 @@ def _makedirs_durable(path: Path) -> None:
             d.mkdir()
         except FileExistsError:
             continue
-        _fsync_dir(d.parent)
+        _fsync(d.parent)
 
 
-def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> None:
+def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> int:
+    total = 0
     for chunk in chunks:
         view = memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
+        total += len(view)
         while len(view):
             n = os.write(fd, view[:_MAX_WRITE])
             view = view[n:]
+    return total
 
 
 class LocalTransaction(Transaction):
@@ -72,6 +78,7 @@ class LocalTransaction(Transaction):
         self.tmp = final.parent / f"{final.name}{TMP_MARK}{tag}"
         self.tmp.mkdir()
         self._dirs: set[Path] = {self.tmp}
+        self._unsynced: list[Path] = []
         self._done = False
 
     def write_file(self, relpath: str, chunks: Iterable[memoryview | bytes]) -> None:
@@ -84,14 +91,18 @@ class LocalTransaction(Transaction):
                 p = p.parent
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            write_all(fd, chunks)
-            os.fsync(fd)
+            size = write_all(fd, chunks)
+            if size >= _SYNC_NOW:  # the disk works while other threads still write
+                os.fsync(fd)
+            else:
+                self._unsynced.append(target)
         finally:
             os.close(fd)
 
     def commit(self) -> None:
-        for d in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
+        """fsync what is left (small files, directories) concurrently, so the filesystem can
+        fold them into one journal commit, then rename and fsync the parent."""
+        run_all(_fsync, [*self._unsynced, *self._dirs])
         try:
             os.rename(self.tmp, self.final)
         except OSError as e:
@@ -102,7 +113,7 @@ class LocalTransaction(Transaction):
                     "this save was discarded"
                 ) from e
             raise
-        _fsync_dir(self.final.parent)
+        _fsync(self.final.parent)
         self._done = True
 
     def abort(self) -> None:
@@ -123,11 +134,18 @@ class LocalStorage(Storage):
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as e:
             raise TruncatedDataError(f"data file {path} is missing") from e
+        except OSError as e:
+            raise TruncatedDataError(f"data file {path} cannot be read: {e.strerror}") from e
         try:
             view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
             pos = 0
             while pos < len(view):
-                n = os.preadv(fd, [view[pos : pos + _MAX_WRITE]], offset + pos)
+                try:
+                    n = os.preadv(fd, [view[pos : pos + _MAX_WRITE]], offset + pos)
+                except OSError as e:
+                    raise TruncatedDataError(
+                        f"data file {path} cannot be read: {e.strerror}"
+                    ) from e
                 if n == 0:
                     size = os.fstat(fd).st_size
                     raise TruncatedDataError(
@@ -159,7 +177,7 @@ class LocalStorage(Storage):
 
     def delete_file(self, path: str) -> None:
         os.unlink(path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        _fsync(os.path.dirname(path) or ".")
 
     def delete_tree(self, path: str) -> None:
         shutil.rmtree(path)

@@ -136,6 +136,36 @@ def _check_unique(paths: list[str]) -> None:
         )
 
 
+MAX_DEPTH = 256
+_ARITY = {"leaf": 1, "list": 2, "tuple": 2, "dict": 3, "namedtuple": 4, "node": 4}
+
+
+def check_structure(structure: Any) -> None:
+    """Raise ValueError unless ``structure`` is a well-formed JSON structure (it comes from a
+    file: checked iteratively, with a depth limit, before anything recurses over it)."""
+    stack = [(structure, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"structure nested deeper than {MAX_DEPTH}")
+        if not isinstance(node, list) or not node or _ARITY.get(node[0]) != len(node):
+            raise ValueError(f"malformed structure node {str(node)[:80]!r}")
+        kind = node[0]
+        if kind == "leaf":
+            continue
+        children = node[-1]
+        keys = node[1] if kind == "dict" else node[2] if kind != "list" and kind != "tuple" else []
+        if not isinstance(children, list) or not isinstance(keys, list):
+            raise ValueError(f"malformed {kind} node")
+        if kind in ("namedtuple", "node") and not isinstance(node[1], str):
+            raise ValueError(f"{kind} node without a type name")
+        if kind != "list" and kind != "tuple":
+            ok = (str, int) if kind == "dict" else (str,)
+            if len(keys) != len(children) or any(type(k) not in ok for k in keys):
+                raise ValueError(f"{kind} node with bad keys")
+        stack.extend((c, depth + 1) for c in children)
+
+
 def structure_paths(structure: Structure, prefix: str = "") -> list[str]:
     """The key paths of a JSON structure's leaves, in order."""
     out: list[str] = []
