@@ -46,7 +46,7 @@ def is_target_leaf(x: Any) -> bool:
 def _restore_value(key: str, value: Any, target: Any) -> Any:
     if target is None or type(target) is type(value):
         return value
-    if isinstance(target, (bool, int, float, str)) and isinstance(value, (bool, int, float)):
+    if isinstance(target, (bool, int, float)) and isinstance(value, (bool, int, float)):
         return type(target)(value)
     if hasattr(target, "shape") and hasattr(target, "dtype"):
         if isinstance(value, str) or tuple(target.shape) != ():
