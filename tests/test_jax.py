@@ -128,3 +128,24 @@ def test_without_target_jax_arrays_come_back_as_numpy(tmp_path, mesh):
     assert isinstance(out["x"], np.ndarray)
     np.testing.assert_array_equal(out["x"], np.asarray(x))
     assert out["s"].shape == () and out["s"] == 3
+
+
+def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, mesh):
+    from stepsafe.manager import CheckpointManager, ManagerOptions
+
+    state = {"w": sharded(mesh, P("data", "model")), "b": jnp.arange(1000.0)}
+    expected = jax.tree.map(np.asarray, state)
+
+    @jax.jit
+    def clobber(s):
+        return jax.tree.map(lambda x: x * 0 - 7, s)
+
+    clobber_donating = jax.jit(clobber, donate_argnums=0)
+    m = CheckpointManager(str(tmp_path), ManagerOptions(save_interval_steps=1, async_save=True))
+    m.save(1, state)
+    new = clobber_donating(state)  # reuses the saved buffers while the save may still run
+    assert float(new["b"][0]) == -7
+    m.wait_until_finished()
+    out = stepsafe.restore(tmp_path / "1")
+    for k in expected:
+        np.testing.assert_array_equal(out[k], expected[k])

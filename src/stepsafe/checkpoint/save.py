@@ -13,8 +13,10 @@ from typing import Any
 from stepsafe.arrays import is_array, is_leaf, to_host
 from stepsafe.errors import UnsupportedLeafError
 from stepsafe.format import DEFAULT_FILE_SIZE, CheckpointMetadata, HostArray, write_checkpoint
-from stepsafe.storage import storage_for
+from stepsafe.storage import run_all, storage_for
 from stepsafe.tree import Structure, flatten
+
+PARALLEL_COPY_BYTES = 32 << 20
 
 
 @dataclass
@@ -31,13 +33,16 @@ class Snapshot:
 
 
 def snapshot(tree: Any, *, copy: bool = False) -> Snapshot:
+    """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
+    caller's buffers (async saves); big host copies then run on the I/O threads, since page
+    faults and memcpy release the GIL and two cores copy about twice as fast as one."""
     flat = flatten(tree, is_leaf=is_leaf)
-    arrays, values = [], {}
-    for path, leaf in zip(flat.paths, flat.leaves):
-        if is_array(leaf):
-            arrays.append(to_host(path, leaf, copy=copy))
-        else:
-            values[path] = leaf
+    leaves = [(p, x) for p, x in zip(flat.paths, flat.leaves) if is_array(x)]
+    values = {p: x for p, x in zip(flat.paths, flat.leaves) if not is_array(x)}
+    if copy and sum(getattr(x, "nbytes", 0) for _, x in leaves) >= PARALLEL_COPY_BYTES:
+        arrays = run_all(lambda px: to_host(px[0], px[1], copy=True), leaves)
+    else:
+        arrays = [to_host(p, x, copy=copy) for p, x in leaves]
     return Snapshot(flat.structure, arrays, values)
 
 

@@ -37,12 +37,13 @@ _GATHER = 1 << 20  # pieces smaller than this are copied together into one write
 
 @dataclass
 class HostArray:
-    """An array ready to write: its global description and its shards as host arrays."""
+    """An array ready to write: its global description and its shards. A shard is a host
+    array, or anything ``np.asarray`` turns into one (a device copy awaiting its transfer)."""
 
     path: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    shards: list[tuple[tuple[tuple[int, int], ...], np.ndarray]]
+    shards: list[tuple[tuple[tuple[int, int], ...], Any]]
 
 
 @dataclass
@@ -60,8 +61,8 @@ class _File:
     size: int = 0
 
 
-def _as_bytes(a: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+def _as_bytes(a: Any) -> memoryview:
+    return memoryview(np.ascontiguousarray(np.asarray(a)).reshape(-1).view(np.uint8))
 
 
 def _plan(
