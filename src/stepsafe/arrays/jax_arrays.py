@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stepsafe.arrays.staging import StagingBuffers
+
 Box = tuple[tuple[int, int], ...]
 
 
@@ -16,7 +18,9 @@ def box_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
     return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape))
 
 
-def host_shards(x: jax.Array, *, copy: bool) -> list[tuple[Box, np.ndarray | jax.Array]]:
+def host_shards(
+    x: jax.Array, path: str, copy: bool, staging: StagingBuffers | None = None
+) -> list[tuple[Box, np.ndarray | jax.Array]]:
     """This process's shards of ``x``, one per distinct index (replica 0 only).
 
     With ``copy`` (async saves) the snapshot must not share memory with ``x``: JAX may donate
@@ -30,13 +34,16 @@ def host_shards(x: jax.Array, *, copy: bool) -> list[tuple[Box, np.ndarray | jax
     for s in x.addressable_shards:
         if s.replica_id != 0:
             continue
+        box = box_of(s.index, x.shape)
         if not copy:
             data = np.asarray(s.data)
-        elif s.data.device.platform == "cpu":
-            data = np.array(np.asarray(s.data), copy=True)
-        else:
+        elif s.data.device.platform != "cpu":
             data = jnp.array(s.data, copy=True)
-        out.append((box_of(s.index, x.shape), data))
+        elif staging is not None:
+            data = staging.copy((path, box), np.asarray(s.data))
+        else:
+            data = np.array(np.asarray(s.data), copy=True)
+        out.append((box, data))
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe.arrays.staging import StagingBuffers
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.writer import HostArray
 
@@ -39,15 +40,18 @@ def full_index(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple((0, n) for n in shape)
 
 
-def to_host(path: str, x: Any, *, copy: bool) -> HostArray:
+def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
+    """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given)."""
     if is_jax_array(x):
         from stepsafe.arrays.jax_arrays import host_shards
 
         dtype = np.dtype(x.dtype)
         dtype_to_str(dtype, path)
-        return HostArray(path, dtype, tuple(x.shape), host_shards(x, copy=copy))
+        return HostArray(path, dtype, tuple(x.shape), host_shards(x, path, copy, staging))
     a = np.asarray(x)
     dtype_to_str(a.dtype, path)
-    if copy or not a.flags.c_contiguous:
+    if copy and staging is not None:
+        a = staging.copy(path, a)
+    elif copy or not a.flags.c_contiguous:
         a = np.array(a, order="C", copy=True)
     return HostArray(path, a.dtype, a.shape, [(full_index(a.shape), a)])

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from stepsafe.arrays import is_array, is_leaf, to_host
+from stepsafe.arrays import StagingBuffers, is_array, is_leaf, to_host
 from stepsafe.errors import UnsupportedLeafError
 from stepsafe.format import DEFAULT_FILE_SIZE, CheckpointMetadata, HostArray, write_checkpoint
 from stepsafe.storage import run_all, storage_for
@@ -32,17 +32,17 @@ class Snapshot:
         return sum(d.nbytes for a in self.arrays for _, d in a.shards)
 
 
-def snapshot(tree: Any, *, copy: bool = False) -> Snapshot:
+def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None) -> Snapshot:
     """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
-    caller's buffers (async saves); big host copies then run on the I/O threads, since page
-    faults and memcpy release the GIL and two cores copy about twice as fast as one."""
+    caller's buffers (async saves), copying into ``staging`` when given; big host copies run on
+    the I/O threads, since memcpy releases the GIL and two cores copy about twice as fast."""
     flat = flatten(tree, is_leaf=is_leaf)
     leaves = [(p, x) for p, x in zip(flat.paths, flat.leaves) if is_array(x)]
     values = {p: x for p, x in zip(flat.paths, flat.leaves) if not is_array(x)}
     if copy and sum(getattr(x, "nbytes", 0) for _, x in leaves) >= PARALLEL_COPY_BYTES:
-        arrays = run_all(lambda px: to_host(px[0], px[1], copy=True), leaves)
+        arrays = run_all(lambda px: to_host(px[0], px[1], copy=True, staging=staging), leaves)
     else:
-        arrays = [to_host(p, x, copy=copy) for p, x in leaves]
+        arrays = [to_host(p, x, copy=copy, staging=staging) for p, x in leaves]
     return Snapshot(flat.structure, arrays, values)
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint import committed_steps, restore, snapshot, write
 from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
 from stepsafe.errors import CheckpointNotFoundError
@@ -54,6 +55,7 @@ class CheckpointManager:
         self.storage, self.directory = storage_for(str(directory))
         self.options = options or ManagerOptions()
         self._writer = AsyncWriter()
+        self._staging = StagingBuffers()  # async snapshots reuse last save's host buffers
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
         if self.storage.is_dir(self.directory):
             for path in remove_stale_temporaries(self.directory):
@@ -95,7 +97,7 @@ class CheckpointManager:
             log.info("Checkpoint at step %d already exists; not saving it again", step)
             return False
         t0 = time.perf_counter()
-        snap = snapshot(state, copy=self.options.async_save)
+        snap = snapshot(state, copy=self.options.async_save, staging=self._staging)
         extra = iterator_files(data_iterator) if data_iterator is not None else None
         blocked = time.perf_counter() - t0
 
