@@ -1,0 +1,72 @@
+"""Orbax with its defaults: the synchronous Checkpointer and the async StandardCheckpointer.
+
+The state is jax arrays on the CPU device, converted leaf by leaf outside the timed region.
+``fsync_tree`` after the save makes sure every file and directory is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from benchmarks import states
+from benchmarks.fsutil import fsync_tree
+from benchmarks.methods.base import AsyncMethod, Method
+
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def abstract(state: str) -> dict[str, Any]:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    tree = states.nest(
+        [
+            (s.key, jax.ShapeDtypeStruct(s.shape, states.DTYPE, sharding=sharding))
+            for s in states.specs(state)
+        ]
+    )
+    tree["step"] = 0
+    return tree
+
+
+class Orbax(Method):
+    def __init__(self) -> None:
+        self.ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+    def make(self, state: str) -> Any:
+        return states.build(state, lambda a: jax.block_until_ready(jax.device_put(a)))
+
+    def save(self, path: str, tree: Any) -> None:
+        self.ckptr.save(os.path.abspath(path), args=ocp.args.StandardSave(tree))
+        fsync_tree(path)
+
+    def restore(self, path: str, state: str) -> Any:
+        tree = self.ckptr.restore(
+            os.path.abspath(path), args=ocp.args.StandardRestore(abstract(state))
+        )
+        return jax.block_until_ready(tree)
+
+    def leaf(self, tree: Any, key: states.Key) -> np.ndarray:
+        return np.asarray(super().leaf(tree, key))
+
+    def close(self) -> None:
+        self.ckptr.close()
+
+
+class OrbaxAsync(AsyncMethod, Orbax):
+    def __init__(self) -> None:
+        self.ckptr = ocp.StandardCheckpointer()
+
+    def start(self, path: str, tree: Any) -> Callable[[], None]:
+        self.ckptr.save(os.path.abspath(path), tree)
+
+        def wait() -> None:
+            self.ckptr.wait_until_finished()
+            fsync_tree(path)
+
+        return wait
