@@ -136,7 +136,11 @@ def restore(
     ``select``: a key path (``"params"``) or sequence of keys; only that subtree's bytes are read.
     ``verify``: check every chunk's checksum (default).
     """
-    reader = open_checkpoint(path)
+    with open_checkpoint(path) as reader:
+        return _restore_from(reader, target, select, verify)
+
+
+def _restore_from(reader: CheckpointReader, target: Any, select: Any, verify: bool) -> Any:
     prefix = select_prefix(select)
     try:
         node = subtree(reader.manifest.structure, prefix)

@@ -149,25 +149,36 @@ def _nonneg(x: Any) -> int:
 
 
 def _parse_array(key: str, a: dict, files: dict[str, int]) -> ArrayEntry:
+    """One array entry, fully validated; written flat because a manifest may hold thousands."""
     dtype = dtype_from_str(a["dtype"])
     shape = tuple(_nonneg(d) for d in a["shape"])
     shards = []
     for s in a["shards"]:
-        index = tuple((_nonneg(lo), _nonneg(hi)) for lo, hi in s["index"])
-        if len(index) != len(shape) or any(not lo <= hi <= n for (lo, hi), n in zip(index, shape)):
-            raise ManifestError(f"array {key!r}: shard index {index} outside shape {shape}")
+        index = tuple((lo, hi) for lo, hi in s["index"])
+        if len(index) != len(shape):
+            raise ManifestError(f"array {key!r}: shard index {index} does not fit shape {shape}")
+        elements = 1
+        for (lo, hi), n in zip(index, shape):
+            if type(lo) is not int or type(hi) is not int or not 0 <= lo <= hi <= n:
+                raise ManifestError(f"array {key!r}: shard index {index} outside shape {shape}")
+            elements *= hi - lo
         chunks = []
+        total = 0
         for name, offset, length, digest in s["chunks"]:
-            if name not in files:
+            size = files.get(name)
+            if size is None:
                 raise ManifestError(f"array {key!r} points at unlisted data file {name!r}")
-            if _nonneg(offset) + _nonneg(length) > files[name]:
+            if type(offset) is not int or type(length) is not int or type(digest) is not str:
+                raise ManifestError(f"array {key!r}: malformed chunk {[name, offset, length]}")
+            if offset < 0 or length < 0 or offset + length > size:
                 raise ManifestError(f"array {key!r}: chunk at {offset}+{length} beyond {name}")
-            chunks.append(Chunk(name, offset, length, str(digest)))
-        shard = Shard(index, tuple(chunks))
-        if sum(c.length for c in chunks) != math.prod(shard.shape) * dtype.itemsize:
+            total += length
+            chunks.append(Chunk(name, offset, length, digest))
+        if total != elements * dtype.itemsize:
             raise ManifestError(f"array {key!r}: shard {index} byte count does not match its shape")
-        shards.append(shard)
-    _check_exact_cover(key, shape, shards)
+        shards.append(Shard(index, tuple(chunks)))
+    if len(shards) != 1 or shards[0].index != tuple((0, n) for n in shape):
+        _check_exact_cover(key, shape, shards)
     return ArrayEntry(dtype, a["dtype"], shape, tuple(shards))
 
 

@@ -7,13 +7,15 @@ needs no staging copy; every chunk is checked against its checksum unless ``veri
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from stepsafe.errors import ChecksumMismatchError, IncompleteCheckpointError, TruncatedDataError
 from stepsafe.format.checksum import checksum
 from stepsafe.format.layout import ITEMS_DIR, MANIFEST_PATH, METADATA_FILE, CheckpointMetadata
 from stepsafe.format.manifest import ArrayEntry, Manifest, Shard
-from stepsafe.storage import Storage
+from stepsafe.storage import ReadHandle, Storage
 
 
 def is_committed(storage: Storage, path: str) -> bool:
@@ -58,6 +60,27 @@ class CheckpointReader:
             )
         self.manifest = Manifest.from_json(raw, manifest_path)
         self._checked_files: set[str] = set()
+        self._handles: dict[str, ReadHandle] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = self._handles, {}
+        for h in handles.values():
+            h.close()
+
+    def _handle(self, name: str) -> ReadHandle:
+        with self._lock:
+            h = self._handles.get(name)
+            if h is None:
+                h = self._handles[name] = self.storage.open_read(self._file(name))
+            return h
 
     def _file(self, name: str) -> str:
         return self.storage.join(self.path, ITEMS_DIR, name)
@@ -90,7 +113,7 @@ class CheckpointReader:
         pos = 0
         for c in shard.chunks:
             part = view[pos : pos + c.length]
-            self.storage.read_into(self._file(c.file), c.offset, part)
+            self._handle(c.file).read_into(c.offset, part)
             if verify and checksum(part) != c.checksum:
                 raise ChecksumMismatchError(
                     f"checksum mismatch in array {key!r}: file {self._file(c.file)}, offset "

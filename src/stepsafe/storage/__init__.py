@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stepsafe.errors import StepsafeError
-from stepsafe.storage.base import Storage, Transaction
+from stepsafe.storage.base import ReadHandle, Storage, Transaction
 from stepsafe.storage.local import (
     LocalStorage,
     is_temporary,
@@ -27,6 +27,7 @@ def storage_for(path: str) -> tuple[Storage, str]:
 
 __all__ = [
     "LocalStorage",
+    "ReadHandle",
     "Storage",
     "Transaction",
     "io_pool",

@@ -35,8 +35,31 @@ class Transaction(ABC):
             self.abort()
 
 
+class ReadHandle(ABC):
+    """One file opened for many ranged reads (a local fd; a path for object stores)."""
+
+    @abstractmethod
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset``; TruncatedDataError when the file is short."""
+
+    def close(self) -> None:
+        return None
+
+
+class _PathReadHandle(ReadHandle):
+    def __init__(self, storage: Storage, path: str) -> None:
+        self.storage, self.path = storage, path
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.storage.read_into(self.path, offset, buf)
+
+
 class Storage(ABC):
     """Bytes at paths. Paths are strings in this storage's own syntax."""
+
+    def open_read(self, path: str) -> ReadHandle:
+        """A handle for many reads of one file; storages with cheap opens need not override."""
+        return _PathReadHandle(self, path)
 
     @abstractmethod
     def join(self, base: str, *parts: str) -> str: ...

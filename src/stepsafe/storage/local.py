@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from stepsafe.errors import CheckpointExistsError, TruncatedDataError
-from stepsafe.storage.base import Storage, Transaction
+from stepsafe.storage.base import ReadHandle, Storage, Transaction
 from stepsafe.storage.threads import run_all
 
 TMP_MARK = ".stepsafe-tmp-"
@@ -144,6 +144,40 @@ class LocalTransaction(Transaction):
             self._done = True
 
 
+class LocalReadHandle(ReadHandle):
+    """An open fd read with ``preadv``: thread-safe (no shared file position)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise TruncatedDataError(f"data file {path} is missing") from e
+        except OSError as e:
+            raise TruncatedDataError(f"data file {path} cannot be read: {e.strerror}") from e
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        pos = 0
+        while pos < len(view):
+            try:
+                n = os.preadv(self.fd, [view[pos : pos + _MAX_WRITE]], offset + pos)
+            except OSError as e:
+                raise TruncatedDataError(
+                    f"data file {self.path} cannot be read: {e.strerror}"
+                ) from e
+            if n == 0:
+                size = os.fstat(self.fd).st_size
+                raise TruncatedDataError(
+                    f"data file {self.path} is truncated: needed bytes "
+                    f"{offset}..{offset + len(view)}, file has {size}"
+                )
+            pos += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class LocalStorage(Storage):
     def join(self, base: str, *parts: str) -> str:
         return os.path.join(base, *parts)
@@ -151,32 +185,15 @@ class LocalStorage(Storage):
     def transaction(self, path: str) -> LocalTransaction:
         return LocalTransaction(Path(path))
 
+    def open_read(self, path: str) -> LocalReadHandle:
+        return LocalReadHandle(path)
+
     def read_into(self, path: str, offset: int, buf: memoryview) -> None:
+        handle = LocalReadHandle(path)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as e:
-            raise TruncatedDataError(f"data file {path} is missing") from e
-        except OSError as e:
-            raise TruncatedDataError(f"data file {path} cannot be read: {e.strerror}") from e
-        try:
-            view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
-            pos = 0
-            while pos < len(view):
-                try:
-                    n = os.preadv(fd, [view[pos : pos + _MAX_WRITE]], offset + pos)
-                except OSError as e:
-                    raise TruncatedDataError(
-                        f"data file {path} cannot be read: {e.strerror}"
-                    ) from e
-                if n == 0:
-                    size = os.fstat(fd).st_size
-                    raise TruncatedDataError(
-                        f"data file {path} is truncated: needed bytes "
-                        f"{offset}..{offset + len(view)}, file has {size}"
-                    )
-                pos += n
+            handle.read_into(offset, buf)
         finally:
-            os.close(fd)
+            handle.close()
 
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:
