@@ -1,60 +1,75 @@
 """The ``stepsafe`` command: a thin face over library calls a Python user can make too.
 
-Expected failures print one line and a hint, exit 1 (2 for usage errors), no traceback.
+One module per command under ``stepsafe.cli`` (``HELP``, ``EXAMPLE``, ``HINT``,
+``add_arguments``, ``run``). Expected failures (``StepsafeError``) print one line and a hint
+and exit 1; usage errors exit 2; no traceback for either.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from types import ModuleType
 
+from stepsafe.cli import common
+from stepsafe.cli import diff as diff_cmd
+from stepsafe.cli import gc as gc_cmd
+from stepsafe.cli import inspect as inspect_cmd
+from stepsafe.cli import ls as ls_cmd
+from stepsafe.cli import train as train_cmd
+from stepsafe.cli import verify as verify_cmd
 from stepsafe.errors import ConfigError, StepsafeError
 
-EXAMPLES = {
-    "train": "stepsafe train --config examples/configs/demo.yml steps=300 run_name=try1",
+COMMANDS: dict[str, ModuleType] = {
+    "ls": ls_cmd,
+    "inspect": inspect_cmd,
+    "verify": verify_cmd,
+    "gc": gc_cmd,
+    "diff": diff_cmd,
+    "train": train_cmd,
 }
-
-
-def _train(args: argparse.Namespace) -> int:
-    from stepsafe.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    from stepsafe.demo.train import train  # imports JAX: only for this command
-
-    result = train(config, progress=not args.no_progress and sys.stderr.isatty())
-    how = f"stopped by {result.stopped_by}" if result.stopped_by else "finished"
-    print(f"{how} at step {result.end_step} (started at {result.start_step}, {result.source})")
-    return 0
+USAGE_ERROR = 2
+FAILURE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepsafe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "train",
-        help="run the demo trainer (resumes this run's latest checkpoint if there is one)",
-        epilog=f"example: {EXAMPLES['train']}",
+    parser = argparse.ArgumentParser(
+        prog="stepsafe",
+        description="Fast, atomic, verified checkpoints: list, inspect, verify, clean, compare.",
+        epilog="example: stepsafe ls outputs   (stepsafe COMMAND --help for each command)",
     )
-    p.add_argument("--config", help="YAML file of flags (MaxText names)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="flag overrides")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
-    p.set_defaults(run=_train)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=(module.__doc__ or module.HELP).strip(),
+            epilog=f"example:\n  {module.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        return args.run(args)
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, argparse printed why)
+        return e.code if isinstance(e.code, int) else USAGE_ERROR
+    module = args.module
+    try:
+        return module.run(args)
     except ConfigError as e:
-        print(f"stepsafe: configuration error: {e}", file=sys.stderr)
-        return 2
+        common.error(f"configuration error: {e}", module.HINT)
+        return USAGE_ERROR
     except StepsafeError as e:
-        print(f"stepsafe: {e}", file=sys.stderr)
-        return 1
+        common.error(str(e), module.HINT)
+        return FAILURE
+    except KeyboardInterrupt:
+        common.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

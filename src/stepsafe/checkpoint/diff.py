@@ -1,0 +1,149 @@
+"""What changed between two checkpoints: keys added or removed, shape/dtype changes, inline
+values, and optionally how far apart the arrays' values are.
+
+The structural diff reads the two manifests only. ``values=True`` reads both checkpoints, one
+array pair at a time and compares them in blocks, so memory stays near the two biggest arrays
+(never both trees), whatever the checkpoints' size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stepsafe.checkpoint.restore import open_checkpoint
+from stepsafe.format import ArrayEntry, CheckpointReader
+from stepsafe.tree import structure_paths
+
+BLOCK_ELEMENTS = 1 << 20  # float64 temporaries of 8 MiB per block
+
+Progress = Callable[[int, int], None]  # (arrays compared, arrays to compare)
+
+
+@dataclass(frozen=True)
+class LeafDesc:
+    """An array (dtype, shape) or an inline value, as one side of the diff sees it."""
+
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    value: Any = None
+
+    def __str__(self) -> str:
+        if self.dtype is None:
+            return f"value {self.value!r}"
+        return f"{self.dtype}{list(self.shape or ())}"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    before: LeafDesc
+    after: LeafDesc
+
+
+@dataclass(frozen=True)
+class ValueDiff:
+    """``max_abs_diff``: max |a - b| over the array (NaN where either side is NaN at the same
+    place counts as equal); None for non-numeric dtypes, where ``equal`` alone is meaningful."""
+
+    key: str
+    max_abs_diff: float | None
+    equal: bool
+
+
+@dataclass
+class CheckpointDiff:
+    a: str
+    b: str
+    added: dict[str, LeafDesc] = field(default_factory=dict)
+    removed: dict[str, LeafDesc] = field(default_factory=dict)
+    changed: list[Change] = field(default_factory=list)
+    same: int = 0  # leaves present on both sides with the same description
+    values: list[ValueDiff] | None = None  # with values=True: every array pair of equal shape
+
+    @property
+    def structure_equal(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+def _describe(reader: CheckpointReader) -> dict[str, LeafDesc]:
+    m = reader.manifest
+    out = {}
+    for key in structure_paths(m.structure):
+        if key in m.arrays:
+            a = m.arrays[key]
+            out[key] = LeafDesc(str(a.dtype), a.shape)
+        else:
+            out[key] = LeafDesc(value=m.values[key])
+    return out
+
+
+def diff(
+    a: str, b: str, *, values: bool = False, progress: Progress | None = None
+) -> CheckpointDiff:
+    """Differences from checkpoint ``a`` to ``b`` (paths as ``restore`` accepts them)."""
+    with open_checkpoint(a) as ra, open_checkpoint(b) as rb:
+        return _diff(ra, rb, values, progress)
+
+
+def _diff(
+    ra: CheckpointReader, rb: CheckpointReader, values: bool, progress: Progress | None
+) -> CheckpointDiff:
+    da, db = _describe(ra), _describe(rb)
+    out = CheckpointDiff(ra.path, rb.path)
+    for key, desc in db.items():
+        if key not in da:
+            out.added[key] = desc
+    for key, desc in da.items():
+        if key not in db:
+            out.removed[key] = desc
+        elif db[key] != desc:
+            out.changed.append(Change(key, desc, db[key]))
+        else:
+            out.same += 1
+    if values:
+        pairs = [k for k, d in da.items() if _comparable(d, db.get(k))]
+        out.values = []
+        for i, key in enumerate(pairs):
+            out.values.append(_compare(key, ra, rb))
+            if progress is not None:
+                progress(i + 1, len(pairs))
+    return out
+
+
+def _comparable(x: LeafDesc, y: LeafDesc | None) -> bool:
+    """Both arrays of one shape: their values can be compared element by element."""
+    return y is not None and x.dtype is not None and y.dtype is not None and x.shape == y.shape
+
+
+def _compare(key: str, ra: CheckpointReader, rb: CheckpointReader) -> ValueDiff:
+    x = ra.read_array(key).reshape(-1)
+    y = rb.read_array(key).reshape(-1)
+    if not (_numeric(ra.manifest.arrays[key]) and _numeric(rb.manifest.arrays[key])):
+        return ValueDiff(key, None, bool(np.array_equal(x, y)))
+    wide = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
+    worst = 0.0
+    for start in range(0, x.size, BLOCK_ELEMENTS):
+        xs = x[start : start + BLOCK_ELEMENTS].astype(wide)
+        ys = y[start : start + BLOCK_ELEMENTS].astype(wide)
+        both_nan = np.isnan(xs) & np.isnan(ys)
+        d = np.abs(xs - ys)
+        d[both_nan] = 0.0
+        m = float(d.max()) if d.size else 0.0
+        if math.isnan(m) or m > worst:
+            worst = m
+        if math.isnan(worst):
+            break
+    return ValueDiff(key, worst, worst == 0.0)
+
+
+def _numeric(entry: ArrayEntry) -> bool:
+    try:
+        np.zeros(1, entry.dtype).astype(np.complex128)
+    except (TypeError, ValueError):
+        return False
+    return entry.dtype.kind not in "MmSUVO"
