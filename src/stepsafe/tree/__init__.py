@@ -1,16 +1,14 @@
 """Pytrees as flat lists of (key path, leaf) plus a JSON structure; knows nothing of bytes."""
 
-from stepsafe.tree.flatten import (
-    Flat,
-    Structure,
+from stepsafe.tree.flatten import Flat, Structure, flatten
+from stepsafe.tree.keypath import concat, join, split
+from stepsafe.tree.structure import (
     build_plain,
     check_structure,
     check_target_paths,
-    flatten,
     structure_paths,
     subtree,
 )
-from stepsafe.tree.keypath import concat, is_under, join, split
 
 __all__ = [
     "Flat",
@@ -20,7 +18,6 @@ __all__ = [
     "check_target_paths",
     "concat",
     "flatten",
-    "is_under",
     "join",
     "split",
     "structure_paths",

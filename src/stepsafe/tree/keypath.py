@@ -26,11 +26,6 @@ def split(path: str) -> list[str]:
     return [unescape(s) for s in path.split(SEP)] if path else []
 
 
-def is_under(path: str, prefix: str) -> bool:
-    """True when ``path`` is ``prefix`` itself or lies inside it."""
-    return not prefix or path == prefix or path.startswith(prefix + SEP)
-
-
 def concat(prefix: str, rest: str) -> str:
     """Join two already-escaped paths."""
     return f"{prefix}{SEP}{rest}" if prefix and rest else prefix or rest
