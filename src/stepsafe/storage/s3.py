@@ -1,0 +1,147 @@
+"""S3 (and S3-compatible servers) through s3fs.
+
+Configuration, from the environment, so the same code runs against AWS, MinIO or moto:
+
+- endpoint: ``STEPSAFE_S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL_S3``, else
+  ``AWS_ENDPOINT_URL``, else AWS itself.
+- credentials: botocore's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+  ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ...); ``STEPSAFE_S3_ANON=1`` for unsigned requests.
+- region: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1`` when an endpoint is set.
+
+Commit marker: ``PutObject`` with ``If-None-Match: *`` (AWS since 2024; moto enforces it); a
+412 ``PreconditionFailed`` (or 409 ``ConditionalRequestConflict``) means another object is there.
+
+Retries: botocore "standard" mode, ``STEPSAFE_S3_MAX_ATTEMPTS`` attempts (default 10) with
+exponential backoff and jitter on 429/5xx/throttling and connection errors, per request (one
+part of a multipart upload is one request, so a retry resends one part); s3fs adds its own
+retries on dropped connections. Big files go up as multipart uploads whose parts are sent
+concurrently, at most ``MAX_PARTS_IN_FLIGHT`` parts (of ``PART_SIZE``) per process at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future
+from typing import Any
+
+from stepsafe.storage.remote import PART_SIZE, RemoteStorage, gather_parts
+
+MAX_PARTS_IN_FLIGHT = 16  # per process: bounds upload memory at 16 x PART_SIZE = 256 MiB
+PARTS_PER_FILE = 8  # one file's parts in flight at once; files are written concurrently too
+_in_flight = threading.BoundedSemaphore(MAX_PARTS_IN_FLIGHT)
+
+
+def s3_filesystem() -> Any:
+    """An ``S3FileSystem`` configured from the environment (see the module docstring)."""
+    import s3fs  # imported here: an optional extra
+
+    endpoint = (
+        os.environ.get("STEPSAFE_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+        region = region or "us-east-1"
+    if region:
+        client_kwargs["region_name"] = region
+    attempts = int(os.environ.get("STEPSAFE_S3_MAX_ATTEMPTS", "10"))
+    return s3fs.S3FileSystem(
+        anon=os.environ.get("STEPSAFE_S3_ANON", "") in ("1", "true"),
+        client_kwargs=client_kwargs,
+        config_kwargs={
+            "retries": {"max_attempts": attempts, "mode": "standard"},
+            "connect_timeout": 10,
+            "read_timeout": 120,
+            "max_pool_connections": 64,
+        },
+        use_listings_cache=False,  # other processes write: never trust a cached listing
+        skip_instance_cache=True,
+        max_concurrency=8,
+    )
+
+
+def _is_precondition_failure(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e} {getattr(e, 'response', '')}"
+    return any(
+        s in text for s in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+    )
+
+
+class S3Storage(RemoteStorage):
+    scheme = "s3"
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as e:
+            if _is_precondition_failure(e):
+                raise FileExistsError(path) from e
+            raise
+
+    def upload(self, path: str, chunks: Iterable[memoryview | bytes]) -> None:
+        """One PUT for small files; else a multipart upload whose parts are read from
+        ``chunks`` while earlier parts are still being sent (bounded by ``_in_flight``)."""
+        parts = gather_parts(chunks, PART_SIZE)
+        first = next(parts)
+        second = next(parts, None)
+        bucket, key, _ = self.fs.split_path(path)
+        if second is None:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=first)
+            return
+        upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        pending: deque[tuple[int, Future]] = deque()
+        done: list[dict[str, Any]] = []
+
+        def send(number: int, body: bytes) -> None:
+            _in_flight.acquire()
+            coro = self.fs._call_s3(
+                "upload_part",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+            )
+            fut = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+            fut.add_done_callback(lambda _: _in_flight.release())
+            pending.append((number, fut))
+
+        def settle(keep: int) -> None:
+            while len(pending) > keep:
+                number, fut = pending.popleft()
+                done.append({"PartNumber": number, "ETag": fut.result()["ETag"]})
+
+        try:
+            send(1, first)
+            send(2, second)
+            for number, body in enumerate(parts, start=3):
+                settle(PARTS_PER_FILE - 1)
+                send(number, body)
+            settle(0)
+            self.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": done},
+            )
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+                with contextlib.suppress(BaseException):
+                    fut.result()
+            # best effort: a bucket lifecycle rule cleans abandoned uploads
+            with contextlib.suppress(Exception):
+                self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
+                )
+            raise
