@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import BUCKET_KINDS
+from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe import (
@@ -43,22 +44,6 @@ def make_state(seed: int = 0) -> dict[str, Any]:
         },
         "opt_state": [rng.integers(0, 100, (50, 7)).astype(np.int64), 3.5, None, "adam"],
     }
-
-
-def assert_bit_equal(a: Any, b: Any) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_bit_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_bit_equal(x, y)
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert a.tobytes() == b.tobytes()
-    else:
-        assert a == b
 
 
 def data_files(url: str) -> list[str]:
@@ -98,9 +83,9 @@ def test_round_trip_metadata_and_select(bucket_url):
     path = f"{bucket_url}/checkpoints/7"
     stepsafe.save(path, state, metadata={"loss": 2.5}, data_file_size_bytes=4096)
     assert len(data_files(path)) > 3  # spread over several objects
-    assert_bit_equal(stepsafe.restore(path), state)
-    assert_bit_equal(stepsafe.restore(bucket_url), state)  # run dir -> latest step
-    assert_bit_equal(stepsafe.restore(path, select="params"), state["params"])
+    assert_bit_exact(stepsafe.restore(path), state)
+    assert_bit_exact(stepsafe.restore(bucket_url), state)  # run dir -> latest step
+    assert_bit_exact(stepsafe.restore(path, select="params"), state["params"])
     meta = stepsafe.metadata(path)
     assert meta["params"]["w"].shape == (128, 96)
     storage, _ = storage_for(bucket_url)
@@ -113,7 +98,7 @@ def test_round_trip_metadata_and_select(bucket_url):
 def test_big_array_goes_up_in_parts(bucket_url):
     state = {"big": np.random.default_rng(0).standard_normal(12_000_000).astype(np.float32)}
     stepsafe.save(f"{bucket_url}/1", state)  # 48 MB: a multipart upload of 16 MiB parts
-    assert_bit_equal(stepsafe.restore(f"{bucket_url}/1"), state)
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/1"), state)
 
 
 @buckets
@@ -141,7 +126,7 @@ def test_missing_marker_is_incomplete(bucket_url):
         stepsafe.restore(bucket_url)
     assert committed_steps(storage, f"{bucket_url}/checkpoints") == []
     stepsafe.save(path, make_state(5))  # the leftovers of a dead save do not block a new one
-    assert_bit_equal(stepsafe.restore(path), make_state(5))
+    assert_bit_exact(stepsafe.restore(path), make_state(5))
 
 
 @buckets
@@ -170,7 +155,7 @@ def test_run_manager_on_a_bucket(bucket_url):
         assert manager.latest_step() == 8
     storage, _ = storage_for(directory)
     assert storage.list_dir(directory) == ["6", "8"]  # retention deleted whole steps
-    assert_bit_equal(stepsafe.restore(f"{bucket_url}/run1"), make_state(8))
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/run1"), make_state(8))
     with CheckpointManager(directory, options) as again:
         assert again.latest_step() == 8
         assert not again.save(8, make_state(8), force=True)  # exists: not saved again
@@ -200,7 +185,7 @@ def test_racing_writers_one_commit(bucket_url):
         for t in threads:
             t.join()
         assert sorted(results) == ["committed", "exists"], results
-        assert_bit_equal(stepsafe.restore(path), state)
+        assert_bit_exact(stepsafe.restore(path), state)
 
 
 @buckets

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from trees import assert_bit_exact
 
 import stepsafe
 
@@ -79,23 +79,6 @@ print("done", time.perf_counter() - t0, flush=True)
 _ns: dict[str, Any] = {}
 exec(STATE_CODE, _ns)
 make_state = _ns["make_state"]
-
-
-def assert_bit_exact(got: Any, want: Any, where: str = "") -> None:
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and list(got) == list(want), where
-        for k in want:
-            assert_bit_exact(got[k], want[k], f"{where}/{k}")
-    elif isinstance(want, list | tuple):
-        assert type(got) is type(want) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_bit_exact(g, w, f"{where}/{i}")
-    elif isinstance(want, np.ndarray | np.generic):
-        g, w = np.asarray(got), np.asarray(want)
-        assert (g.dtype, g.shape) == (w.dtype, w.shape), where
-        assert g.tobytes() == w.tobytes(), where
-    else:
-        assert type(got) is type(want) and got == want, where
 
 
 def is_bit_exact(got: Any, want: Any) -> bool:

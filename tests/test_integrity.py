@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe import (
@@ -95,26 +96,6 @@ def get(tree: Any, path: tuple) -> Any:
     for seg in path:
         tree = tree[seg]
     return tree
-
-
-def assert_same_tree(got: Any, want: Any, where: str = "") -> None:
-    """Bit-exact equality: containers, keys, dtypes, shapes and every byte."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict), where
-        assert list(got) == list(want), where
-        for k in want:
-            assert_same_tree(got[k], want[k], f"{where}/{k}")
-    elif isinstance(want, list | tuple):
-        assert type(got) is type(want), where
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same_tree(g, w, f"{where}/{i}")
-    elif isinstance(want, np.ndarray | np.generic):
-        g, w = np.asarray(got), np.asarray(want)
-        assert (g.dtype, g.shape) == (w.dtype, w.shape), where
-        assert g.tobytes() == w.tobytes(), where
-    else:
-        assert type(got) is type(want) and got == want, where
 
 
 def read_manifest(ckpt: Path) -> dict:
@@ -193,7 +174,7 @@ def test_fixture_spreads_over_several_files(ckpt, state):
     assert set(doc["arrays"]) == set(ARRAY_KEYS)
     for key in ("params/w", "big"):  # these really straddle data files
         assert len({name for name, _, _ in chunks_of(doc, key)}) >= 2
-    assert_same_tree(stepsafe.restore(ckpt), state)
+    assert_bit_exact(stepsafe.restore(ckpt), state)
 
 
 # ---------------------------------------------------------------- flipped bytes -> checksums
@@ -230,12 +211,12 @@ def test_flipped_data_byte_is_a_checksum_mismatch(ckpt, state, key, where):
     assert np.array_equal(got_bytes, want_bytes)
     for other, path in ARRAY_KEYS.items():
         if other != key:
-            assert_same_tree(get(out, path), get(state, path), other)
+            assert_bit_exact(get(out, path), get(state, path), other)
     assert out["step"] == 7 and out["name"] == "run-a"
 
     # only that array's bytes are damaged: the others restore verified; metadata reads no data
     other = "big" if key != "big" else "params/w"
-    assert_same_tree(stepsafe.restore(ckpt, select=other), get(state, ARRAY_KEYS[other]), other)
+    assert_bit_exact(stepsafe.restore(ckpt, select=other), get(state, ARRAY_KEYS[other]), other)
     assert stepsafe.metadata(ckpt)[ARRAY_KEYS[key][0]] is not None
 
 
@@ -622,7 +603,7 @@ def test_any_flipped_byte_in_the_json_files_is_caught_or_harmless(json_ckpt, dat
             got, got_info = stepsafe.restore(path), stepsafe.info(path)
         except (CorruptCheckpointError, UnsupportedFormatError, IncompleteCheckpointError):
             return
-        assert_same_tree(got, tree)
+        assert_bit_exact(got, tree)
         assert (got_info.step, got_info.custom_metadata) == (info.step, info.custom_metadata)
         assert got_info.commit_timestamp_nsecs == info.commit_timestamp_nsecs
     finally:
@@ -709,9 +690,9 @@ def test_missing_commit_marker_falls_back_to_earlier_step(tmp_path, state):
     earlier = {"a": np.arange(5)}
     stepsafe.save(root / "1", earlier)
     stepsafe.save(root / "2", state, data_file_size_bytes=FILE_SIZE)
-    assert_same_tree(stepsafe.restore(root), state)
+    assert_bit_exact(stepsafe.restore(root), state)
     (root / "2" / METADATA).unlink()
-    assert_same_tree(stepsafe.restore(root), earlier)
+    assert_bit_exact(stepsafe.restore(root), earlier)
 
 
 def test_missing_manifest(ckpt):
@@ -935,8 +916,8 @@ def test_save_onto_existing_checkpoint(ckpt, state):
         assert isinstance(ei.value, FileExistsError)
     assert _file_bytes(ckpt) == before
     assert sorted(os.listdir(ckpt.parent)) == ["1"]  # no temporary left behind
-    assert_same_tree(stepsafe.restore(ckpt), state)
-    assert_same_tree(stepsafe.restore(ckpt.parent), state)
+    assert_bit_exact(stepsafe.restore(ckpt), state)
+    assert_bit_exact(stepsafe.restore(ckpt.parent), state)
 
 
 def test_save_onto_incomplete_or_foreign_path_refused(tmp_path):

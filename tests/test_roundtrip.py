@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trees import assert_bit_exact
 
 import stepsafe
 
@@ -40,24 +41,6 @@ def random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ..
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def assert_trees_bit_equal(a, b):
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_trees_bit_equal(a[k], b[k])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_trees_bit_equal(x, y)
-    elif isinstance(a, np.ndarray):
-        assert same_bits(a, b)
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b)
-    else:
-        assert a == b
 
 
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
@@ -95,8 +78,8 @@ trees = st.recursive(
 def test_random_trees_round_trip(tmp_path_factory, tree, file_size):
     path = tmp_path_factory.mktemp("rt") / "ckpt"
     stepsafe.save(path, tree, data_file_size_bytes=file_size)
-    assert_trees_bit_equal(tree, stepsafe.restore(path))
-    assert_trees_bit_equal(tree, stepsafe.restore(path, tree))
+    assert_bit_exact(tree, stepsafe.restore(path))
+    assert_bit_exact(tree, stepsafe.restore(path, tree))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

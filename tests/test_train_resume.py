@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 pytest.importorskip("jax")
+
+from trees import assert_bit_exact
 
 import stepsafe
 
@@ -56,20 +57,6 @@ def final_state(tmp_path, run_name: str) -> dict:
     return stepsafe.restore(tmp_path / run_name / "checkpoints" / str(STEPS))
 
 
-def assert_bit_identical(a, b, path=""):
-    if isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            assert_bit_identical(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list | tuple):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bit_identical(x, y, f"{path}/{i}")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), path
-    else:
-        assert a == b, path
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
@@ -95,7 +82,7 @@ def test_sigint_at_random_step_then_resume_is_exact(tmp_path, reference):
     resumed = run(tmp_path, "int")
     assert f"started at {stopped}, resume" in resumed
     final = final_state(tmp_path, "int")
-    assert_bit_identical(final, reference)
+    assert_bit_exact(final, reference)
     assert int(final["step"]) == STEPS and learning_rate(final) == learning_rate(reference)
 
 
@@ -106,7 +93,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, reference):
     assert latest in (20, 30), out  # the last periodic checkpoint before the kill
     resumed = run(tmp_path, "kill")
     assert f"started at {latest}, resume" in resumed
-    assert_bit_identical(final_state(tmp_path, "kill"), reference)
+    assert_bit_exact(final_state(tmp_path, "kill"), reference)
 
 
 def test_sigterm_commits_a_checkpoint_at_the_current_step(tmp_path):
