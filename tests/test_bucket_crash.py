@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from test_buckets import assert_bit_equal
+from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe.checkpoint import committed_steps
@@ -73,12 +73,12 @@ def test_sigkill_during_bucket_save(bucket_url):
         steps = committed_steps(storage, runs)
         committed = trial + 2 in steps
         outcomes.append(committed)
-        assert_bit_equal(stepsafe.restore(f"{runs}/1"), first)
+        assert_bit_exact(stepsafe.restore(f"{runs}/1"), first)
         if committed:
-            assert_bit_equal(stepsafe.restore(step_url), child_state())
+            assert_bit_exact(stepsafe.restore(step_url), child_state())
         else:
             with pytest.raises(stepsafe.StepsafeError):
                 stepsafe.restore(step_url)
             stepsafe.save(step_url, child_state())  # leftovers do not block a new save
-            assert_bit_equal(stepsafe.restore(step_url), child_state())
+            assert_bit_exact(stepsafe.restore(step_url), child_state())
     assert not all(outcomes), "no kill landed during a save: the trial proves nothing"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fault_proxy import FaultProxy
-from test_buckets import assert_bit_equal, make_state
+from test_buckets import make_state
+from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe.checkpoint import committed_steps
@@ -60,7 +61,7 @@ def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied, mo
     for step, outcome in outcomes.items():
         state = big_state(step) if step % 3 == 0 else make_state(step)
         if step in committed:
-            assert_bit_equal(stepsafe.restore(f"{runs}/{step}"), state)  # checksums verified
+            assert_bit_exact(stepsafe.restore(f"{runs}/{step}"), state)  # checksums verified
         else:
             assert outcome != "saved", f"step {step} was reported saved but is not committed"
     assert committed, f"no save got through: {outcomes}, faults {proxy.injected}"
@@ -80,4 +81,4 @@ def test_lost_reply_to_the_marker_create_is_still_a_commit(bucket_url, proxied, 
     stepsafe.save(f"{bucket_url}/9", state)
     assert proxy.injected["reset_after"] == 1
     monkeypatch.setenv("STEPSAFE_S3_ENDPOINT_URL", proxy.upstream_url)
-    assert_bit_equal(stepsafe.restore(f"{bucket_url}/9"), state)
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/9"), state)
