@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 import stepsafe
+from stepsafe.format import CheckpointReader
 from stepsafe.manager import CheckpointManager, ManagerOptions
+from stepsafe.storage.local import LocalStorage
 
 
 def state_at(step: int) -> dict:
@@ -45,9 +46,9 @@ def build_base(base: Path) -> Path:
 
 def chunk_of(step_dir: Path, key: str) -> tuple[str, int, int]:
     """(data file name, offset, length) of the first chunk of array ``key``."""
-    manifest = json.loads((step_dir / "items" / "manifest.json").read_text())
-    name, offset, length, _ = manifest["arrays"][key]["shards"][0]["chunks"][0]
-    return name, offset, length
+    with CheckpointReader(LocalStorage(), str(step_dir)) as reader:
+        c = reader.manifest.arrays[key].shards[0].chunks[0]
+    return c.file, c.offset, c.length
 
 
 def flip_byte(step_dir: Path, key: str, within: int = 3) -> tuple[Path, int]:

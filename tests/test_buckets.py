@@ -163,46 +163,58 @@ def test_run_manager_on_a_bucket(bucket_url):
 
 @buckets
 def test_racing_writers_one_commit(bucket_url):
-    """Two writers start the same step together: one commits, the other is told so. Both
-    write the same state (what two copies of one job resuming would write)."""
-    state = make_state(11)
+    """Two writers start the same step together, each with its own state (two copies of a job
+    that diverged): one commits, the other is told so, and the step holds exactly the winner's
+    state, none of the loser's files left beside it."""
+    storage, _ = storage_for(bucket_url)
 
-    def writer(path: str, barrier: threading.Barrier, results: list[str]) -> None:
+    def writer(path: str, seed: int, barrier: threading.Barrier, results: dict) -> None:
         barrier.wait()
         try:
-            stepsafe.save(path, state, data_file_size_bytes=8192)
-            results.append("committed")
+            stepsafe.save(path, make_state(seed), data_file_size_bytes=8192)
+            results[seed] = "committed"
         except CheckpointExistsError:
-            results.append("exists")
+            results[seed] = "exists"
 
     for trial in range(3):
         path = f"{bucket_url}/{trial}"
         barrier = threading.Barrier(2)
-        results: list[str] = []
-        threads = [threading.Thread(target=writer, args=(path, barrier, results)) for _ in range(2)]
+        results: dict[int, str] = {}
+        seeds = (100 + trial, 200 + trial)
+        threads = [
+            threading.Thread(target=writer, args=(path, seed, barrier, results)) for seed in seeds
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert sorted(results) == ["committed", "exists"], results
-        assert_bit_exact(stepsafe.restore(path), state)
+        assert sorted(results.values()) == ["committed", "exists"], results
+        winner = next(seed for seed, r in results.items() if r == "committed")
+        assert_bit_exact(stepsafe.restore(path), make_state(winner))
+        assert stepsafe.verify(path).ok
+        save_id = stepsafe.info(path).save_id
+        items = storage.list_dir(storage.join(path, "items"))
+        assert items and all(save_id in name for name in items), items
 
 
 @buckets
-def test_abort_removes_only_an_uncommitted_saves_files(bucket_url):
+def test_abort_removes_only_this_saves_files(bucket_url):
     storage, _ = storage_for(bucket_url)
     with pytest.raises(RuntimeError), storage.transaction(f"{bucket_url}/1") as txn:
         txn.write_file("items/a.data", [b"x" * 100])
         raise RuntimeError("the save failed")
     assert storage.list_dir(f"{bucket_url}/1/items") == []
+    rival = storage.join(bucket_url, "2", "items/rival.data")
+    storage.fs.pipe_file(rival, b"the rival's bytes")
     txn = storage.transaction(f"{bucket_url}/2")
-    txn.write_file("items/a.data", [b"mine"])
+    txn.write_file("items/mine.data", [b"mine"])
     txn.write_file(METADATA_FILE, [b"{}"])
     storage.fs.pipe_file(storage.join(bucket_url, "2", METADATA_FILE), b"a rival's marker")
     with pytest.raises(CheckpointExistsError, match="another writer"):
         txn.commit()
-    txn.abort()  # the step is the rival's now: nothing of it is deleted
-    assert storage.read_bytes(storage.join(bucket_url, "2", "items/a.data")) == b"mine"
+    txn.abort()
+    assert storage.list_dir(f"{bucket_url}/2/items") == ["rival.data"]  # ours gone, theirs kept
+    assert storage.read_bytes(rival) == b"the rival's bytes"
 
 
 def test_no_client_can_reach_a_metadata_server():

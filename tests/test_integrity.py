@@ -7,7 +7,7 @@ commit marker, a temporary directory, a path with no checkpoint, a target or sel
 not fit, a leaf that cannot be saved, a save onto an existing checkpoint: each its own error.
 Loading never imports or calls anything a manifest names.
 
-Manifest corruption is tested twice: as damage (only manifest.json changed: caught, whether by
+Manifest corruption is tested twice: as damage (only the manifest changed: caught, whether by
 a checksum or by the parser) and as a crafted file that is "sealed" (the checksum of the
 manifest in _CHECKPOINT_METADATA, where the format keeps one, rewritten to match), which only
 the parser's own validation can stop.
@@ -52,7 +52,6 @@ from stepsafe.format.checksum import checksum
 from stepsafe.storage.local import LocalStorage
 
 FILE_SIZE = 4096  # small data files, so that one state spreads over several of them
-MANIFEST = "manifest.json"
 METADATA = "_CHECKPOINT_METADATA"
 
 
@@ -98,8 +97,13 @@ def get(tree: Any, path: tuple) -> Any:
     return tree
 
 
+def manifest_file(ckpt: Path) -> Path:
+    """The manifest's name carries the save id recorded in the metadata."""
+    return ckpt / CheckpointMetadata.from_json((ckpt / METADATA).read_bytes(), "").manifest_path
+
+
 def read_manifest(ckpt: Path) -> dict:
-    return json.loads((ckpt / "items" / MANIFEST).read_bytes())
+    return json.loads(manifest_file(ckpt).read_bytes())
 
 
 def rewrite_metadata(ckpt: Path, **changes: Any) -> None:
@@ -115,7 +119,7 @@ def rewrite_metadata(ckpt: Path, **changes: Any) -> None:
 def write_manifest(ckpt: Path, doc: dict | bytes, *, seal: bool = True) -> None:
     """Replace the manifest; ``seal``: also update its checksum, as a forger would."""
     raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    (ckpt / "items" / MANIFEST).write_bytes(raw)
+    manifest_file(ckpt).write_bytes(raw)
     if seal:
         rewrite_metadata(ckpt, manifest_checksum=checksum(raw))
 
@@ -508,6 +512,7 @@ def read_log(monkeypatch) -> list[str]:
 )
 def test_corrupt_manifest(ckpt, state, mutate, expected, seal, read_log):
     root = ckpt.parent.parent
+    name = manifest_file(ckpt).name
     result = mutate(read_manifest(ckpt), root)
     write_manifest(ckpt, result, seal=seal)
     # damage alone may be caught by a checksum over the manifest before it is parsed
@@ -526,7 +531,7 @@ def test_corrupt_manifest(ckpt, state, mutate, expected, seal, read_log):
             call()
         except StepsafeError as e:
             assert type(e) in allowed, f"{what}: {type(e).__name__}: {e}"
-            assert MANIFEST in str(e), f"{what}: {e}"
+            assert name in str(e), f"{what}: {e}"
         except Exception as e:  # anything else is a bug: the caller can't catch it sensibly
             pytest.fail(f"{what} raised {type(e).__name__} (not a StepsafeError): {e}")
         else:
@@ -565,12 +570,13 @@ def _absurd_shape(doc: dict, root: Path) -> dict:
 
 
 def test_manifest_declaring_absurd_sizes(ckpt):
+    name = manifest_file(ckpt).name
     write_manifest(ckpt, _absurd_shape(read_manifest(ckpt), ckpt.parent.parent))
     assert stepsafe.metadata(ckpt)["x"].shape == (2**61,)  # describing it is harmless
     for verify in (True, False):  # reading it must fail cleanly, before allocating 8 EiB
         with pytest.raises(CorruptCheckpointError) as ei:
             stepsafe.restore(ckpt, verify=verify)
-        assert "process_0.00000.data" in str(ei.value) or MANIFEST in str(ei.value)
+        assert "process_0.00000." in str(ei.value) or name in str(ei.value)
 
 
 def test_deeply_nested_checkpoint_metadata(ckpt):
@@ -590,11 +596,11 @@ def json_ckpt(tmp_path_factory) -> tuple[Path, Any, Any]:
 @settings(max_examples=200, deadline=None, database=None)
 @given(data=st.data())
 def test_any_flipped_byte_in_the_json_files_is_caught_or_harmless(json_ckpt, data):
-    """Bytes of manifest.json and _CHECKPOINT_METADATA (inline values such as the step, user
+    """Bytes of the manifest and _CHECKPOINT_METADATA (inline values such as the step, user
     metadata) are covered too: a flip is refused with a StepsafeError, or it changed nothing
     (e.g. one JSON whitespace byte into another)."""
     path, tree, info = json_ckpt
-    target = path / data.draw(st.sampled_from(["items/" + MANIFEST, METADATA]), label="file")
+    target = data.draw(st.sampled_from([manifest_file(path), path / METADATA]), label="file")
     pos = data.draw(st.integers(0, target.stat().st_size - 1), label="byte")
     mask = data.draw(st.integers(1, 255), label="xor mask")
     flip(target, pos, mask)
@@ -615,7 +621,7 @@ def test_any_flipped_byte_in_the_json_files_is_caught_or_harmless(json_ckpt, dat
     [(b'"step":7', b'"step":6'), (b'"run-a"', b'"run-`"')],
 )
 def test_edited_inline_value_in_manifest_is_caught(ckpt, old, new):
-    raw = (ckpt / "items" / MANIFEST).read_bytes()
+    raw = manifest_file(ckpt).read_bytes()
     assert raw.count(old) == 1
     write_manifest(ckpt, raw.replace(old, new), seal=False)
     with pytest.raises(CorruptCheckpointError):
@@ -696,12 +702,13 @@ def test_missing_commit_marker_falls_back_to_earlier_step(tmp_path, state):
 
 
 def test_missing_manifest(ckpt):
-    (ckpt / "items" / MANIFEST).unlink()
+    name = manifest_file(ckpt).name
+    manifest_file(ckpt).unlink()
     for call in (stepsafe.restore, stepsafe.metadata, stepsafe.info):
         with pytest.raises(StepsafeError) as ei:
             call(ckpt)
         assert isinstance(ei.value, TruncatedDataError)
-        assert MANIFEST in str(ei.value)
+        assert name in str(ei.value)
 
 
 # ---------------------------------------------------------------- where is the checkpoint?

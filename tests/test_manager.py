@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +124,25 @@ def test_restore_latest_with_iterator_and_incomplete_step_skipped(tmp_path):
     fresh = Counter()
     out = m.restore(target=state_at(0), data_iterator=fresh)
     assert out["step"] == 2 and fresh.position == 20
+
+
+def test_iterator_state_is_covered_by_checksums(tmp_path):
+    """The iterator's file is part of the checkpoint like any array: an edited byte is refused
+    on restore and reported by verify, never fed silently to the data pipeline."""
+    m = CheckpointManager(str(tmp_path), ManagerOptions(save_interval_steps=1, async_save=False))
+    it = Counter()
+    it.position = 1234
+    m.save(1, state_at(1), data_iterator=it)
+    (iter_file,) = (tmp_path / "1" / "iter").iterdir()
+    assert iter_file.name == f"process_0.{stepsafe.info(str(tmp_path / '1')).save_id}.json"
+    iter_file.write_bytes(iter_file.read_bytes().replace(b"1234", b"1235"))
+    with pytest.raises(stepsafe.ChecksumMismatchError, match="process_0"):
+        m.restore(1, target=state_at(0), data_iterator=Counter())
+    problems = stepsafe.verify(str(tmp_path / "1")).problems
+    assert [(p.kind, Path(p.file).name) for p in problems] == [("checksum", iter_file.name)]
+    iter_file.unlink()
+    with pytest.raises(stepsafe.TruncatedDataError, match="missing"):
+        m.restore(1, target=state_at(0), data_iterator=Counter())
 
 
 # -- loading priority (seed 000) ----------------------------------------------------------------

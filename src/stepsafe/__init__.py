@@ -4,9 +4,19 @@ import stepsafe
 stepsafe.save("ckpt/1000", state)               # durable and committed when it returns
 state = stepsafe.restore("ckpt/1000", target)   # bit-exact, checksums verified
 stepsafe.metadata("ckpt/1000")                  # shapes and dtypes, no data read
+stepsafe.verify("ckpt/1000").ok                 # re-read every byte, report every problem
 """
 
-from stepsafe.checkpoint import ArrayMetadata, CheckpointInfo, info, metadata, restore, save
+from stepsafe.checkpoint import (
+    ArrayMetadata,
+    CheckpointInfo,
+    VerifyReport,
+    info,
+    metadata,
+    restore,
+    save,
+    verify,
+)
 from stepsafe.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -38,10 +48,12 @@ __all__ = [
     "TruncatedDataError",
     "UnsupportedFormatError",
     "UnsupportedLeafError",
+    "VerifyReport",
     "info",
     "metadata",
     "remove_stale_temporaries",
     "restore",
     "save",
     "stale_temporaries",
+    "verify",
 ]

@@ -4,11 +4,13 @@ from stepsafe.checkpoint.inspect import ArrayMetadata, CheckpointInfo, info, met
 from stepsafe.checkpoint.locate import committed_steps, locate, uncommitted_entries
 from stepsafe.checkpoint.restore import open_checkpoint, restore
 from stepsafe.checkpoint.save import Snapshot, save, snapshot, write
+from stepsafe.checkpoint.verify import VerifyReport, verify
 
 __all__ = [
     "ArrayMetadata",
     "CheckpointInfo",
     "Snapshot",
+    "VerifyReport",
     "committed_steps",
     "info",
     "locate",
@@ -18,5 +20,6 @@ __all__ = [
     "save",
     "snapshot",
     "uncommitted_entries",
+    "verify",
     "write",
 ]

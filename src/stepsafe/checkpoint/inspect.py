@@ -29,6 +29,7 @@ class CheckpointInfo:
     init_timestamp_nsecs: int
     commit_timestamp_nsecs: int | None
     format_version: int
+    save_id: str  # which save wrote it: every file of the step but the marker carries it
     custom_metadata: dict[str, Any]
     nbytes: int
     num_arrays: int
@@ -66,6 +67,7 @@ def info(path: str) -> CheckpointInfo:
         init_timestamp_nsecs=m.init_timestamp_nsecs,
         commit_timestamp_nsecs=m.commit_timestamp_nsecs,
         format_version=m.format_version,
+        save_id=m.save_id,
         custom_metadata=m.custom_metadata,
         nbytes=man.nbytes,
         num_arrays=len(man.arrays),

@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 
 from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, locate
 from stepsafe.errors import (
+    ChecksumMismatchError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     UnsupportedFormatError,
 )
-from stepsafe.format import ITEMS_DIR, MANIFEST_PATH, METADATA_FILE, CheckpointReader
+from stepsafe.format import (
+    ITEMS_DIR,
+    METADATA_FILE,
+    CheckpointReader,
+    read_extra,
+    read_metadata,
+)
 from stepsafe.format.checksum import checksum
 from stepsafe.storage import Storage, storage_for
 
@@ -77,17 +84,26 @@ def verify(path: str, progress: Progress | None = None) -> VerifyReport:
     storage, p = storage_for(str(path))
     step_dir = locate(storage, p)
     report = VerifyReport(step_dir)
+    where = storage.join(step_dir, METADATA_FILE)
     try:
+        metadata = read_metadata(storage, step_dir)
+        where = storage.join(step_dir, metadata.manifest_path)
         reader = CheckpointReader(storage, step_dir)
     except UnsupportedFormatError:
         raise
     except CorruptCheckpointError as e:
-        where = MANIFEST_PATH if MANIFEST_PATH in str(e) else METADATA_FILE
-        report.problems.append(Problem("metadata", str(e), storage.join(step_dir, where)))
+        report.problems.append(Problem("metadata", str(e), where))
         return report
     except IncompleteCheckpointError as e:
-        report.problems.append(Problem("incomplete", str(e), storage.join(step_dir, METADATA_FILE)))
+        report.problems.append(Problem("incomplete", str(e), where))
         return report
+    for name in metadata.extra_files:
+        try:
+            read_extra(storage, step_dir, name, metadata)
+        except (CorruptCheckpointError, OSError) as e:
+            kind = "checksum" if isinstance(e, ChecksumMismatchError) else "missing"
+            file = storage.join(step_dir, metadata.extra_path(name))
+            report.problems.append(Problem(kind, str(e), file))
     manifest = reader.manifest
     report.step = reader.metadata.step
     report.num_arrays = len(manifest.arrays)

@@ -1,20 +1,20 @@
 """The layout of ONE checkpoint: manifest, packed data files, checksums, commit."""
 
-from stepsafe.format.layout import (
-    ITEMS_DIR,
-    MANIFEST_PATH,
-    METADATA_FILE,
-    CheckpointMetadata,
-)
+from stepsafe.format.layout import ITEMS_DIR, METADATA_FILE, CheckpointMetadata
 from stepsafe.format.manifest import FORMAT_VERSION, ArrayEntry, Manifest
-from stepsafe.format.reader import CheckpointReader, delete_checkpoint, is_committed
+from stepsafe.format.reader import (
+    CheckpointReader,
+    delete_checkpoint,
+    is_committed,
+    read_extra,
+    read_metadata,
+)
 from stepsafe.format.writer import DEFAULT_FILE_SIZE, HostArray, write_checkpoint
 
 __all__ = [
     "DEFAULT_FILE_SIZE",
     "FORMAT_VERSION",
     "ITEMS_DIR",
-    "MANIFEST_PATH",
     "METADATA_FILE",
     "ArrayEntry",
     "CheckpointMetadata",
@@ -23,5 +23,7 @@ __all__ = [
     "Manifest",
     "delete_checkpoint",
     "is_committed",
+    "read_extra",
+    "read_metadata",
     "write_checkpoint",
 ]

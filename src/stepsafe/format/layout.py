@@ -1,17 +1,22 @@
 """Names inside one checkpoint directory, and its ``_CHECKPOINT_METADATA`` document.
 
-    <step dir>/_CHECKPOINT_METADATA    JSON, Orbax-compatible keys plus stepsafe's own
-    <step dir>/items/manifest.json     the tree (see manifest.py)
-    <step dir>/items/<process>.<n>.data  packed shard bytes, split at a target size
-    <step dir>/<extra>/...             other items (the run manager's ``iter/``)
+    <step dir>/_CHECKPOINT_METADATA                JSON, Orbax-compatible keys plus stepsafe's own
+    <step dir>/items/manifest.<save id>.json       the tree (see manifest.py)
+    <step dir>/items/process_<p>.<n>.<save id>.data  packed shard bytes, split at a target size
+    <step dir>/<extra>.<save id>.<ext>             other items (the run manager's ``iter/``)
 
 ``_CHECKPOINT_METADATA`` carries a commit timestamp and is written last, so it doubles as the
-commit marker on storage without atomic rename.
+commit marker on storage without atomic rename. Every other file's name carries the id of the
+save that wrote it, recorded in the metadata: on a bucket two saves racing for one step write
+disjoint files, and the one whose marker is created wins without the loser touching a byte of
+it. Extra files' checksums live in the metadata too, so every byte of a step is covered.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +27,41 @@ from stepsafe.format.manifest import FORMAT, FORMAT_VERSION
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
 ITEMS_DIR = "items"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_PATH = f"{ITEMS_DIR}/{MANIFEST_FILE}"
+_SAVE_ID = re.compile(r"^[0-9a-f]{8,32}$")
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}"
+_EXTRA_NAME = re.compile(rf"^{_PART}(/{_PART}){{0,3}}$")
 
 
-def data_file_name(process_index: int, n: int) -> str:
-    return f"process_{process_index}.{n:05d}.data"
+def new_save_id() -> str:
+    return secrets.token_hex(6)
+
+
+def stamped(name: str, save_id: str) -> str:
+    """``name`` with ``.<save_id>`` before its extension: ``iter/process_0.json`` ->
+    ``iter/process_0.<save_id>.json``."""
+    head, dot, ext = name.rpartition(".")
+    return f"{head}.{save_id}.{ext}" if dot and "/" not in ext else f"{name}.{save_id}"
+
+
+def manifest_path(save_id: str) -> str:
+    return f"{ITEMS_DIR}/{stamped('manifest.json', save_id)}"
+
+
+def data_file_name(process_index: int, n: int, save_id: str) -> str:
+    return stamped(f"process_{process_index}.{n:05d}.data", save_id)
+
+
+def check_extra_name(name: str, where: str) -> str:
+    """Extra files' names come from the metadata, i.e. untrusted: relative, inside the step,
+    nothing that ``..`` or a stray character could turn into another path."""
+    if (
+        not isinstance(name, str)
+        or not _EXTRA_NAME.match(name)
+        or ".." in name.split("/")
+        or name.split("/")[0] in (ITEMS_DIR, METADATA_FILE)
+    ):
+        raise ManifestError(f"{where} names an unsafe extra file {name!r}")
+    return name
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -48,6 +82,16 @@ class CheckpointMetadata:
     custom_metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     manifest_checksum: str | None = None
+    save_id: str = field(default_factory=new_save_id)
+    extra_files: dict[str, str] = field(default_factory=dict)  # name -> checksum of its bytes
+
+    @property
+    def manifest_path(self) -> str:
+        return manifest_path(self.save_id)
+
+    def extra_path(self, name: str) -> str:
+        """Where extra file ``name`` (as the writer named it) lies inside the step."""
+        return stamped(name, self.save_id)
 
     def to_json(self) -> bytes:
         doc = {
@@ -58,6 +102,8 @@ class CheckpointMetadata:
             "commit_timestamp_nsecs": self.commit_timestamp_nsecs,
             "custom_metadata": self.custom_metadata,
             "manifest_checksum": self.manifest_checksum,
+            "save_id": self.save_id,
+            "extra_files": self.extra_files,
             "item_handlers": None,
             "metrics": {},
             "performance_metrics": {},
@@ -83,6 +129,14 @@ class CheckpointMetadata:
                     f"{where} does not match its checksum: the checkpoint's metadata is corrupt"
                 )
             step = doc.get("step")
+            save_id = doc["save_id"]
+            if not isinstance(save_id, str) or not _SAVE_ID.match(save_id):
+                raise ManifestError(f"{where} holds an invalid save id {save_id!r}")
+            extras = doc.get("extra_files") or {}
+            for name, sum_ in extras.items():
+                check_extra_name(name, where)
+                if not isinstance(sum_, str):
+                    raise ManifestError(f"{where} holds a bad checksum for extra file {name!r}")
             return cls(
                 step=int(step) if step is not None else None,
                 init_timestamp_nsecs=int(doc["init_timestamp_nsecs"]),
@@ -90,6 +144,8 @@ class CheckpointMetadata:
                 custom_metadata=dict(doc.get("custom_metadata") or {}),
                 format_version=version,
                 manifest_checksum=doc["manifest_checksum"],
+                save_id=save_id,
+                extra_files=dict(extras),
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ManifestError(f"{where} is corrupt ({type(e).__name__}: {e})") from e

@@ -13,7 +13,7 @@ import numpy as np
 
 from stepsafe.errors import ChecksumMismatchError, IncompleteCheckpointError, TruncatedDataError
 from stepsafe.format.checksum import checksum
-from stepsafe.format.layout import ITEMS_DIR, MANIFEST_PATH, METADATA_FILE, CheckpointMetadata
+from stepsafe.format.layout import ITEMS_DIR, METADATA_FILE, CheckpointMetadata
 from stepsafe.format.manifest import ArrayEntry, Manifest, Shard
 from stepsafe.storage import ReadHandle, Storage
 
@@ -30,23 +30,51 @@ def is_committed(storage: Storage, path: str) -> bool:
         return False
 
 
+def read_metadata(storage: Storage, path: str) -> CheckpointMetadata:
+    """The metadata of the committed checkpoint at ``path``; IncompleteCheckpointError if the
+    save that wrote it never finished."""
+    try:
+        raw = storage.read_bytes(storage.join(path, METADATA_FILE))
+    except FileNotFoundError as e:
+        raise IncompleteCheckpointError(
+            f"{path} is not a committed checkpoint (no {METADATA_FILE}): the save that "
+            "wrote it did not finish; delete it or restore an earlier step"
+        ) from e
+    metadata = CheckpointMetadata.from_json(raw, storage.join(path, METADATA_FILE))
+    if metadata.commit_timestamp_nsecs is None:
+        raise IncompleteCheckpointError(f"{path} was never committed")
+    return metadata
+
+
+def read_extra(
+    storage: Storage, path: str, name: str, metadata: CheckpointMetadata | None = None
+) -> bytes | None:
+    """Extra file ``name`` (as its writer named it) of the checkpoint at ``path``, checked
+    against the checksum in its metadata; None when the save wrote no such file."""
+    metadata = metadata or read_metadata(storage, path)
+    want = metadata.extra_files.get(name)
+    if want is None:
+        return None
+    where = storage.join(path, metadata.extra_path(name))
+    try:
+        raw = storage.read_bytes(where)
+    except FileNotFoundError as e:
+        raise TruncatedDataError(f"{where} is missing: the checkpoint is damaged") from e
+    if checksum(raw) != want:
+        raise ChecksumMismatchError(
+            f"{where} does not match the checksum in {METADATA_FILE}: it is corrupt"
+        )
+    return raw
+
+
 class CheckpointReader:
     """An open, committed checkpoint. Construction reads only the two small JSON files."""
 
     def __init__(self, storage: Storage, path: str) -> None:
         self.storage = storage
         self.path = path
-        try:
-            raw = storage.read_bytes(storage.join(path, METADATA_FILE))
-        except FileNotFoundError as e:
-            raise IncompleteCheckpointError(
-                f"{path} is not a committed checkpoint (no {METADATA_FILE}): the save that "
-                "wrote it did not finish; delete it or restore an earlier step"
-            ) from e
-        self.metadata = CheckpointMetadata.from_json(raw, storage.join(path, METADATA_FILE))
-        if self.metadata.commit_timestamp_nsecs is None:
-            raise IncompleteCheckpointError(f"{path} was never committed")
-        manifest_path = storage.join(path, MANIFEST_PATH)
+        self.metadata = read_metadata(storage, path)
+        manifest_path = storage.join(path, self.metadata.manifest_path)
         try:
             raw = storage.read_bytes(manifest_path)
         except FileNotFoundError as e:

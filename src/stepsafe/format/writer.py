@@ -20,9 +20,9 @@ from stepsafe.format.checksum import checksum
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.layout import (
     ITEMS_DIR,
-    MANIFEST_PATH,
     METADATA_FILE,
     CheckpointMetadata,
+    check_extra_name,
     data_file_name,
 )
 from stepsafe.format.manifest import ArrayEntry, Chunk, Manifest, Shard
@@ -66,9 +66,9 @@ def _as_bytes(a: Any) -> memoryview:
 
 
 def _plan(
-    arrays: list[HostArray], file_size: int, process_index: int
+    arrays: list[HostArray], file_size: int, process_index: int, save_id: str
 ) -> tuple[list[_File], dict[str, list[tuple[tuple, list]]]]:
-    files = [_File(data_file_name(process_index, 0))]
+    files = [_File(data_file_name(process_index, 0, save_id))]
     slots: dict[str, list[tuple[tuple, list]]] = {}
     for arr in arrays:
         for index, data in arr.shards:
@@ -81,7 +81,7 @@ def _plan(
                 start = -(-f.size // ALIGN) * ALIGN
                 room = file_size - start
                 if room <= 0 and f.size > 0:
-                    files.append(_File(data_file_name(process_index, len(files))))
+                    files.append(_File(data_file_name(process_index, len(files), save_id)))
                     continue
                 n = min(len(view) - pos, MAX_CHUNK, max(room, 1))
                 chunks.append(None)
@@ -130,7 +130,7 @@ def write_checkpoint(
 ) -> Manifest:
     if file_size < ALIGN:
         raise ValueError(f"data file size must be at least {ALIGN} bytes, got {file_size}")
-    files, slots = _plan(arrays, file_size, process_index)
+    files, slots = _plan(arrays, file_size, process_index, metadata.save_id)
     with storage.transaction(path) as txn:
         run_all(lambda f: txn.write_file(f"{ITEMS_DIR}/{f.name}", _stream(f)), files)
         manifest = Manifest(
@@ -148,9 +148,11 @@ def write_checkpoint(
             {f.name: f.size for f in files},
         )
         raw = manifest.to_json()
-        txn.write_file(MANIFEST_PATH, [raw])
-        for rel, content in (extra_files or {}).items():
-            txn.write_file(rel, [content])
+        txn.write_file(metadata.manifest_path, [raw])
+        for name, content in (extra_files or {}).items():
+            check_extra_name(name, "extra_files")
+            txn.write_file(metadata.extra_path(name), [content])
+            metadata.extra_files[name] = checksum(content)
         metadata.manifest_checksum = checksum(raw)
         metadata.commit_timestamp_nsecs = time.time_ns()
         txn.write_file(METADATA_FILE, [metadata.to_json()])

@@ -2,6 +2,8 @@
 
 Any object with ``get_state()`` / ``set_state(state)`` works (Grain's protocol). A state that
 is ``bytes`` is stored as is (``.bin``); anything else must be JSON (``.json``). Never pickle.
+The files are extra files of the checkpoint: the format names them per save and checks them
+against checksums in the step's metadata.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 from typing import Any, Protocol
 
 from stepsafe.errors import StepsafeError, TruncatedDataError, UnsupportedLeafError
+from stepsafe.format import read_extra, read_metadata
 from stepsafe.storage import Storage
 
 ITER_DIR = "iter"
@@ -37,15 +40,19 @@ def iterator_files(iterator: CheckpointableIterator, process_index: int = 0) -> 
 def restore_iterator(
     storage: Storage, step_dir: str, iterator: CheckpointableIterator, process_index: int = 0
 ) -> None:
-    base = storage.join(step_dir, ITER_DIR, f"process_{process_index}")
-    if storage.exists(base + ".bin"):
-        iterator.set_state(storage.read_bytes(base + ".bin"))
+    name = f"{ITER_DIR}/process_{process_index}"
+    metadata = read_metadata(storage, step_dir)
+    raw = read_extra(storage, step_dir, f"{name}.bin", metadata)
+    if raw is not None:
+        iterator.set_state(raw)
         return
-    if storage.exists(base + ".json"):
+    raw = read_extra(storage, step_dir, f"{name}.json", metadata)
+    if raw is not None:
         try:
-            iterator.set_state(json.loads(storage.read_bytes(base + ".json")))
+            state = json.loads(raw)
         except ValueError as e:
-            raise TruncatedDataError(f"{base}.json is corrupt: {e}") from e
+            raise TruncatedDataError(f"{step_dir}/{name}.json is corrupt: {e}") from e
+        iterator.set_state(state)
         return
     raise StepsafeError(
         f"{step_dir} holds no data-iterator state for process {process_index}: it was saved "

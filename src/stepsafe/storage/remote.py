@@ -8,10 +8,11 @@ its final name and makes the step visible by creating one object last, the commi
 incomplete, so a save killed at any moment leaves nothing that looks complete.
 
 The transaction holds the marker's bytes back when the writer hands them over and creates the
-object only in ``commit()``; it refuses to start when the step already has a marker. Data files
-are written with plain (overwriting) PUTs, so that a step left half-written by a dead save can
-be saved again. Backends (s3.py, gcs.py, memory.py) supply the client, the conditional create
-and, where the protocol allows, uploads in parallel parts.
+object only in ``commit()``; it refuses to start when the step already has a marker. Every
+other file is written with a plain PUT under a name the format makes unique per save, so two
+racing saves never write the same object: the loser's files are its own, and it deletes them.
+Backends (s3.py, gcs.py, memory.py) supply the client, the conditional create and, where the
+protocol allows, uploads in parallel parts.
 """
 
 from __future__ import annotations
@@ -199,38 +200,47 @@ class RemoteTransaction(Transaction):
         try:
             self.storage.create_exclusive(self.marker_path, self._marker)
         except FileExistsError as e:
-            if not self._marker_is_ours():
-                self._done = True  # the files are the winner's now: leave them alone
-                raise CheckpointExistsError(
-                    f"{self.path} was committed by another writer while this save ran; "
-                    "this save was discarded"
-                ) from e
+            owner = self._marker_owner()
+            if owner == "ours":  # a retried create whose first try succeeded
+                self._done = True
+                return
+            if owner == "other":
+                self._delete_written()
+            self._done = True  # "unknown": leaving files is safe, deleting might not be
+            raise CheckpointExistsError(
+                f"{self.path} was committed by another writer while this save ran; "
+                "this save was discarded"
+            ) from e
         except Exception:
-            if self._marker_is_ours():  # created, but the reply was lost
+            if self._marker_owner() == "ours":  # created, but the reply was lost
                 self._done = True
                 return
             raise
         self._done = True
 
-    def _marker_is_ours(self) -> bool:
-        """A retried conditional create whose first try succeeded sees "exists": the marker
-        is ours if it holds our bytes (they include our nanosecond timestamps)."""
+    def _marker_owner(self) -> str:
+        """Whose marker is at the step: "ours" (it holds our bytes, which include our save id
+        and nanosecond timestamps), "other", "none", or "unknown" when it cannot be read."""
         try:
-            return self.storage.read_bytes(self.marker_path) == self._marker
+            raw = self.storage.read_bytes(self.marker_path)
+        except FileNotFoundError:
+            return "none"
         except Exception:
-            return False
+            return "unknown"
+        return "ours" if raw == self._marker else "other"
 
     def abort(self) -> None:
-        """Delete what this save wrote, unless some marker exists: then the paths hold a
-        committed checkpoint (another writer's, or ours with a lost reply) and stay."""
+        """Delete what this save wrote, unless its marker may have been created (a commit
+        whose reply was lost): no other save writes these names, so no one else is hurt."""
         if self._done:
             return
+        if self._marker is not None and self._marker_owner() in ("ours", "unknown"):
+            self._done = True
+            return
+        self._delete_written()
+
+    def _delete_written(self) -> None:
         self._done = True
-        try:
-            if self.storage.exists(self.marker_path):
-                return
-        except Exception:
-            return  # cannot tell: leaving files is safe, deleting might not be
         for target in self._written:
             with contextlib.suppress(Exception):
                 self.storage.delete_file(target)
