@@ -27,7 +27,8 @@ from stepsafe import (
 from stepsafe.checkpoint import committed_steps
 from stepsafe.format import METADATA_FILE
 from stepsafe.manager import CheckpointManager, ManagerOptions
-from stepsafe.storage import COMMIT_MARKER, storage_for
+from stepsafe.storage import COMMIT_MARKER, IN_FLIGHT, set_concurrent_bytes, storage_for
+from stepsafe.storage.budget import DEFAULT_CONCURRENT_BYTES
 from stepsafe.storage.dispatch import remote_storage
 
 buckets = pytest.mark.parametrize("bucket_url", BUCKET_KINDS, indirect=True)
@@ -215,6 +216,36 @@ def test_abort_removes_only_this_saves_files(bucket_url):
     txn.abort()
     assert storage.list_dir(f"{bucket_url}/2/items") == ["rival.data"]  # ours gone, theirs kept
     assert storage.read_bytes(rival) == b"the rival's bytes"
+
+
+@buckets
+def test_bytes_in_flight_stay_within_the_budget(bucket_url):
+    """checkpoint_storage_concurrent_gb, set through the run manager, bounds the bytes held by
+    parallel part uploads and ranged reads; with the default budget the same restore holds
+    more at once, so the bound is what kept it down."""
+    mib = 1 << 20
+    rng = np.random.default_rng(5)
+    state = {
+        "a": rng.integers(0, 2**31, 12 * mib, dtype=np.int32),  # 48 MiB: three read pieces
+        "b": rng.standard_normal(2 * mib),  # 16 MiB
+    }
+    limit = 36 * mib  # room for two 16 MiB pieces (or one sequential upload's two buffers)
+    options = ManagerOptions(
+        async_save=False, save_interval_steps=1, data_file_size_bytes=64 * mib,
+        concurrent_bytes=limit,
+    )  # fmt: skip
+    try:
+        with CheckpointManager(f"{bucket_url}/run", options) as manager:
+            IN_FLIGHT.reset_peak()
+            manager.save(1, state)
+            assert_bit_exact(manager.restore(1), state)
+        assert 0 < IN_FLIGHT.peak <= limit
+        set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
+        IN_FLIGHT.reset_peak()
+        assert_bit_exact(stepsafe.restore(f"{bucket_url}/run/1"), state)
+        assert IN_FLIGHT.peak >= 48 * mib  # "a" is one 48 MiB chunk, read in one go
+    finally:
+        set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
 
 
 def test_no_client_can_reach_a_metadata_server():

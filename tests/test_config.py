@@ -58,7 +58,7 @@ def test_yaml_then_overrides_typed(tmp_path: Path):
         ("lora_input_adapters_path=gs://x", "LoRA"),
         ("force_unroll=true", "conversion"),
         ("run_name=a/b", "run_name"),
-        ("checkpoint_storage_concurrent_gb=8", "nothing to bound"),
+        ("checkpoint_storage_concurrent_gb=0", "checkpoint_storage_concurrent_gb must be >= 1"),
     ],
 )
 def test_bad_or_unsupported_values_are_refused_with_a_reason(override, message):

@@ -37,10 +37,6 @@ _NOT_YET = {
         "cannot write Zarr"
     ),
     "enable_orbax_v1": (False, "stepsafe is not Orbax; there is no v1 API to switch to"),
-    "checkpoint_storage_concurrent_gb": (
-        96, "local saves and restores stream between your arrays and the files with no staging "
-        "buffers, so there is nothing to bound yet; the bound comes with bucket transfers"
-    ),
     "source_checkpoint_layout": (
         "orbax", "only checkpoints written by stepsafe can be loaded so far (safetensors import "
         "comes with the conversion tools)"
@@ -132,7 +128,7 @@ def validate(config: Config) -> None:
         )
     positive = ["checkpoint_period", "steps", "per_device_batch_size", "max_target_length",
                 "vocab_size", "emb_dim", "num_heads", "mlp_dim", "num_decoder_layers",
-                "log_period"]  # fmt: skip
+                "log_period", "checkpoint_storage_concurrent_gb"]  # fmt: skip
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")

@@ -83,6 +83,7 @@ def train(config: Config, *, progress: bool = True) -> TrainResult:
             save_interval_steps=config.checkpoint_period,
             max_to_keep=config.max_num_checkpoints_to_keep or 0,
             data_file_size_bytes=config.checkpoint_storage_target_data_file_size_bytes,
+            concurrent_bytes=config.checkpoint_storage_concurrent_gb * 10**9,
         ),
     )
     data = SyntheticData(

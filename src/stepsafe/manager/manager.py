@@ -25,7 +25,7 @@ from stepsafe.manager.iterator_state import (
     iterator_files,
     restore_iterator,
 )
-from stepsafe.storage import remove_stale_temporaries, storage_for
+from stepsafe.storage import remove_stale_temporaries, set_concurrent_bytes, storage_for
 
 log = logging.getLogger("stepsafe")
 
@@ -42,18 +42,23 @@ class ManagerOptions:
     save_interval_steps: int = 10000
     max_to_keep: int = 0  # 0: keep all
     data_file_size_bytes: int = DEFAULT_FILE_SIZE
+    concurrent_bytes: int | None = None  # bytes in flight to/from buckets, per process
 
     def __post_init__(self) -> None:
         if self.save_interval_steps < 1:
             raise ValueError(f"checkpoint_period must be >= 1, got {self.save_interval_steps}")
         if self.max_to_keep < 0:
             raise ValueError(f"max_num_checkpoints_to_keep must be >= 0, got {self.max_to_keep}")
+        if self.concurrent_bytes is not None and self.concurrent_bytes < 1:
+            raise ValueError(f"concurrent_bytes must be >= 1, got {self.concurrent_bytes}")
 
 
 class CheckpointManager:
     def __init__(self, directory: str, options: ManagerOptions | None = None) -> None:
         self.storage, self.directory = storage_for(str(directory))
         self.options = options or ManagerOptions()
+        if self.options.concurrent_bytes is not None:
+            set_concurrent_bytes(self.options.concurrent_bytes)
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()  # async snapshots reuse last save's host buffers
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)

@@ -4,6 +4,7 @@ Knows nothing of trees."""
 from __future__ import annotations
 
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
+from stepsafe.storage.budget import IN_FLIGHT, set_concurrent_bytes
 from stepsafe.storage.dispatch import remote_storage, storage_for
 from stepsafe.storage.local import (
     LocalStorage,
@@ -16,6 +17,7 @@ from stepsafe.storage.threads import io_pool, run_all
 
 __all__ = [
     "COMMIT_MARKER",
+    "IN_FLIGHT",
     "LocalStorage",
     "ReadHandle",
     "RemoteStorage",
@@ -26,6 +28,7 @@ __all__ = [
     "remove_stale_temporaries",
     "remote_storage",
     "run_all",
+    "set_concurrent_bytes",
     "stale_temporaries",
     "storage_for",
 ]

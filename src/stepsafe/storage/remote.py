@@ -24,12 +24,14 @@ from typing import Any
 
 from stepsafe.errors import CheckpointExistsError, StepsafeError, TruncatedDataError
 from stepsafe.storage.base import Storage, Transaction
+from stepsafe.storage.budget import IN_FLIGHT
 
 # Must equal stepsafe.format.layout.METADATA_FILE (a test checks): storage sits above format
 # in the layer order and cannot import it, but it has to know which file commits.
 COMMIT_MARKER = "_CHECKPOINT_METADATA"
 PART_SIZE = 16 << 20  # upload part / ranged-read piece; S3 needs >= 5 MiB, GCS 256 KiB multiples
 READ_PIECE = 16 << 20
+PIECES_PER_READ = 16  # ranged reads of one call in flight at once (then bounded by IN_FLIGHT)
 
 
 def gather_parts(chunks: Iterable[memoryview | bytes], part_size: int) -> Iterator[bytes]:
@@ -66,14 +68,16 @@ class RemoteStorage(Storage):
         raise NotImplementedError
 
     def upload(self, path: str, chunks: Iterable[memoryview | bytes]) -> None:
-        """Write ``path`` (overwriting); big files in parts. Backends may parallelise parts."""
+        """Write ``path`` (overwriting); big files in parts, one after the other (two parts'
+        worth of memory: ours and the client's buffer). Backends may parallelise parts."""
         parts = gather_parts(chunks, PART_SIZE)
         first = next(parts)
         second = next(parts, None)
         if second is None:
-            self.fs.pipe_file(path, first)
+            with IN_FLIGHT.hold(len(first)):
+                self.fs.pipe_file(path, first)
             return
-        with self.fs.open(path, "wb", block_size=PART_SIZE) as f:
+        with IN_FLIGHT.hold(2 * PART_SIZE), self.fs.open(path, "wb", block_size=PART_SIZE) as f:
             f.write(first)
             f.write(second)
             for part in parts:
@@ -90,10 +94,20 @@ class RemoteStorage(Storage):
         return RemoteTransaction(self, path.rstrip("/"))
 
     def read_into(self, path: str, offset: int, buf: memoryview) -> None:
+        """Ranged reads of ``READ_PIECE``, up to ``PIECES_PER_READ`` at once and within the
+        process's bytes-in-flight budget, each copied into ``buf`` as it arrives."""
         view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
         n = len(view)
-        if n == 0:
-            return
+        starts = list(range(offset, offset + n, READ_PIECE))
+        batch = max(1, min(PIECES_PER_READ, IN_FLIGHT.limit // READ_PIECE))
+        for i in range(0, len(starts), batch):
+            first = starts[i]
+            last = min(starts[min(i + batch, len(starts)) - 1] + READ_PIECE, offset + n)
+            with IN_FLIGHT.hold(last - first):
+                self._read_pieces(path, first, view[first - offset : last - offset])
+
+    def _read_pieces(self, path: str, offset: int, view: memoryview) -> None:
+        n = len(view)
         starts = list(range(offset, offset + n, READ_PIECE))
         ends = [min(s + READ_PIECE, offset + n) for s in starts]
         try:

@@ -15,7 +15,8 @@ Retries: botocore "standard" mode, ``STEPSAFE_S3_MAX_ATTEMPTS`` attempts (defaul
 exponential backoff and jitter on 429/5xx/throttling and connection errors, per request (one
 part of a multipart upload is one request, so a retry resends one part); s3fs adds its own
 retries on dropped connections. Big files go up as multipart uploads whose parts are sent
-concurrently, at most ``MAX_PARTS_IN_FLIGHT`` parts (of ``PART_SIZE``) per process at once.
+concurrently, at most ``MAX_PARTS_IN_FLIGHT`` parts (of ``PART_SIZE``) per process at once,
+and no more bytes than the process's budget (budget.py) allows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
+from stepsafe.storage.budget import IN_FLIGHT
 from stepsafe.storage.remote import PART_SIZE, RemoteStorage, gather_parts
 
 MAX_PARTS_IN_FLIGHT = 16  # per process: bounds upload memory at 16 x PART_SIZE = 256 MiB
@@ -95,7 +97,8 @@ class S3Storage(RemoteStorage):
         second = next(parts, None)
         bucket, key, _ = self.fs.split_path(path)
         if second is None:
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=first)
+            with IN_FLIGHT.hold(len(first)):
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=first)
             return
         upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
         pending: deque[tuple[int, Future]] = deque()
@@ -103,6 +106,7 @@ class S3Storage(RemoteStorage):
 
         def send(number: int, body: bytes) -> None:
             _in_flight.acquire()
+            IN_FLIGHT.acquire(len(body))
             coro = self.fs._call_s3(
                 "upload_part",
                 Bucket=bucket,
@@ -112,7 +116,7 @@ class S3Storage(RemoteStorage):
                 Body=body,
             )
             fut = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
-            fut.add_done_callback(lambda _: _in_flight.release())
+            fut.add_done_callback(lambda _: (IN_FLIGHT.release(len(body)), _in_flight.release()))
             pending.append((number, fut))
 
         def settle(keep: int) -> None:
