@@ -2,9 +2,11 @@
 
 Each request is, at a set rate, answered with a 500 or 503 instead of being forwarded, or its
 connection is reset before it is forwarded, or *after* (the server acted, the client never
-hears: the case that makes a retried conditional create see its own object). The number of
-faults is bounded, so clients that retry eventually get through, and the proxy stops itself
-after a time limit in case a test forgets to.
+hears: the case that makes a retried conditional create see its own object), or it stalls for
+``stall_s`` before being forwarded (longer than the client's timeout, it is a request the client
+gave up on and retried, which still reaches the server late). The number of faults is bounded,
+so clients that retry eventually get through, and the proxy stops itself after a time limit in
+case a test forgets to.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("500", "503", "reset_before", "reset_after")
+FAULTS = ("500", "503", "reset_before", "reset_after", "stall")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "content-length"}
 
 
@@ -32,6 +35,7 @@ class FaultProxy:
         faults: tuple[str, ...] = FAULTS,
         only: Callable[[str, str], bool] | None = None,
         seed: int = 0,
+        stall_s: float = 0.5,
         limit_s: float = 300,
     ) -> None:
         """``faults``: the kinds to draw from; ``only(method, path)``: which requests may be
@@ -40,9 +44,11 @@ class FaultProxy:
         target = urlsplit(upstream)
         self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self.rate, self.max_faults, self.faults, self.only = rate, max_faults, faults, only
+        self.stall_s = stall_s
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
+        self.log: list[tuple[str, str, str]] = []  # (fault, method, path): for failure messages
         self.requests = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -66,6 +72,7 @@ class FaultProxy:
                 return None
             fault = self.rng.choice(self.faults)
             self.injected[fault] += 1
+            self.log.append((fault, method, path))
             return fault
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -110,6 +117,8 @@ class FaultProxy:
                 if fault == "reset_before":
                     self._reset()
                     return
+                if fault == "stall":
+                    time.sleep(proxy.stall_s)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -122,14 +131,18 @@ class FaultProxy:
                 if fault == "reset_after":
                     self._reset()
                     return
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in _HOP:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                try:
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in _HOP:
+                            self.send_header(k, v)
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                except OSError:  # the client gave up on a stalled request
+                    self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 

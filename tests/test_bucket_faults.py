@@ -1,5 +1,9 @@
-"""Saves to S3 through a proxy that injects 500s, 503s and connection resets: each save either
-succeeds after retries or fails with a clear error; never is a checkpoint committed but broken.
+"""Saves and restores through a proxy in front of the S3 and GCS servers that injects 500s,
+503s, connection resets and stalls: each save either succeeds after retries or fails with a
+clear error, never is a checkpoint committed but broken, and a restore is bit-exact or fails.
+
+On GCS only the requests that go to the endpoint pass the proxy: the pieces of a resumable
+upload go to the upload URL the server hands out, which is the server itself.
 """
 
 from __future__ import annotations
@@ -15,21 +19,28 @@ from stepsafe.checkpoint import committed_steps
 from stepsafe.format import METADATA_FILE
 from stepsafe.storage import storage_for
 
+ENDPOINT_VARS = {"s3": "STEPSAFE_S3_ENDPOINT_URL", "gs": "STEPSAFE_GCS_ENDPOINT_URL"}
+
 
 @pytest.fixture
-def proxied(s3_server, bucket_url, monkeypatch):
-    """Yields a function that starts a proxy in front of the S3 server and points stepsafe at
-    it; on exit stepsafe talks to the server directly again, to check what was left."""
+def proxied(request, bucket_url, monkeypatch):
+    """Yields a function that starts a proxy in front of the bucket's server and points
+    stepsafe at it; ``direct()`` (and the fixture's exit) talk to the server itself again, to
+    check what was left."""
+    scheme = bucket_url.split("://")[0]
+    server = request.getfixturevalue("s3_server" if scheme == "s3" else "gcs_server")
+    var = ENDPOINT_VARS[scheme]
     proxies: list[FaultProxy] = []
 
     def start(**kwargs) -> FaultProxy:
-        proxy = FaultProxy(s3_server.url, **kwargs)
+        proxy = FaultProxy(server.url, **kwargs)
         proxies.append(proxy)
-        monkeypatch.setenv("STEPSAFE_S3_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv(var, proxy.url)
         return proxy
 
+    start.direct = lambda: monkeypatch.setenv(var, server.url)  # type: ignore[attr-defined]
     yield start
-    monkeypatch.setenv("STEPSAFE_S3_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv(var, server.url)
     for proxy in proxies:
         proxy.stop()
 
@@ -40,8 +51,8 @@ def big_state(seed: int) -> dict:
     return state  # 36 MB more: a multipart upload of 3 parts
 
 
-@pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)
-def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied, monkeypatch):
+@pytest.mark.parametrize("bucket_url", ["s3", "gcs"], indirect=True)
+def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied):
     proxy = proxied(rate=0.2, max_faults=40, seed=5)
     runs = f"{bucket_url}/checkpoints"
     outcomes: dict[int, str] = {}
@@ -55,7 +66,7 @@ def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied, mo
             assert str(e), "a failed save must say why"
             outcomes[step] = f"failed: {e}"
     assert sum(proxy.injected.values()) > 0, proxy.injected
-    monkeypatch.setenv("STEPSAFE_S3_ENDPOINT_URL", proxy.upstream_url)
+    proxied.direct()
     storage, _ = storage_for(runs)
     committed = committed_steps(storage, runs)
     for step, outcome in outcomes.items():
@@ -68,7 +79,7 @@ def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied, mo
 
 
 @pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)
-def test_lost_reply_to_the_marker_create_is_still_a_commit(bucket_url, proxied, monkeypatch):
+def test_lost_reply_to_the_marker_create_is_still_a_commit(bucket_url, proxied):
     """The server creates the marker but the reply is lost; the retry sees 412. The save must
     recognise its own marker and succeed, not report a rival writer."""
     proxy = proxied(
@@ -80,5 +91,44 @@ def test_lost_reply_to_the_marker_create_is_still_a_commit(bucket_url, proxied, 
     state = make_state(9)
     stepsafe.save(f"{bucket_url}/9", state)
     assert proxy.injected["reset_after"] == 1
-    monkeypatch.setenv("STEPSAFE_S3_ENDPOINT_URL", proxy.upstream_url)
+    proxied.direct()
     assert_bit_exact(stepsafe.restore(f"{bucket_url}/9"), state)
+
+
+@pytest.mark.parametrize("bucket_url", ["s3", "gcs"], indirect=True)
+def test_restores_under_faults_are_exact_or_fail_clearly(bucket_url, proxied):
+    """Ranged reads broken on the way: retried to a bit-exact state, or a clear error; never
+    wrong bytes handed back (the checksums would say so, and the restore must not pass)."""
+    state = big_state(4)
+    stepsafe.save(f"{bucket_url}/4", state, data_file_size_bytes=32 << 20)
+    proxy = proxied(rate=0.3, max_faults=25, seed=11)
+    outcomes = []
+    for _ in range(3):
+        try:
+            assert_bit_exact(stepsafe.restore(f"{bucket_url}/4"), state)
+            outcomes.append("exact")
+        except (stepsafe.StepsafeError, OSError) as e:
+            assert str(e), "a failed restore must say why"
+            outcomes.append(f"{type(e).__name__}: {e}")
+    assert sum(proxy.injected.values()) > 0, proxy.injected
+    assert "exact" in outcomes, f"no restore got through: {outcomes}, faults {proxy.log}"
+
+
+@pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)
+def test_requests_stalled_past_the_timeout_are_retried(bucket_url, proxied, monkeypatch):
+    """A server that stops answering: the client times out and retries, while the stalled
+    request still reaches the server late (a duplicate part, a late conditional create); the
+    save commits and restores exactly."""
+    monkeypatch.setenv("STEPSAFE_S3_READ_TIMEOUT", "1")
+    proxy = proxied(
+        rate=0.5,
+        max_faults=4,
+        faults=("stall",),
+        stall_s=2.5,
+        seed=3,
+        only=lambda method, path: method in ("PUT", "POST"),  # the requests that change things
+    )
+    state = big_state(6)
+    stepsafe.save(f"{bucket_url}/6", state, data_file_size_bytes=32 << 20)
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/6"), state)
+    assert proxy.injected["stall"] == 4, proxy.log

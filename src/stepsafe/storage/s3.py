@@ -11,6 +11,9 @@ Configuration, from the environment, so the same code runs against AWS, MinIO or
 Commit marker: ``PutObject`` with ``If-None-Match: *`` (AWS since 2024; moto enforces it); a
 412 ``PreconditionFailed`` (or 409 ``ConditionalRequestConflict``) means another object is there.
 
+Timeouts: 10 s to connect, ``STEPSAFE_S3_READ_TIMEOUT`` seconds (default 120) for a reply; a
+request that times out is retried like a failed one.
+
 Retries: botocore "standard" mode, ``STEPSAFE_S3_MAX_ATTEMPTS`` attempts (default 10) with
 exponential backoff and jitter on 429/5xx/throttling and connection errors, per request (one
 part of a multipart upload is one request, so a retry resends one part); s3fs adds its own
@@ -61,7 +64,7 @@ def s3_filesystem() -> Any:
         config_kwargs={
             "retries": {"max_attempts": attempts, "mode": "standard"},
             "connect_timeout": 10,
-            "read_timeout": 120,
+            "read_timeout": float(os.environ.get("STEPSAFE_S3_READ_TIMEOUT", "120")),
             "max_pool_connections": 64,
         },
         use_listings_cache=False,  # other processes write: never trust a cached listing
