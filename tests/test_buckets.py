@@ -27,6 +27,7 @@ from stepsafe import (
 from stepsafe.checkpoint import committed_steps
 from stepsafe.format import METADATA_FILE
 from stepsafe.manager import CheckpointManager, ManagerOptions
+from stepsafe.manager.gc import gc
 from stepsafe.storage import COMMIT_MARKER, IN_FLIGHT, set_concurrent_bytes, storage_for
 from stepsafe.storage.budget import DEFAULT_CONCURRENT_BYTES
 from stepsafe.storage.dispatch import remote_storage
@@ -246,6 +247,31 @@ def test_bytes_in_flight_stay_within_the_budget(bucket_url):
         assert IN_FLIGHT.peak >= 48 * mib  # "a" is one 48 MiB chunk, read in one go
     finally:
         set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
+
+
+@buckets
+def test_gc_removes_the_files_of_a_dead_attempt_at_a_committed_step(bucket_url):
+    """A save of step 5 killed on a bucket leaves its files; the resumed run saves step 5 again
+    beside them (other save id), which commits. gc deletes the dead attempt's files and nothing
+    the commit names."""
+    storage, _ = storage_for(bucket_url)
+    steps = f"{bucket_url}/run/checkpoints"
+    dead = storage.transaction(storage.join(steps, "5"))  # killed: never commits nor aborts
+    dead.write_file("items/process_0.00000.0123456789ab.data", [b"x" * 1000])
+    dead.write_file("iter/process_0.0123456789ab.json", [b"{}"])
+    with CheckpointManager(steps, ManagerOptions(async_save=False, save_interval_steps=5)) as m:
+        m.save(5, make_state(5))
+    strays = [storage.join(steps, "5", n) for n in (
+        "items/process_0.00000.0123456789ab.data", "iter/process_0.0123456789ab.json"
+    )]  # fmt: skip
+    plan = gc(f"{bucket_url}/run", keep=1, dry_run=True)
+    assert plan.strays == {5: sorted(strays)} and not plan.delete
+    assert all(storage.exists(p) for p in strays)
+    gc(f"{bucket_url}/run", keep=1)
+    assert not any(storage.exists(p) for p in strays)
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/run"), make_state(5))
+    assert stepsafe.verify(f"{bucket_url}/run").ok
+    assert gc(f"{bucket_url}/run", keep=1, dry_run=True).strays == {}
 
 
 def test_no_client_can_reach_a_metadata_server():

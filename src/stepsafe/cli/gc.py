@@ -69,6 +69,7 @@ def as_json(plan: GcPlan) -> dict:
         "delete": rows(plan.delete),
         "keep": rows(plan.keep),
         "bytes_freed": plan.bytes_freed if plan.done else 0,
+        "stray_files": {str(step): paths for step, paths in plan.strays.items()},
     }
 
 
@@ -88,5 +89,10 @@ def show(plan: GcPlan) -> None:
         con.print(table)
     n = len(plan.delete)
     con.print(f"{verb} {n} checkpoint(s), {common.mb(plan.bytes_freed)} MB; kept {len(plan.keep)}")
-    if plan.dry_run and n:
+    for step, paths in sorted(plan.strays.items()):
+        con.print(
+            f"{verb} {len(paths)} stray file(s) in step {step}, left by a save of that step "
+            "that died or lost a race"
+        )
+    if plan.dry_run and (n or plan.strays):
         con.print("(dry run: nothing was deleted; run again without --dry-run to delete)")

@@ -8,6 +8,7 @@ from stepsafe.format.reader import (
     is_committed,
     read_extra,
     read_metadata,
+    stray_files,
 )
 from stepsafe.format.writer import DEFAULT_FILE_SIZE, HostArray, write_checkpoint
 
@@ -25,5 +26,6 @@ __all__ = [
     "is_committed",
     "read_extra",
     "read_metadata",
+    "stray_files",
     "write_checkpoint",
 ]

@@ -197,3 +197,27 @@ def delete_checkpoint(storage: Storage, path: str) -> None:
     if storage.exists(marker):
         storage.delete_file(marker)
     storage.delete_tree(path)
+
+
+def stray_files(storage: Storage, path: str) -> list[str]:
+    """Files in the committed step at ``path`` that its commit does not name, as paths: left
+    by a save of the same step that died, or lost a race, before this one committed. Only
+    buckets have them (a local save renames its own directory into place)."""
+    with CheckpointReader(storage, path) as reader:
+        meta = reader.metadata
+        own = {METADATA_FILE, meta.manifest_path}
+        own |= {f"{ITEMS_DIR}/{name}" for name in reader.manifest.files}
+        own |= {meta.extra_path(name) for name in meta.extra_files}
+    strays: list[str] = []
+    dirs = [""]
+    while dirs:
+        rel = dirs.pop()
+        for name in storage.list_dir(storage.join(path, rel) if rel else path):
+            child = f"{rel}/{name}" if rel else name
+            if child in own:
+                continue
+            if storage.is_dir(storage.join(path, child)):
+                dirs.append(child)
+            else:
+                strays.append(storage.join(path, child))
+    return sorted(strays)

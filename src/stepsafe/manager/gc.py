@@ -6,7 +6,9 @@ Deleted: older committed steps, and incomplete ones that are stale. An incomplet
 stale when a newer step is already committed (saves run in step order, so nothing is still
 writing it) or, on local disk, when it is the temporary of a process on this host that is gone.
 Each deletion removes the commit marker first (``delete_checkpoint``), so a deletion cut short
-leaves an incomplete step, never a damaged one that looks complete.
+leaves an incomplete step, never a damaged one that looks complete. In the committed steps it
+keeps, gc also deletes stray files: those of an earlier save of the same step that died or lost
+a race on a bucket, which the commit does not name (``stray_files``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
 from stepsafe.errors import CheckpointNotFoundError, StepsafeError
-from stepsafe.format import delete_checkpoint
+from stepsafe.format import delete_checkpoint, stray_files
 from stepsafe.manager.inventory import RunInventory, StepEntry, scan_run
 from stepsafe.storage import LocalStorage, Storage, stale_temporaries, storage_for
 
@@ -32,6 +34,7 @@ class GcPlan:
     run: RunInventory
     delete: list[GcAction] = field(default_factory=list)
     keep: list[GcAction] = field(default_factory=list)
+    strays: dict[int, list[str]] = field(default_factory=dict)  # kept step -> stray file paths
     dry_run: bool = True
     done: bool = False  # True once the deletions were carried out
 
@@ -63,6 +66,11 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
             plan.delete.append(GcAction(e, "incomplete, its writer process is gone"))
         else:
             plan.keep.append(GcAction(e, "incomplete, may be a save in progress"))
+    if storage is not None:
+        for a in plan.keep:
+            strays = stray_files(storage, a.entry.path) if a.entry.complete else []
+            if strays:
+                plan.strays[a.entry.step] = strays
     return plan
 
 
@@ -75,6 +83,9 @@ def gc(path: str, keep: int, *, dry_run: bool = False) -> GcPlan:
     if not dry_run:
         for action in plan.delete:
             delete_checkpoint(storage, action.entry.path)
+        for strays in plan.strays.values():
+            for path in strays:
+                storage.delete_file(path)
         plan.done = True
     return plan
 
