@@ -40,6 +40,33 @@ def full_index(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple((0, n) for n in shape)
 
 
+def copy_accelerator_leaves(
+    leaves: list[tuple[str, Any]],
+) -> tuple[list[tuple[str, Any]], set[str]]:
+    """``leaves`` with every JAX array that lives on an accelerator replaced by a private copy
+    on its devices, made in one batched dispatch; and the paths so copied, which need no host
+    copy any more (see ``jax_arrays.copy_on_devices``)."""
+    if "jax" not in sys.modules:
+        return leaves, set()
+    from stepsafe.arrays.jax_arrays import copy_on_devices, on_accelerator
+
+    chosen = [i for i, (_, x) in enumerate(leaves) if on_accelerator(x)]
+    if not chosen:
+        return leaves, set()
+    out = list(leaves)
+    for i, y in zip(chosen, copy_on_devices([leaves[i][1] for i in chosen]), strict=True):
+        out[i] = (leaves[i][0], y)
+    return out, {leaves[i][0] for i in chosen}
+
+
+def start_host_transfers(arrays: list[HostArray]) -> None:
+    """Start bringing every shard that is still on a device to host, all at once."""
+    if "jax" in sys.modules:
+        from stepsafe.arrays.jax_arrays import start_host_copies
+
+        start_host_copies([d for a in arrays for _, d in a.shards])
+
+
 def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
     """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given)."""
     if is_jax_array(x):

@@ -10,7 +10,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from stepsafe.arrays import StagingBuffers, is_array, is_leaf, to_host
+from stepsafe.arrays import (
+    StagingBuffers,
+    copy_accelerator_leaves,
+    is_array,
+    is_leaf,
+    start_host_transfers,
+    to_host,
+)
 from stepsafe.errors import UnsupportedLeafError
 from stepsafe.format import DEFAULT_FILE_SIZE, CheckpointMetadata, HostArray, write_checkpoint
 from stepsafe.storage import run_all, storage_for
@@ -34,15 +41,24 @@ class Snapshot:
 
 def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None) -> Snapshot:
     """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
-    caller's buffers (async saves), copying into ``staging`` when given; big host copies run on
-    the I/O threads, since memcpy releases the GIL and two cores copy about twice as fast."""
+    caller's buffers (async saves): arrays on accelerators are copied where they lie, in one
+    batched dispatch; host arrays are copied into ``staging`` when given, big copies on the I/O
+    threads, since memcpy releases the GIL and two cores copy about twice as fast."""
     flat = flatten(tree, is_leaf=is_leaf)
     leaves = [(p, x) for p, x in zip(flat.paths, flat.leaves) if is_array(x)]
     values = {p: x for p, x in zip(flat.paths, flat.leaves) if not is_array(x)}
-    if copy and sum(getattr(x, "nbytes", 0) for _, x in leaves) >= PARALLEL_COPY_BYTES:
-        arrays = run_all(lambda px: to_host(px[0], px[1], copy=True, staging=staging), leaves)
+    copied: set[str] = set()
+    if copy:
+        leaves, copied = copy_accelerator_leaves(leaves)
+
+    def capture(px: tuple[str, Any]) -> HostArray:
+        return to_host(px[0], px[1], copy=copy and px[0] not in copied, staging=staging)
+
+    host_bytes = sum(getattr(x, "nbytes", 0) for p, x in leaves if p not in copied)
+    if copy and host_bytes >= PARALLEL_COPY_BYTES:
+        arrays = run_all(capture, leaves)
     else:
-        arrays = [to_host(p, x, copy=copy, staging=staging) for p, x in leaves]
+        arrays = [capture(px) for px in leaves]
     return Snapshot(flat.structure, arrays, values)
 
 
@@ -63,6 +79,7 @@ def write(
     data_file_size_bytes: int = DEFAULT_FILE_SIZE,
 ) -> None:
     _check_json("metadata", metadata or {})
+    start_host_transfers(snap.arrays)
     storage, local = storage_for(path)
     write_checkpoint(
         storage,
