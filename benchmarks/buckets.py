@@ -94,21 +94,26 @@ def cases(
     return [("save", url, variant), ("restore", url, variant)]
 
 
-def _machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat; idle and iowait apart)."""
+def _machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal): CPU seconds all cores have spent busy in this guest since boot (idle and
+    iowait apart), and those the hypervisor gave to someone else (steal), from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def _cpu_now(srv: servers.Server) -> dict[str, float]:
-    """The clocks a case is measured against: the machine's busy CPU, this process's finished
-    children (the case), the server, and the wall clock. A case during which other processes
-    used much CPU (another benchmark, a test suite) is flagged in the report."""
+    """The clocks a case is measured against: the machine's busy and stolen CPU, this process's
+    finished children (the case), the server, and the wall clock. A case during which other
+    processes (another benchmark, a test suite) or the hypervisor took much CPU is flagged in
+    the report."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy, steal = _machine_cpu_seconds()
     return {
-        "busy": _machine_busy_seconds(),
+        "busy": busy,
+        "steal": steal,
         "children": children.ru_utime + children.ru_stime,
         "server": srv.cpu_seconds(),
         "wall": time.perf_counter(),
@@ -141,6 +146,7 @@ def run_group(
             after = _cpu_now(srv)
             rec["server_cpu_s"] = after["server"] - before["server"]
             rec["case_wall_s"] = after["wall"] - before["wall"]
+            rec["steal_s"] = after["steal"] - before["steal"]
             # What neither the case nor the server used: other processes on the machine.
             rec["other_cpu_s"] = max(
                 0.0,
