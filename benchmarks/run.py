@@ -27,15 +27,25 @@ OUT = HERE / "out"
 SCRATCH = OUT / "scratch"
 
 
-def child(args: list[str], log: Any, timeout: float) -> dict[str, Any]:
-    """Run ``benchmarks.case`` with ``args`` in a fresh interpreter; its JSON record."""
+def child(
+    args: list[str],
+    log: Any,
+    timeout: float,
+    *,
+    module: str = "benchmarks.case",
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``module`` with ``args`` and a result path last in a fresh interpreter; the JSON
+    record it wrote (with an ``error`` when it failed or timed out)."""
     with tempfile.NamedTemporaryFile(suffix=".json", dir=OUT, delete=False) as f:
         result = Path(f.name)
-    cmd = [sys.executable, "-m", "benchmarks.case", *args, str(result)]
+    cmd = [sys.executable, "-m", module, *args, str(result)]
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+        )
         text = result.read_text()
         record = json.loads(text) if text else {}
         if proc.returncode and "error" not in record:
