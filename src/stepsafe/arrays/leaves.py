@@ -61,10 +61,11 @@ def copy_accelerator_leaves(
 
 def start_host_transfers(arrays: list[HostArray]) -> None:
     """Start bringing every shard that is still on a device to host, all at once."""
-    if "jax" in sys.modules:
+    pending = [d for a in arrays for _, d in a.shards if is_jax_array(d)]
+    if pending:  # (only then is the JAX adapter imported: a fresh process pays for that)
         from stepsafe.arrays.jax_arrays import start_host_copies
 
-        start_host_copies([d for a in arrays for _, d in a.shards])
+        start_host_copies(pending)
 
 
 def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
