@@ -55,3 +55,44 @@ def bucket_url(request) -> str:
         scheme = "memory"
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return f"{scheme}://{servers.BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+ENDPOINT_VARS = {"s3": "STEPSAFE_S3_ENDPOINT_URL", "gs": "STEPSAFE_GCS_ENDPOINT_URL"}
+
+
+@pytest.fixture
+def proxied(request, bucket_url, monkeypatch):
+    """Yields a function that starts a proxy (fault_proxy.py) in front of the bucket's server
+    and points stepsafe at it; ``direct()`` (and the fixture's exit) talk to the server itself
+    again, to check what was left."""
+    from fault_proxy import FaultProxy
+
+    scheme = bucket_url.split("://")[0]
+    server = request.getfixturevalue("s3_server" if scheme == "s3" else "gcs_server")
+    var = ENDPOINT_VARS[scheme]
+    proxies: list[FaultProxy] = []
+
+    def start(**kwargs) -> FaultProxy:
+        proxy = FaultProxy(server.url, **kwargs)
+        proxies.append(proxy)
+        monkeypatch.setenv(var, proxy.url)
+        return proxy
+
+    start.direct = lambda: monkeypatch.setenv(var, server.url)  # type: ignore[attr-defined]
+    yield start
+    monkeypatch.setenv(var, server.url)
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def small_transfers():
+    """A 24 MiB bytes-in-flight budget: files over 24 MiB go up in 12 MiB parts (S3 multipart,
+    GCS resumable) and reads go in 12 MiB requests, so that tests exercise the protocols of big
+    files without writing hundreds of MiB."""
+    from stepsafe.storage import set_concurrent_bytes
+    from stepsafe.storage.budget import DEFAULT_CONCURRENT_BYTES
+
+    set_concurrent_bytes(24 << 20)
+    yield
+    set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)

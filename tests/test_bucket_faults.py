@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fault_proxy import FaultProxy
 from test_buckets import make_state
 from trees import assert_bit_exact
 
@@ -19,46 +18,21 @@ from stepsafe.checkpoint import committed_steps
 from stepsafe.format import METADATA_FILE
 from stepsafe.storage import storage_for
 
-ENDPOINT_VARS = {"s3": "STEPSAFE_S3_ENDPOINT_URL", "gs": "STEPSAFE_GCS_ENDPOINT_URL"}
-
-
-@pytest.fixture
-def proxied(request, bucket_url, monkeypatch):
-    """Yields a function that starts a proxy in front of the bucket's server and points
-    stepsafe at it; ``direct()`` (and the fixture's exit) talk to the server itself again, to
-    check what was left."""
-    scheme = bucket_url.split("://")[0]
-    server = request.getfixturevalue("s3_server" if scheme == "s3" else "gcs_server")
-    var = ENDPOINT_VARS[scheme]
-    proxies: list[FaultProxy] = []
-
-    def start(**kwargs) -> FaultProxy:
-        proxy = FaultProxy(server.url, **kwargs)
-        proxies.append(proxy)
-        monkeypatch.setenv(var, proxy.url)
-        return proxy
-
-    start.direct = lambda: monkeypatch.setenv(var, server.url)  # type: ignore[attr-defined]
-    yield start
-    monkeypatch.setenv(var, server.url)
-    for proxy in proxies:
-        proxy.stop()
-
 
 def big_state(seed: int) -> dict:
     state = make_state(seed)
     state["big"] = np.random.default_rng(seed).standard_normal(9_000_000).astype(np.float32)
-    return state  # 36 MB more: a multipart upload of 3 parts
+    return state  # 36 MB more: in parts under small_transfers
 
 
 @pytest.mark.parametrize("bucket_url", ["s3", "gcs"], indirect=True)
-def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied):
+def test_saves_under_faults_commit_whole_or_fail_clearly(bucket_url, proxied, small_transfers):
     proxy = proxied(rate=0.2, max_faults=40, seed=5)
     runs = f"{bucket_url}/checkpoints"
     outcomes: dict[int, str] = {}
     for step in range(1, 7):
         state = big_state(step) if step % 3 == 0 else make_state(step)
-        size = 32 << 20 if step % 3 == 0 else 16384  # the big ones: 2 files, one multipart
+        size = 32 << 20 if step % 3 == 0 else 16384  # the big ones: 2 files, one in parts
         try:
             stepsafe.save(f"{runs}/{step}", state, data_file_size_bytes=size)
             outcomes[step] = "saved"
@@ -115,7 +89,9 @@ def test_restores_under_faults_are_exact_or_fail_clearly(bucket_url, proxied):
 
 
 @pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)
-def test_requests_stalled_past_the_timeout_are_retried(bucket_url, proxied, monkeypatch):
+def test_requests_stalled_past_the_timeout_are_retried(
+    bucket_url, proxied, monkeypatch, small_transfers
+):
     """A server that stops answering: the client times out and retries, while the stalled
     request still reaches the server late (a duplicate part, a late conditional create); the
     save commits and restores exactly."""

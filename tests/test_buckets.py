@@ -97,9 +97,9 @@ def test_round_trip_metadata_and_select(bucket_url):
 
 
 @buckets
-def test_big_array_goes_up_in_parts(bucket_url):
+def test_big_array_goes_up_in_parts(bucket_url, small_transfers):
     state = {"big": np.random.default_rng(0).standard_normal(12_000_000).astype(np.float32)}
-    stepsafe.save(f"{bucket_url}/1", state)  # 48 MB: a multipart upload of 16 MiB parts
+    stepsafe.save(f"{bucket_url}/1", state)  # 48 MB: 12 MiB parts, read in 12 MiB requests
     assert_bit_exact(stepsafe.restore(f"{bucket_url}/1"), state)
 
 
@@ -227,10 +227,10 @@ def test_bytes_in_flight_stay_within_the_budget(bucket_url):
     mib = 1 << 20
     rng = np.random.default_rng(5)
     state = {
-        "a": rng.integers(0, 2**31, 12 * mib, dtype=np.int32),  # 48 MiB: three read pieces
+        "a": rng.integers(0, 2**31, 12 * mib, dtype=np.int32),  # 48 MiB
         "b": rng.standard_normal(2 * mib),  # 16 MiB
     }
-    limit = 36 * mib  # room for two 16 MiB pieces (or one sequential upload's two buffers)
+    limit = 36 * mib  # room for two 18 MiB parts or reads (or a sequential upload's buffers)
     options = ManagerOptions(
         async_save=False, save_interval_steps=1, data_file_size_bytes=64 * mib,
         concurrent_bytes=limit,
@@ -244,7 +244,7 @@ def test_bytes_in_flight_stay_within_the_budget(bucket_url):
         set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
         IN_FLIGHT.reset_peak()
         assert_bit_exact(stepsafe.restore(f"{bucket_url}/run/1"), state)
-        assert IN_FLIGHT.peak >= 48 * mib  # "a" is one 48 MiB chunk, read in one go
+        assert IN_FLIGHT.peak >= 48 * mib  # "a" and "b" lie side by side: one 64 MiB read
     finally:
         set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
 

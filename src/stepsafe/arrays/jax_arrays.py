@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -72,19 +71,20 @@ def host_shards(
     return out
 
 
-def place(
-    shape: tuple[int, ...],
-    dtype: np.dtype,
-    sharding: Any,
-    read_box: Callable[[Box], np.ndarray],
-) -> jax.Array:
-    """Build a jax.Array with ``sharding``, reading each distinct local region once."""
+def local_boxes(shape: tuple[int, ...], sharding: Any) -> list[Box]:
+    """The distinct boxes of a ``shape`` array that this process's devices hold under
+    ``sharding`` (the whole array for None: JAX's default placement)."""
     if sharding is None:
-        return jax.device_put(read_box(tuple((0, n) for n in shape)).astype(dtype, copy=False))
+        return [tuple((0, n) for n in shape)]
     wanted = sharding.addressable_devices_indices_map(shape)
-    regions: dict[Box, np.ndarray] = {}
-    for index in wanted.values():
-        b = box_of(index, shape)
-        if b not in regions:
-            regions[b] = read_box(b).astype(dtype, copy=False)
+    return list(dict.fromkeys(box_of(index, shape) for index in wanted.values()))
+
+
+def assemble(
+    shape: tuple[int, ...], dtype: np.dtype, sharding: Any, regions: dict[Box, np.ndarray]
+) -> jax.Array:
+    """A jax.Array with ``sharding`` from host arrays of its ``local_boxes``."""
+    regions = {b: r.astype(dtype, copy=False) for b, r in regions.items()}
+    if sharding is None:
+        return jax.device_put(regions[tuple((0, n) for n in shape)])
     return jax.make_array_from_callback(shape, sharding, lambda idx: regions[box_of(idx, shape)])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,11 +13,12 @@ from stepsafe.arrays import is_leaf
 from stepsafe.checkpoint.locate import locate
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
-from stepsafe.storage import run_all, storage_for
+from stepsafe.format.regions import Region
+from stepsafe.storage import storage_for
 from stepsafe.tree import build_plain, check_target_paths, concat, flatten, structure_paths, subtree
 from stepsafe.tree import join as join_key
 
-PARALLEL_BYTES = 32 << 20  # below this, threads cost more than they save
+WINDOW_BYTES = 2 << 30  # bytes of arrays read as one batch: bounds transient host memory
 
 
 def open_checkpoint(path: str) -> CheckpointReader:
@@ -72,11 +74,11 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
         return arr.astype(target.dtype)[()]
     if isinstance(target, np.ndarray) or not _wants_jax(target):
         return arr.astype(np.dtype(target.dtype), copy=False)
-    from stepsafe.arrays.jax_arrays import place
+    from stepsafe.arrays.jax_arrays import assemble, local_boxes
 
-    return place(
-        arr.shape, np.dtype(target.dtype), getattr(target, "sharding", None), lambda b: arr
-    )
+    sharding = getattr(target, "sharding", None)
+    boxes = local_boxes(arr.shape, sharding)  # a 0-d array: every box is the whole of it
+    return assemble(arr.shape, np.dtype(target.dtype), sharding, dict.fromkeys(boxes, arr))
 
 
 def _target_sharding(target: Any) -> Any:
@@ -92,31 +94,43 @@ def _wants_jax(target: Any) -> bool:
     return jax is not None and isinstance(target, jax.Array | jax.ShapeDtypeStruct)
 
 
-def restore_leaf(reader: CheckpointReader, key: str, target: Any, verify: bool) -> Any:
+@dataclass
+class LeafPlan:
+    """One leaf of a restore, checked against the checkpoint: the regions it reads (planned
+    only when its window comes, so that nothing is allocated early) and what makes the leaf
+    of them once read."""
+
+    regions: Callable[[], list[Region]]
+    finish: Callable[[list[Region]], Any]
+
+
+def plan_leaf(reader: CheckpointReader, key: str, target: Any) -> LeafPlan:
     manifest = reader.manifest
     if key in manifest.values:
-        return _restore_value(key, manifest.values[key], target)
+        value = manifest.values[key]
+        return LeafPlan(list, lambda _: _restore_value(key, value, target))
     entry = manifest.arrays[key]
     if target is not None and hasattr(target, "shape") and tuple(target.shape) != entry.shape:
         raise TargetMismatchError(
             f"{key!r}: the checkpoint's array has shape {entry.shape}, the target wants "
             f"{tuple(target.shape)}"
         )
-    if _wants_jax(target):
-        from stepsafe.arrays.jax_arrays import place
-
-        return place(
-            entry.shape,
-            np.dtype(target.dtype),
-            _target_sharding(target),
-            lambda box: reader.read_box(key, box, verify),
-        )
-    arr = reader.read_array(key, verify)
-    if target is None:
-        return arr
     if isinstance(target, str):
         raise TargetMismatchError(f"{key!r}: the checkpoint holds an array, the target a str")
-    return _restore_array_host(key, arr, target)
+    if _wants_jax(target):
+        from stepsafe.arrays.jax_arrays import assemble, local_boxes
+
+        sharding = _target_sharding(target)
+        dtype = np.dtype(target.dtype)
+        return LeafPlan(
+            lambda: [reader.plan(key, box) for box in local_boxes(entry.shape, sharding)],
+            lambda rs: assemble(entry.shape, dtype, sharding, {r.box: r.out for r in rs}),
+        )
+    if target is None:
+        return LeafPlan(lambda: [reader.plan(key)], lambda rs: rs[0].out)
+    return LeafPlan(
+        lambda: [reader.plan(key)], lambda rs: _restore_array_host(key, rs[0].out, target)
+    )
 
 
 def restore(
@@ -161,20 +175,30 @@ def _restore_from(reader: CheckpointReader, target: Any, select: Any, verify: bo
 def _restore_all(
     reader: CheckpointReader, keys: list[str], targets: list[Any], verify: bool
 ) -> list:
-    """Restore leaves on a few threads, biggest first: reads and page faults on fresh memory
-    release the GIL, so two cores fill buffers about twice as fast as one."""
+    """Restore leaves a window at a time, in the order their bytes lie in the data files: a
+    window's reads go to the storage as one batch (neighbours merge into large requests on
+    buckets), and a window's staging buffers and host copies of device arrays are freed
+    before the next window is read."""
     arrays = reader.manifest.arrays
-    order = sorted(
-        range(len(keys)), key=lambda i: -arrays[keys[i]].nbytes if keys[i] in arrays else 0
-    )
+
+    def position(i: int) -> tuple[str, int]:
+        entry = arrays.get(keys[i])
+        first = next((c for s in entry.shards for c in s.chunks), None) if entry else None
+        return (first.file, first.offset) if first else ("", 0)
+
+    plans = [plan_leaf(reader, k, t) for k, t in zip(keys, targets)]  # every check first
     out: list[Any] = [None] * len(keys)
-
-    def one(i: int) -> None:
-        out[i] = restore_leaf(reader, keys[i], targets[i], verify)
-
-    if sum(arrays[k].nbytes for k in keys if k in arrays) < PARALLEL_BYTES:
-        for i in order:
-            one(i)
-    else:
-        run_all(one, order)
+    window: list[int] = []
+    size = 0
+    for i in [*sorted(range(len(keys)), key=position), None]:
+        nbytes = arrays[keys[i]].nbytes if i is not None and keys[i] in arrays else 0
+        if window and (i is None or size + nbytes > WINDOW_BYTES):
+            regions = {j: plans[j].regions() for j in window}
+            reader.read([r for rs in regions.values() for r in rs], verify)
+            for j, rs in regions.items():
+                out[j] = plans[j].finish(rs)
+            window, size = [], 0
+        if i is not None:
+            window.append(i)
+            size += nbytes
     return out

@@ -19,7 +19,7 @@ from stepsafe.arrays import (
     to_host,
 )
 from stepsafe.errors import UnsupportedLeafError
-from stepsafe.format import DEFAULT_FILE_SIZE, CheckpointMetadata, HostArray, write_checkpoint
+from stepsafe.format import CheckpointMetadata, HostArray, write_checkpoint
 from stepsafe.storage import run_all, storage_for
 from stepsafe.tree import Structure, flatten
 
@@ -76,7 +76,7 @@ def write(
     metadata: dict[str, Any] | None = None,
     step: int | None = None,
     extra_files: dict[str, bytes] | None = None,
-    data_file_size_bytes: int = DEFAULT_FILE_SIZE,
+    data_file_size_bytes: int | None = None,
 ) -> None:
     _check_json("metadata", metadata or {})
     start_host_transfers(snap.arrays)
@@ -98,12 +98,14 @@ def save(
     tree: Any,
     *,
     metadata: dict[str, Any] | None = None,
-    data_file_size_bytes: int = DEFAULT_FILE_SIZE,
+    data_file_size_bytes: int | None = None,
 ) -> None:
     """Write ``tree`` as a committed checkpoint at ``path``; durable when this returns.
 
     ``path`` must not exist yet: a checkpoint is never overwritten. ``metadata`` is any
     JSON-serialisable dict, stored in ``_CHECKPOINT_METADATA`` as ``custom_metadata``.
+    ``data_file_size_bytes``: where data files are split (default: 2 GiB on a local disk,
+    128 MiB on buckets, where each file goes up in one request and several at once).
     """
     snap = snapshot(tree)
     write(str(path), snap, metadata=metadata, data_file_size_bytes=data_file_size_bytes)

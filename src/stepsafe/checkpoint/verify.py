@@ -4,8 +4,8 @@
 what was asked for. ``verify`` reads everything, keeps going past failures and returns each
 problem with the array, the file and the offset, so that an operator learns the full extent of
 the damage (one flipped bit or a missing file) before deciding what to delete.
-Memory stays bounded: chunks (at most 64 MiB each, as the writer cuts them) are read one at a
-time into one reused buffer.
+Chunks are read in windows of about ``WINDOW_BYTES``, each window as one batch (a bucket merges
+neighbouring chunks into a few large requests), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from stepsafe.format import (
     read_metadata,
 )
 from stepsafe.format.checksum import checksum
-from stepsafe.storage import Storage, storage_for
+from stepsafe.format.manifest import Chunk
+from stepsafe.storage import RangeRead, Storage, storage_for
+
+WINDOW_BYTES = 256 << 20
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -116,35 +119,76 @@ def verify(path: str, progress: Progress | None = None) -> VerifyReport:
         for c in shard.chunks
     ]
     report.bytes_total = sum(c.length for _, c in chunks)
-    buf = bytearray(max((c.length for _, c in chunks), default=0))
     done = 0
     reported_missing: set[tuple[str, str]] = set()
-    for key, c in chunks:
-        file = storage.join(step_dir, ITEMS_DIR, c.file)
-        if c.file in bad_files and bad_files[c.file] == "missing":
+    window: list[tuple[str, Chunk]] = []
+    window_bytes = 0
+    for i, (key, c) in enumerate(chunks):
+        if bad_files.get(c.file) == "missing":
             if (key, c.file) not in reported_missing:
                 reported_missing.add((key, c.file))
+                file = storage.join(step_dir, ITEMS_DIR, c.file)
                 report.problems.append(
                     Problem("missing", f"array {key!r}: its data file is missing", file, key,
                             c.offset, c.length)
                 )  # fmt: skip
+            done += c.length
         else:
-            view = memoryview(buf)[: c.length]
-            try:
-                storage.read_into(file, c.offset, view)
-            except (CorruptCheckpointError, OSError) as e:
-                report.problems.append(Problem("unreadable", str(e), file, key, c.offset, c.length))
-            else:
-                report.bytes_checked += c.length
-                if checksum(view) != c.checksum:
-                    report.problems.append(
-                        Problem("checksum", f"checksum mismatch in array {key!r}", file, key,
-                                c.offset, c.length)
-                    )  # fmt: skip
-        done += c.length
-        if progress is not None:
+            window.append((key, c))
+            window_bytes += c.length
+        last = i == len(chunks) - 1
+        if window and (last or window_bytes >= WINDOW_BYTES):
+            _check_window(storage, step_dir, window, report)
+            done += window_bytes
+            window, window_bytes = [], 0
+        if progress is not None and (last or not window):
             progress(done, report.bytes_total)
     return report
+
+
+def _check_window(
+    storage: Storage, step_dir: str, window: list[tuple[str, Chunk]], report: VerifyReport
+) -> None:
+    """Read a window of chunks as one batch and check each; if the batch fails, read them one
+    by one, so that the report says which chunks could not be read."""
+    files = [storage.join(step_dir, ITEMS_DIR, c.file) for _, c in window]
+    buf = memoryview(bytearray(sum(c.length for _, c in window)))
+    views, pos = [], 0
+    for _, c in window:
+        views.append(buf[pos : pos + c.length])
+        pos += c.length
+    bad: list[int] = []
+
+    def check(i: int) -> None:
+        if checksum(views[i]) != window[i][1].checksum:
+            bad.append(i)
+
+    try:
+        storage.read_ranges(
+            [RangeRead(f, c.offset, v) for f, (_, c), v in zip(files, window, views)], check
+        )
+        unreadable: dict[int, Exception] = {}
+    except (CorruptCheckpointError, OSError):
+        bad, unreadable = [], {}
+        for i, (f, (_, c), v) in enumerate(zip(files, window, views)):
+            try:
+                storage.read_into(f, c.offset, v)
+            except (CorruptCheckpointError, OSError) as e:
+                unreadable[i] = e
+            else:
+                check(i)
+    for i, ((key, c), f) in enumerate(zip(window, files)):
+        if i in unreadable:
+            report.problems.append(
+                Problem("unreadable", str(unreadable[i]), f, key, c.offset, c.length)
+            )
+            continue
+        report.bytes_checked += c.length
+        if i in bad:
+            report.problems.append(
+                Problem("checksum", f"checksum mismatch in array {key!r}", f, key, c.offset,
+                        c.length)
+            )  # fmt: skip
 
 
 def _check_files(

@@ -10,10 +10,9 @@ from stepsafe.format.reader import (
     read_metadata,
     stray_files,
 )
-from stepsafe.format.writer import DEFAULT_FILE_SIZE, HostArray, write_checkpoint
+from stepsafe.format.writer import HostArray, write_checkpoint
 
 __all__ = [
-    "DEFAULT_FILE_SIZE",
     "FORMAT_VERSION",
     "ITEMS_DIR",
     "METADATA_FILE",

@@ -1,21 +1,23 @@
 """Read one committed checkpoint: its metadata, its manifest, and array bytes by range.
 
-Bytes are read with ``preadv`` straight into the destination array when the destination region
-is contiguous (always for whole arrays and for shards split along the first axis), so a restore
-needs no staging copy; every chunk is checked against its checksum unless ``verify=False``.
+Arrays are read in two steps: plan which saved shards fill the wanted boxes (regions.py), then
+hand every chunk of many arrays to the storage as one batch of ranged reads straight into the
+destination arrays (a local disk: one ``preadv`` each; a bucket: neighbours merged into large
+requests). Every chunk is checked against its checksum unless ``verify=False``.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Sequence
 
 import numpy as np
 
 from stepsafe.errors import ChecksumMismatchError, IncompleteCheckpointError, TruncatedDataError
 from stepsafe.format.checksum import checksum
 from stepsafe.format.layout import ITEMS_DIR, METADATA_FILE, CheckpointMetadata
-from stepsafe.format.manifest import ArrayEntry, Manifest, Shard
-from stepsafe.storage import ReadHandle, Storage
+from stepsafe.format.manifest import ArrayEntry, Chunk, Manifest
+from stepsafe.format.regions import Box, Region, plan_region
+from stepsafe.storage import RangeRead, Storage
 
 
 def is_committed(storage: Storage, path: str) -> bool:
@@ -88,8 +90,6 @@ class CheckpointReader:
             )
         self.manifest = Manifest.from_json(raw, manifest_path)
         self._checked_files: set[str] = set()
-        self._handles: dict[str, ReadHandle] = {}
-        self._lock = threading.Lock()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -98,17 +98,7 @@ class CheckpointReader:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
-            handles, self._handles = self._handles, {}
-        for h in handles.values():
-            h.close()
-
-    def _handle(self, name: str) -> ReadHandle:
-        with self._lock:
-            h = self._handles.get(name)
-            if h is None:
-                h = self._handles[name] = self.storage.open_read(self._file(name))
-            return h
+        """Nothing stays open between reads; kept so that readers work as context managers."""
 
     def _file(self, name: str) -> str:
         return self.storage.join(self.path, ITEMS_DIR, name)
@@ -135,60 +125,50 @@ class CheckpointReader:
                     )
                 self._checked_files.add(c.file)
 
-    def read_shard_into(self, key: str, shard: Shard, out: np.ndarray, verify: bool) -> None:
-        """Fill the C-contiguous ``out`` (the shard's shape) with the shard's bytes."""
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        pos = 0
-        for c in shard.chunks:
-            part = view[pos : pos + c.length]
-            self._handle(c.file).read_into(c.offset, part)
-            if verify and checksum(part) != c.checksum:
+    def plan(self, key: str, box: Box | None = None) -> Region:
+        """What reading box ``box`` (default: all) of array ``key`` takes; nothing is read
+        yet, and only the output's and staging buffers' address space is reserved."""
+        entry: ArrayEntry = self.manifest.arrays[key]
+        self.check_files(key)
+        return plan_region(key, entry, tuple((0, n) for n in entry.shape) if box is None else box)
+
+    def read(self, regions: Sequence[Region], verify: bool = True) -> None:
+        """Fill every region: all their chunks go to the storage as one batch (a bucket merges
+        neighbours into few large requests), each checked against its checksum as it lands."""
+        reads: list[RangeRead] = []
+        where: list[tuple[str, Chunk]] = []
+        for region in regions:
+            for shard, dest in region.reads:
+                view = memoryview(dest.reshape(-1).view(np.uint8))
+                pos = 0
+                for c in shard.chunks:
+                    part = view[pos : pos + c.length]
+                    reads.append(RangeRead(self._file(c.file), c.offset, part))
+                    where.append((region.key, c))
+                    pos += c.length
+
+        def check(i: int) -> None:
+            key, c = where[i]
+            if verify and checksum(reads[i].buf) != c.checksum:
                 raise ChecksumMismatchError(
-                    f"checksum mismatch in array {key!r}: file {self._file(c.file)}, offset "
+                    f"checksum mismatch in array {key!r}: file {reads[i].path}, offset "
                     f"{c.offset}, {c.length} bytes; the checkpoint is corrupt (restore an earlier "
                     "step, or pass verify=False to read it anyway)"
                 )
-            pos += c.length
+
+        self.storage.read_ranges(reads, check)
+        for region in regions:
+            region.finish()
 
     def read_array(self, key: str, verify: bool = True) -> np.ndarray:
         """The whole global array ``key`` as a fresh host array."""
-        entry: ArrayEntry = self.manifest.arrays[key]
-        self.check_files(key)
-        out = np.empty(entry.shape, entry.dtype)
-        for shard in entry.shards:
-            self.read_region_from(key, shard, out[(*shard.slices, ...)], verify)
-        return out
+        return self.read_box(key, None, verify)
 
-    def read_region_from(self, key: str, shard: Shard, dest: np.ndarray, verify: bool) -> None:
-        if dest.flags.c_contiguous:
-            self.read_shard_into(key, shard, dest, verify)
-        else:
-            tmp = np.empty(shard.shape, dest.dtype)
-            self.read_shard_into(key, shard, tmp, verify)
-            dest[...] = tmp
-
-    def read_box(
-        self, key: str, box: tuple[tuple[int, int], ...], verify: bool = True
-    ) -> np.ndarray:
+    def read_box(self, key: str, box: Box | None, verify: bool = True) -> np.ndarray:
         """The region ``box`` of array ``key``, reading only the saved shards it overlaps."""
-        entry = self.manifest.arrays[key]
-        self.check_files(key)
-        for shard in entry.shards:
-            if shard.index == box:
-                out = np.empty(shard.shape, entry.dtype)
-                self.read_shard_into(key, shard, out, verify)
-                return out
-        out = np.empty(tuple(b - a for a, b in box), entry.dtype)
-        for shard in entry.shards:
-            inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(shard.index, box)]
-            if any(lo >= hi for lo, hi in inter):
-                continue
-            src = np.empty(shard.shape, entry.dtype)
-            self.read_shard_into(key, shard, src, verify)
-            src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, shard.index))
-            dst_sl = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, box))
-            out[dst_sl] = src[src_sl]
-        return out
+        region = self.plan(key, box)
+        self.read([region], verify)
+        return region.out
 
 
 def delete_checkpoint(storage: Storage, path: str) -> None:

@@ -29,7 +29,6 @@ from stepsafe.format.manifest import ArrayEntry, Chunk, Manifest, Shard
 from stepsafe.storage import Storage, run_all
 from stepsafe.tree import Structure
 
-DEFAULT_FILE_SIZE = 2 << 30
 MAX_CHUNK = 64 << 20  # checksum granularity; lets readers verify pieces in parallel
 ALIGN = 64
 _GATHER = 1 << 20  # pieces smaller than this are copied together into one write
@@ -125,9 +124,12 @@ def write_checkpoint(
     *,
     metadata: CheckpointMetadata,
     extra_files: dict[str, bytes] | None = None,
-    file_size: int = DEFAULT_FILE_SIZE,
+    file_size: int | None = None,
     process_index: int = 0,
 ) -> Manifest:
+    """``file_size``: where data files are split; None for the storage's default (big files
+    on a local disk, smaller ones on buckets, where each goes up in one request)."""
+    file_size = storage.default_file_size if file_size is None else file_size
     if file_size < ALIGN:
         raise ValueError(f"data file size must be at least {ALIGN} bytes, got {file_size}")
     files, slots = _plan(arrays, file_size, process_index, metadata.save_id)

@@ -19,7 +19,7 @@ from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint import committed_steps, restore, snapshot, write
 from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
 from stepsafe.errors import CheckpointNotFoundError
-from stepsafe.format import DEFAULT_FILE_SIZE, delete_checkpoint
+from stepsafe.format import delete_checkpoint
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.iterator_state import (
     CheckpointableIterator,
@@ -42,7 +42,7 @@ class ManagerOptions:
     async_save: bool = True
     save_interval_steps: int = 10000
     max_to_keep: int = 0  # 0: keep all
-    data_file_size_bytes: int = DEFAULT_FILE_SIZE
+    data_file_size_bytes: int | None = None  # None: the storage's default
     concurrent_bytes: int | None = None  # bytes in flight to/from buckets, per process
 
     def __post_init__(self) -> None:

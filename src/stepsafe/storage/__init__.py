@@ -12,6 +12,7 @@ from stepsafe.storage.local import (
     remove_stale_temporaries,
     stale_temporaries,
 )
+from stepsafe.storage.ranges import RangeRead
 from stepsafe.storage.remote import COMMIT_MARKER, RemoteStorage
 from stepsafe.storage.threads import io_pool, run_all
 
@@ -19,6 +20,7 @@ __all__ = [
     "COMMIT_MARKER",
     "IN_FLIGHT",
     "LocalStorage",
+    "RangeRead",
     "ReadHandle",
     "RemoteStorage",
     "Storage",

@@ -15,9 +15,11 @@ Commit marker: gcsfs ``pipe_file(mode="create")``, a one-shot multipart upload w
 precondition for multipart uploads, which is why the marker never goes up resumably).
 
 Retries: gcsfs retries every request up to 6 times with exponential backoff and jitter on
-408/429/5xx and connection errors. Big files go up as one resumable upload in ``PART_SIZE``
-pieces (GCS accepts a resumable upload's pieces only in order, so they are sequential; files
-are written concurrently).
+408/429/5xx and connection errors.
+
+Uploads: a data file of up to ``SINGLE_UPLOAD_MAX`` goes up in one multipart POST; a bigger
+one as a resumable upload in ``PART_SIZE`` pieces, which GCS accepts only in order, so they are
+sequential (files are written concurrently).
 """
 
 from __future__ import annotations
@@ -57,3 +59,6 @@ class GCSStorage(RemoteStorage):
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data, mode="create")  # 412 -> FileExistsError
+
+    def put_whole(self, path: str, body: bytes) -> None:
+        self.fs.pipe_file(path, body, chunksize=len(body) + 1)  # not resumable, however big

@@ -19,19 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from typing import Any
 
 from stepsafe.errors import CheckpointExistsError, StepsafeError, TruncatedDataError
 from stepsafe.storage.base import Storage, Transaction
 from stepsafe.storage.budget import IN_FLIGHT
+from stepsafe.storage.ranges import RangeRead, Span, byte_view, plan_spans
+from stepsafe.storage.threads import run_all
 
 # Must equal stepsafe.format.layout.METADATA_FILE (a test checks): storage sits above format
 # in the layer order and cannot import it, but it has to know which file commits.
 COMMIT_MARKER = "_CHECKPOINT_METADATA"
-PART_SIZE = 16 << 20  # upload part / ranged-read piece; S3 needs >= 5 MiB, GCS 256 KiB multiples
-READ_PIECE = 16 << 20
-PIECES_PER_READ = 16  # ranged reads of one call in flight at once (then bounded by IN_FLIGHT)
+FILE_SIZE = 128 << 20  # default data file size on buckets: each goes up in one request
+SINGLE_UPLOAD_MAX = 256 << 20  # files up to this size go up in one request
+PART_SIZE = 64 << 20  # larger files: multipart parts / resumable pieces of this size
+MIN_PART = 8 << 20  # S3 needs >= 5 MiB, GCS multiples of 256 KiB
+READ_SPAN = 64 << 20  # ranged reads: neighbouring ranges merged into requests this big
+READ_GAP = 1 << 20  # ranges closer than this share a request
+
+
+def transfer_sizes() -> tuple[int, int, int]:
+    """(largest one-request upload, part size, largest ranged read) under the bytes-in-flight
+    budget: a small budget gets smaller transfers, so that two fit in it at once."""
+    half = IN_FLIGHT.limit // 2
+    part = max(MIN_PART, min(PART_SIZE, half) >> 18 << 18)
+    return min(SINGLE_UPLOAD_MAX, IN_FLIGHT.limit), part, max(1 << 20, min(READ_SPAN, half))
 
 
 def gather_parts(chunks: Iterable[memoryview | bytes], part_size: int) -> Iterator[bytes]:
@@ -53,10 +67,28 @@ def gather_parts(chunks: Iterable[memoryview | bytes], part_size: int) -> Iterat
         yield bytes(buf)
 
 
+def whole_or_parts(
+    chunks: Iterable[memoryview | bytes], single_max: int
+) -> tuple[bytes | None, Iterator[memoryview | bytes]]:
+    """``(the whole file, _)`` when ``chunks`` add up to at most ``single_max`` bytes (one
+    copy, joined for a one-request upload), else ``(None, the same chunks)``: looks ahead
+    without copying, holding only views of the caller's buffers."""
+    it = iter(chunks)
+    head: list[memoryview | bytes] = []
+    size = 0
+    for chunk in it:
+        head.append(chunk)
+        size += memoryview(chunk).nbytes
+        if size > single_max:
+            return None, chain(head, it)
+    return b"".join(head), iter(())
+
+
 class RemoteStorage(Storage):
     """Bytes at URLs of one fsspec filesystem. Paths keep their scheme (``s3://b/k``)."""
 
     scheme = ""
+    default_file_size = FILE_SIZE
 
     def __init__(self, fs: Any) -> None:
         self.fs = fs
@@ -67,21 +99,29 @@ class RemoteStorage(Storage):
         is. Must be atomic on the server: this is what decides a race between writers."""
         raise NotImplementedError
 
+    def put_whole(self, path: str, body: bytes) -> None:
+        """Write ``path`` (overwriting) in one request."""
+        self.fs.pipe_file(path, body)
+
+    def put_parts(self, path: str, chunks: Iterable[memoryview | bytes], part: int) -> None:
+        """Write ``path`` (overwriting) from a stream too big for one request, ``part`` bytes
+        at a time, one after the other (two parts' worth of memory: ours and the client's
+        buffer). Backends may send parts in parallel."""
+        with IN_FLIGHT.hold(2 * part), self.fs.open(path, "wb", block_size=part) as f:
+            for piece in gather_parts(chunks, part):
+                f.write(piece)
+
     def upload(self, path: str, chunks: Iterable[memoryview | bytes]) -> None:
-        """Write ``path`` (overwriting); big files in parts, one after the other (two parts'
-        worth of memory: ours and the client's buffer). Backends may parallelise parts."""
-        parts = gather_parts(chunks, PART_SIZE)
-        first = next(parts)
-        second = next(parts, None)
-        if second is None:
-            with IN_FLIGHT.hold(len(first)):
-                self.fs.pipe_file(path, first)
+        """One request per file where the file is small enough: a request is a round trip,
+        and servers do work per request (a multipart upload is reassembled at the end; a
+        resumable one is rehashed per piece by fake-gcs-server). Bigger files go in parts."""
+        single_max, part, _ = transfer_sizes()
+        body, rest = whole_or_parts(chunks, single_max)
+        if body is None:
+            self.put_parts(path, rest, part)
             return
-        with IN_FLIGHT.hold(2 * PART_SIZE), self.fs.open(path, "wb", block_size=PART_SIZE) as f:
-            f.write(first)
-            f.write(second)
-            for part in parts:
-                f.write(part)
+        with IN_FLIGHT.hold(max(len(body), 1)):
+            self.put_whole(path, body)
 
     # -- Storage -----------------------------------------------------------------------------
     def join(self, base: str, *parts: str) -> str:
@@ -94,43 +134,51 @@ class RemoteStorage(Storage):
         return RemoteTransaction(self, path.rstrip("/"))
 
     def read_into(self, path: str, offset: int, buf: memoryview) -> None:
-        """Ranged reads of ``READ_PIECE``, up to ``PIECES_PER_READ`` at once and within the
-        process's bytes-in-flight budget, each copied into ``buf`` as it arrives."""
-        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
-        n = len(view)
-        starts = list(range(offset, offset + n, READ_PIECE))
-        batch = max(1, min(PIECES_PER_READ, IN_FLIGHT.limit // READ_PIECE))
-        for i in range(0, len(starts), batch):
-            first = starts[i]
-            last = min(starts[min(i + batch, len(starts)) - 1] + READ_PIECE, offset + n)
-            with IN_FLIGHT.hold(last - first):
-                self._read_pieces(path, first, view[first - offset : last - offset])
+        self.read_ranges([RangeRead(path, offset, byte_view(buf))])
 
-    def _read_pieces(self, path: str, offset: int, view: memoryview) -> None:
-        n = len(view)
-        starts = list(range(offset, offset + n, READ_PIECE))
-        ends = [min(s + READ_PIECE, offset + n) for s in starts]
+    def read_ranges(
+        self, reads: Sequence[RangeRead], done: Callable[[int], None] = lambda i: None
+    ) -> None:
+        """Neighbouring ranges merged into ranged GETs of up to ``READ_SPAN`` bytes, several
+        in flight on the I/O threads within the bytes-in-flight budget; each reply is copied
+        straight into the buffers it covers (no other staging copy)."""
+        _, _, span_max = transfer_sizes()
+        spans = plan_spans(reads, span_max, READ_GAP)
+        waiting = [0] * len(reads)
+        for span in spans:
+            for i, *_ in span.pieces:
+                waiting[i] += 1
+        lock = threading.Lock()
+
+        def fetch(span: Span) -> None:
+            with IN_FLIGHT.hold(span.end - span.start):
+                data = memoryview(self._fetch(span.path, span.start, span.end))
+                for i, at, pos, n in span.pieces:
+                    byte_view(reads[i].buf)[at : at + n] = data[pos : pos + n]
+            finished = []
+            with lock:
+                for i, *_ in span.pieces:
+                    waiting[i] -= 1
+                    if waiting[i] == 0:
+                        finished.append(i)
+            for i in finished:
+                done(i)
+
+        for i, r in enumerate(reads):
+            if r.buf.nbytes == 0:
+                done(i)
+        run_all(fetch, spans)
+
+    def _fetch(self, path: str, start: int, end: int) -> bytes:
         try:
-            if len(starts) == 1:
-                pieces: list[Any] = [self.fs.cat_file(path, start=starts[0], end=ends[0])]
-            else:  # async filesystems fetch the pieces concurrently
-                pieces = self.fs.cat_ranges([path] * len(starts), starts, ends, on_error="return")
+            data = self.fs.cat_file(path, start=start, end=end)
         except FileNotFoundError as e:
             raise TruncatedDataError(f"data file {path} is missing") from e
         except OSError as e:
-            self._raise_read_error(path, offset, n, e)
-        pos = 0
-        for piece in pieces:
-            if isinstance(piece, FileNotFoundError):
-                raise TruncatedDataError(f"data file {path} is missing") from piece
-            if isinstance(piece, BaseException):
-                self._raise_read_error(path, offset, n, piece)
-            view[pos : pos + len(piece)] = piece
-            pos += len(piece)
-            if pos < len(view) and len(piece) < READ_PIECE:
-                break
-        if pos != n:
-            self._raise_short(path, offset, n)
+            self._raise_read_error(path, start, end - start, e)
+        if len(data) != end - start:
+            self._raise_short(path, start, end - start)
+        return data
 
     def _raise_short(self, path: str, offset: int, n: int) -> None:
         try:

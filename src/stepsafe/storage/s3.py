@@ -17,9 +17,11 @@ request that times out is retried like a failed one.
 Retries: botocore "standard" mode, ``STEPSAFE_S3_MAX_ATTEMPTS`` attempts (default 10) with
 exponential backoff and jitter on 429/5xx/throttling and connection errors, per request (one
 part of a multipart upload is one request, so a retry resends one part); s3fs adds its own
-retries on dropped connections. Big files go up as multipart uploads whose parts are sent
-concurrently, at most ``MAX_PARTS_IN_FLIGHT`` parts (of ``PART_SIZE``) per process at once,
-and no more bytes than the process's budget (budget.py) allows.
+retries on dropped connections.
+
+Uploads: a data file of up to ``SINGLE_UPLOAD_MAX`` goes up in one ``PutObject``; a bigger
+one as a multipart upload whose parts (``PART_SIZE``) are sent concurrently, at most
+``MAX_PARTS_IN_FLIGHT`` per process, within the process's budget (budget.py).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from stepsafe.storage.budget import IN_FLIGHT
-from stepsafe.storage.remote import PART_SIZE, RemoteStorage, gather_parts
+from stepsafe.storage.remote import RemoteStorage, gather_parts
 
-MAX_PARTS_IN_FLIGHT = 16  # per process: bounds upload memory at 16 x PART_SIZE = 256 MiB
+MAX_PARTS_IN_FLIGHT = 16  # per process: bounds upload memory at 16 x PART_SIZE = 1 GiB
 PARTS_PER_FILE = 8  # one file's parts in flight at once; files are written concurrently too
 _in_flight = threading.BoundedSemaphore(MAX_PARTS_IN_FLIGHT)
 
@@ -92,17 +94,15 @@ class S3Storage(RemoteStorage):
                 raise FileExistsError(path) from e
             raise
 
-    def upload(self, path: str, chunks: Iterable[memoryview | bytes]) -> None:
-        """One PUT for small files; else a multipart upload whose parts are read from
-        ``chunks`` while earlier parts are still being sent (bounded by ``_in_flight``)."""
-        parts = gather_parts(chunks, PART_SIZE)
-        first = next(parts)
-        second = next(parts, None)
+    def put_whole(self, path: str, body: bytes) -> None:
         bucket, key, _ = self.fs.split_path(path)
-        if second is None:
-            with IN_FLIGHT.hold(len(first)):
-                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=first)
-            return
+        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+
+    def put_parts(self, path: str, chunks: Iterable[memoryview | bytes], part: int) -> None:
+        """A multipart upload whose parts are read from ``chunks`` while earlier parts are
+        still being sent (at most ``PARTS_PER_FILE`` per file, ``MAX_PARTS_IN_FLIGHT`` per
+        process, and within the bytes-in-flight budget)."""
+        bucket, key, _ = self.fs.split_path(path)
         upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
         pending: deque[tuple[int, Future]] = deque()
         done: list[dict[str, Any]] = []
@@ -128,9 +128,7 @@ class S3Storage(RemoteStorage):
                 done.append({"PartNumber": number, "ETag": fut.result()["ETag"]})
 
         try:
-            send(1, first)
-            send(2, second)
-            for number, body in enumerate(parts, start=3):
+            for number, body in enumerate(gather_parts(chunks, part), start=1):
                 settle(PARTS_PER_FILE - 1)
                 send(number, body)
             settle(0)
