@@ -274,6 +274,36 @@ def test_gc_removes_the_files_of_a_dead_attempt_at_a_committed_step(bucket_url):
     assert gc(f"{bucket_url}/run", keep=1, dry_run=True).strays == {}
 
 
+@pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)
+def test_gc_aborts_the_unfinished_uploads_of_dead_saves(bucket_url):
+    """Saves killed during a multipart upload leave it open: no listing shows it, the bucket
+    keeps its parts. gc aborts those in committed steps and in steps older than the newest
+    committed one (nothing still writes them), and leaves a newer step's alone (a save that
+    may be running)."""
+    storage, _ = storage_for(bucket_url)
+    steps = f"{bucket_url}/run/checkpoints"
+    with CheckpointManager(steps, ManagerOptions(async_save=False, save_interval_steps=1)) as m:
+        m.save(3, make_state(3))
+        m.save(5, make_state(5))
+
+    def start_upload(step: int) -> str:
+        bucket, key, _ = storage.fs.split_path(f"{steps}/{step}/items/process_0.00000.x.data")
+        upload = storage.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        storage.fs.call_s3(
+            "upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1,
+            Body=b"x" * 1000,
+        )  # fmt: skip
+        return upload["UploadId"]
+
+    ids = {step: start_upload(step) for step in (3, 4, 5, 7)}
+    plan = gc(f"{bucket_url}/run", keep=2, dry_run=True)
+    assert sorted(u for _, u in plan.uploads) == sorted(ids[s] for s in (3, 4, 5))
+    assert len(storage.unfinished_uploads(steps)) == 4  # a dry run aborts nothing
+    gc(f"{bucket_url}/run", keep=2)
+    assert [u for _, u in storage.unfinished_uploads(steps)] == [ids[7]]
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/run"), make_state(5))
+
+
 def test_no_client_can_reach_a_metadata_server():
     """Every metadata address points at a closed loopback port: a client that looks for cloud
     credentials fails at once rather than finding 169.254.169.254."""

@@ -70,6 +70,7 @@ def as_json(plan: GcPlan) -> dict:
         "keep": rows(plan.keep),
         "bytes_freed": plan.bytes_freed if plan.done else 0,
         "stray_files": {str(step): paths for step, paths in plan.strays.items()},
+        "unfinished_uploads": [{"path": p, "upload_id": u} for p, u in plan.uploads],
     }
 
 
@@ -94,5 +95,8 @@ def show(plan: GcPlan) -> None:
             f"{verb} {len(paths)} stray file(s) in step {step}, left by a save of that step "
             "that died or lost a race"
         )
-    if plan.dry_run and (n or plan.strays):
+    if plan.uploads:
+        aborted = "Would abort" if plan.dry_run else "Aborted"
+        con.print(f"{aborted} {len(plan.uploads)} unfinished upload(s) left by saves that died")
+    if plan.dry_run and (n or plan.strays or plan.uploads):
         con.print("(dry run: nothing was deleted; run again without --dry-run to delete)")

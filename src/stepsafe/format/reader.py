@@ -90,6 +90,7 @@ class CheckpointReader:
             )
         self.manifest = Manifest.from_json(raw, manifest_path)
         self._checked_files: set[str] = set()
+        self._paths: dict[str, str] = {}
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -101,7 +102,10 @@ class CheckpointReader:
         """Nothing stays open between reads; kept so that readers work as context managers."""
 
     def _file(self, name: str) -> str:
-        return self.storage.join(self.path, ITEMS_DIR, name)
+        path = self._paths.get(name)
+        if path is None:
+            path = self._paths[name] = self.storage.join(self.path, ITEMS_DIR, name)
+        return path
 
     def check_files(self, key: str) -> None:
         """The data files of array ``key`` exist and have the size the manifest says: checked

@@ -8,7 +8,9 @@ writing it) or, on local disk, when it is the temporary of a process on this hos
 Each deletion removes the commit marker first (``delete_checkpoint``), so a deletion cut short
 leaves an incomplete step, never a damaged one that looks complete. In the committed steps it
 keeps, gc also deletes stray files: those of an earlier save of the same step that died or lost
-a race on a bucket, which the commit does not name (``stray_files``).
+a race on a bucket, which the commit does not name (``stray_files``). And it aborts unfinished
+S3 multipart uploads that such saves left in a committed or stale step: no listing shows them,
+but the bucket keeps (and bills) their parts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class GcPlan:
     delete: list[GcAction] = field(default_factory=list)
     keep: list[GcAction] = field(default_factory=list)
     strays: dict[int, list[str]] = field(default_factory=dict)  # kept step -> stray file paths
+    uploads: list[tuple[str, str]] = field(default_factory=list)  # (path, id) to abort
     dry_run: bool = True
     done: bool = False  # True once the deletions were carried out
 
@@ -71,7 +74,18 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
             strays = stray_files(storage, a.entry.path) if a.entry.complete else []
             if strays:
                 plan.strays[a.entry.step] = strays
+        committed = {e.step for e in done}
+        for upload in storage.unfinished_uploads(run.checkpoints_dir):
+            step = _step_of(run.checkpoints_dir, upload[0])
+            if step is not None and (step in committed or (newest is not None and step < newest)):
+                plan.uploads.append(upload)
     return plan
+
+
+def _step_of(checkpoints_dir: str, path: str) -> int | None:
+    rel = path[len(checkpoints_dir.rstrip("/")) + 1 :] if path.startswith(checkpoints_dir) else ""
+    name = rel.split("/", 1)[0]
+    return int(name) if name.isdigit() else None
 
 
 def gc(path: str, keep: int, *, dry_run: bool = False) -> GcPlan:
@@ -86,6 +100,8 @@ def gc(path: str, keep: int, *, dry_run: bool = False) -> GcPlan:
         for strays in plan.strays.values():
             for path in strays:
                 storage.delete_file(path)
+        for path, upload_id in plan.uploads:
+            storage.abort_upload(path, upload_id)
         plan.done = True
     return plan
 

@@ -131,3 +131,13 @@ class Storage(ABC):
 
     @abstractmethod
     def delete_tree(self, path: str) -> None: ...
+
+    def unfinished_uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """Uploads under ``prefix`` that were started and never completed nor aborted, as
+        (path, upload id): a killed save leaves them, invisible to listings but billed (S3
+        multipart uploads). None elsewhere: a local write is a file, a GCS resumable upload
+        expires by itself."""
+        return []
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        raise NotImplementedError

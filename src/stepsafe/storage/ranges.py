@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class RangeRead:
-    """Fill ``buf`` (a 1-D byte view) with the bytes of ``path`` from ``offset``."""
+class RangeRead(NamedTuple):
+    """Fill ``buf`` (a 1-D byte view) with the bytes of ``path`` from ``offset``. A tuple:
+    a restore makes one per chunk, hundreds per checkpoint, and tuples are quick to make."""
 
     path: str
     offset: int

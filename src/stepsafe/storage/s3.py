@@ -94,6 +94,25 @@ class S3Storage(RemoteStorage):
                 raise FileExistsError(path) from e
             raise
 
+    def unfinished_uploads(self, prefix: str) -> list[tuple[str, str]]:
+        bucket, key, _ = self.fs.split_path(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out: list[tuple[str, str]] = []
+        marker: dict[str, str] = {}
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **marker)
+            out += [(f"s3://{bucket}/{u['Key']}", u["UploadId"]) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return out
+            marker = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
     def put_whole(self, path: str, body: bytes) -> None:
         bucket, key, _ = self.fs.split_path(path)
         self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)
@@ -144,9 +163,6 @@ class S3Storage(RemoteStorage):
                 fut.cancel()
                 with contextlib.suppress(BaseException):
                     fut.result()
-            # best effort: a bucket lifecycle rule cleans abandoned uploads
-            with contextlib.suppress(Exception):
-                self.fs.call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
-                )
+            with contextlib.suppress(Exception):  # best effort: else gc aborts it
+                self.abort_upload(path, upload_id)
             raise
