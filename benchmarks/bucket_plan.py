@@ -45,8 +45,8 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 # stepsafe with another ``data_file_size_bytes`` (a public argument of ``stepsafe.save``): not a
-# target row. 2 GiB is MaxText's default for checkpoint_storage_target_data_file_size_bytes, which
-# the demo passes on: one file per 2 GiB, which goes up in parts (buckets default to 128 MiB).
+# target row. 2 GiB is MaxText's default for checkpoint_storage_target_data_file_size_bytes (ours
+# is the storage's choice, 128 MiB on buckets): files that big go up in parts.
 STEPSAFE_FILE_SIZES = ("2048M",)
 
 

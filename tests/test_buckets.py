@@ -25,10 +25,16 @@ from stepsafe import (
     TruncatedDataError,
 )
 from stepsafe.checkpoint import committed_steps
-from stepsafe.format import METADATA_FILE
+from stepsafe.format import METADATA_FILE, CheckpointReader
 from stepsafe.manager import CheckpointManager, ManagerOptions
 from stepsafe.manager.gc import gc
-from stepsafe.storage import COMMIT_MARKER, IN_FLIGHT, set_concurrent_bytes, storage_for
+from stepsafe.storage import (
+    COMMIT_MARKER,
+    IN_FLIGHT,
+    RemoteStorage,
+    set_concurrent_bytes,
+    storage_for,
+)
 from stepsafe.storage.budget import DEFAULT_CONCURRENT_BYTES
 from stepsafe.storage.dispatch import remote_storage
 
@@ -272,6 +278,22 @@ def test_gc_removes_the_files_of_a_dead_attempt_at_a_committed_step(bucket_url):
     assert_bit_exact(stepsafe.restore(f"{bucket_url}/run"), make_state(5))
     assert stepsafe.verify(f"{bucket_url}/run").ok
     assert gc(f"{bucket_url}/run", keep=1, dry_run=True).strays == {}
+
+
+@pytest.mark.parametrize("bucket_url", ["memory"], indirect=True)
+def test_data_files_split_at_the_storage_default_unless_a_size_is_given(bucket_url, monkeypatch):
+    monkeypatch.setattr(RemoteStorage, "default_file_size", 1 << 20)  # 128 MiB: too big here
+    state = {"a": np.arange(3 << 18, dtype=np.float32), "b": np.ones(10)}  # 3 MiB + 80 B
+
+    def files(path: str) -> int:
+        storage, local = storage_for(path)
+        with CheckpointReader(storage, local) as reader:
+            return len(reader.manifest.files)
+
+    stepsafe.save(f"{bucket_url}/1", state)
+    stepsafe.save(f"{bucket_url}/2", state, data_file_size_bytes=8 << 20)
+    assert (files(f"{bucket_url}/1"), files(f"{bucket_url}/2")) == (4, 1)
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/1"), state)
 
 
 @pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)

@@ -1,8 +1,12 @@
 """Every flag stepsafe knows: MaxText's checkpoint flags plus the demo trainer's own.
 
-Defaults follow the seeds, with one documented choice where they disagree:
+Defaults follow the seeds, with two documented choices:
 ``enable_checkpointing`` defaults to True (seed 000's table says False, MaxText's base.yml and
-seed 002 say True; losing a run's work is the worse surprise).
+seed 002 say True; losing a run's work is the worse surprise), and
+``checkpoint_storage_target_data_file_size_bytes`` defaults to the storage's choice: MaxText's
+2 GiB on a local disk, 128 MiB on buckets, where each file goes up in one request and many at
+once (benchmarks/RESULTS-buckets.md: 2 GiB files save at half the speed or less). A value set
+in a config is always honoured.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class Config:
     lora_input_adapters_path: str = ""
     force_unroll: bool = False
     # storage and format (seed 000)
-    checkpoint_storage_target_data_file_size_bytes: int = 2147483648
+    # null: MaxText's 2 GiB on a local disk, 128 MiB on buckets (one upload request per file)
+    checkpoint_storage_target_data_file_size_bytes: int | None = None
     checkpoint_storage_use_ocdbt: bool = True
     checkpoint_storage_use_zarr3: bool = True
     checkpoint_storage_concurrent_gb: int = 96

@@ -135,7 +135,8 @@ def validate(config: Config) -> None:
     for name in ("max_num_checkpoints_to_keep", "warmup_steps", "wall_clock_limit_seconds"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if config.checkpoint_storage_target_data_file_size_bytes < 4096:
+    size = config.checkpoint_storage_target_data_file_size_bytes
+    if size is not None and size < 4096:
         raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
     if config.emb_dim % config.num_heads:
         raise ConfigError(f"emb_dim ({config.emb_dim}) must be divisible by num_heads")
