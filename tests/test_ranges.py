@@ -1,5 +1,5 @@
 """Batched ranged reads: how ranges merge into requests, and that every byte lands where it
-belongs, on a local disk and on buckets alike."""
+belongs, on a local disk and on buckets alike; and how wanted boxes map onto saved shards."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pytest
 from conftest import BUCKET_KINDS
 
 from stepsafe.errors import TruncatedDataError
+from stepsafe.format.manifest import ArrayEntry, Chunk, Shard
+from stepsafe.format.regions import plan_array_read
 from stepsafe.storage import RangeRead, storage_for
 from stepsafe.storage.ranges import plan_spans
 
@@ -85,3 +87,22 @@ def test_a_read_past_the_end_is_a_truncation(bucket_url):
         txn.commit()
     with pytest.raises(TruncatedDataError, match="truncated"):
         storage.read_ranges(reads_of((storage.join(local, "f"), 900, 200)))
+
+
+def test_boxes_that_share_a_saved_shard_read_it_once():
+    """Four column blocks of an array saved whole: one staging read of the saved shard, four
+    copies out of it; the same array saved in row blocks and wanted whole: read in place."""
+    whole = Shard(((0, 8), (0, 8)), (Chunk("f", 0, 256, "x"),))
+    entry = ArrayEntry(np.dtype(np.float32), "float32", (8, 8), (whole,))
+    boxes = [((0, 8), (2 * i, 2 * i + 2)) for i in range(4)]
+    plan = plan_array_read("a", entry, boxes)
+    assert len(plan.reads) == 1 and plan.reads[0][1].shape == (8, 8)
+    assert len(plan.copies) == 4 and set(plan.outs) == set(boxes)
+
+    rows = tuple(
+        Shard(((4 * i, 4 * i + 4), (0, 8)), (Chunk("f", 128 * i, 128, "x"),)) for i in (0, 1)
+    )
+    entry = ArrayEntry(np.dtype(np.float32), "float32", (8, 8), rows)
+    plan = plan_array_read("a", entry, [((0, 8), (0, 8))])
+    out = plan.outs[((0, 8), (0, 8))]
+    assert not plan.copies and all(np.shares_memory(dest, out) for _, dest in plan.reads)

@@ -8,7 +8,8 @@ requests). Every chunk is checked against its checksum unless ``verify=False``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from stepsafe.errors import ChecksumMismatchError, IncompleteCheckpointError, Tr
 from stepsafe.format.checksum import checksum
 from stepsafe.format.layout import ITEMS_DIR, METADATA_FILE, CheckpointMetadata
 from stepsafe.format.manifest import ArrayEntry, Chunk, Manifest
-from stepsafe.format.regions import Box, Region, plan_region
+from stepsafe.format.regions import ArrayRead, Box, plan_array_read
 from stepsafe.storage import RangeRead, Storage
 
 
@@ -129,50 +130,78 @@ class CheckpointReader:
                     )
                 self._checked_files.add(c.file)
 
-    def plan(self, key: str, box: Box | None = None) -> Region:
-        """What reading box ``box`` (default: all) of array ``key`` takes; nothing is read
-        yet, and only the output's and staging buffers' address space is reserved."""
+    def plan(self, key: str, boxes: list[Box] | None = None) -> ArrayRead:
+        """What reading ``boxes`` (default: the whole) of array ``key`` takes; nothing is read
+        yet, and only the outputs' and staging buffers' address space is reserved."""
         entry: ArrayEntry = self.manifest.arrays[key]
         self.check_files(key)
-        return plan_region(key, entry, tuple((0, n) for n in entry.shape) if box is None else box)
+        return plan_array_read(key, entry, boxes or [tuple((0, n) for n in entry.shape)])
 
-    def read(self, regions: Sequence[Region], verify: bool = True) -> None:
-        """Fill every region: all their chunks go to the storage as one batch (a bucket merges
-        neighbours into few large requests), each checked against its checksum as it lands."""
+    def read(
+        self,
+        plans: Sequence[ArrayRead],
+        verify: bool = True,
+        ready: Callable[[ArrayRead], None] | None = None,
+    ) -> None:
+        """Fill every planned array read: all their chunks go to the storage as one batch (a
+        bucket merges neighbours into few large requests), each checked against its checksum
+        as it lands. ``ready(plan)`` runs as soon as a plan's outputs are whole, on the thread
+        that read its last chunk, and the batch then lets go of its buffers: the caller can
+        use and free them while other arrays are still being read."""
         reads: list[RangeRead] = []
-        where: list[tuple[str, Chunk]] = []
-        for region in regions:
-            for shard, dest in region.reads:
+        owner: list[tuple[ArrayRead, Chunk]] = []
+        mine: dict[int, list[int]] = {}  # id(plan) -> indices of its reads
+        for plan in plans:
+            mine[id(plan)] = []
+            for shard, dest in plan.reads:
                 view = memoryview(dest.reshape(-1).view(np.uint8))
                 pos = 0
                 for c in shard.chunks:
+                    mine[id(plan)].append(len(reads))
                     part = view[pos : pos + c.length]
                     reads.append(RangeRead(self._file(c.file), c.offset, part))
-                    where.append((region.key, c))
+                    owner.append((plan, c))
                     pos += c.length
+        left = {k: len(v) for k, v in mine.items()}
+        lock = threading.Lock()
+
+        def whole(plan: ArrayRead) -> None:
+            plan.finish()
+            if ready is not None:
+                ready(plan)
 
         def check(i: int) -> None:
-            key, c = where[i]
+            plan, c = owner[i]
             if verify and checksum(reads[i].buf) != c.checksum:
                 raise ChecksumMismatchError(
-                    f"checksum mismatch in array {key!r}: file {reads[i].path}, offset "
+                    f"checksum mismatch in array {plan.key!r}: file {reads[i].path}, offset "
                     f"{c.offset}, {c.length} bytes; the checkpoint is corrupt (restore an earlier "
                     "step, or pass verify=False to read it anyway)"
                 )
+            with lock:
+                left[id(plan)] -= 1
+                last = left[id(plan)] == 0
+            if last:
+                whole(plan)
+                for j in mine.pop(id(plan)):  # read_ranges is done with them: free early
+                    reads[j] = owner[j] = None  # type: ignore[call-overload]
 
+        for plan in plans:
+            if left[id(plan)] == 0:  # nothing to read: empty arrays
+                whole(plan)
         self.storage.read_ranges(reads, check)
-        for region in regions:
-            region.finish()
 
     def read_array(self, key: str, verify: bool = True) -> np.ndarray:
         """The whole global array ``key`` as a fresh host array."""
-        return self.read_box(key, None, verify)
+        plan = self.plan(key)
+        self.read([plan], verify)
+        return next(iter(plan.outs.values()))
 
-    def read_box(self, key: str, box: Box | None, verify: bool = True) -> np.ndarray:
+    def read_box(self, key: str, box: Box, verify: bool = True) -> np.ndarray:
         """The region ``box`` of array ``key``, reading only the saved shards it overlaps."""
-        region = self.plan(key, box)
-        self.read([region], verify)
-        return region.out
+        plan = self.plan(key, [box])
+        self.read([plan], verify)
+        return plan.outs[box]
 
 
 def delete_checkpoint(storage: Storage, path: str) -> None:

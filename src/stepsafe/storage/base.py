@@ -72,8 +72,10 @@ class Storage(ABC):
         self, reads: Sequence[RangeRead], done: Callable[[int], None] = lambda i: None
     ) -> None:
         """Fill every read's buffer; ``done(i)`` runs on the thread that finished read ``i``,
-        right after (checksums are taken there, while the bytes are hot in cache); the first
-        failure, of a read or of ``done``, is raised once every read has stopped.
+        right after (checksums are taken there, while the bytes are hot in cache), and read
+        ``i`` is not touched after it (the caller may drop it from ``reads``, to free its
+        buffer early); the first failure, of a read or of ``done``, is raised once every read
+        has stopped.
 
         This default suits files with cheap reads (a local disk): one read per range on the
         I/O threads, biggest first so that the last to finish are short. Reads and page faults

@@ -164,9 +164,8 @@ class RemoteStorage(Storage):
             for i in finished:
                 done(i)
 
-        for i, r in enumerate(reads):
-            if r.buf.nbytes == 0:
-                done(i)
+        for i in [i for i, r in enumerate(reads) if r.buf.nbytes == 0]:
+            done(i)
         run_all(fetch, spans)
 
     def _fetch(self, path: str, start: int, end: int) -> bytes:
