@@ -67,21 +67,20 @@ def gather_parts(chunks: Iterable[memoryview | bytes], part_size: int) -> Iterat
         yield bytes(buf)
 
 
-def whole_or_parts(
-    chunks: Iterable[memoryview | bytes], single_max: int
-) -> tuple[bytes | None, Iterator[memoryview | bytes]]:
-    """``(the whole file, _)`` when ``chunks`` add up to at most ``single_max`` bytes (one
-    copy, joined for a one-request upload), else ``(None, the same chunks)``: looks ahead
-    without copying, holding only views of the caller's buffers."""
+def small_enough(
+    chunks: Iterable[memoryview | bytes], limit: int
+) -> tuple[list[memoryview | bytes] | None, Iterator[memoryview | bytes]]:
+    """``(chunks as a list, _)`` when they add up to at most ``limit`` bytes, else ``(None,
+    the same chunks)``: looks ahead without copying (views of the caller's buffers)."""
     it = iter(chunks)
     head: list[memoryview | bytes] = []
     size = 0
     for chunk in it:
         head.append(chunk)
         size += memoryview(chunk).nbytes
-        if size > single_max:
+        if size > limit:
             return None, chain(head, it)
-    return b"".join(head), iter(())
+    return head, iter(())
 
 
 class RemoteStorage(Storage):
@@ -116,12 +115,12 @@ class RemoteStorage(Storage):
         and servers do work per request (a multipart upload is reassembled at the end; a
         resumable one is rehashed per piece by fake-gcs-server). Bigger files go in parts."""
         single_max, part, _ = transfer_sizes()
-        body, rest = whole_or_parts(chunks, single_max)
-        if body is None:
+        head, rest = small_enough(chunks, single_max)
+        if head is None:
             self.put_parts(path, rest, part)
             return
-        with IN_FLIGHT.hold(max(len(body), 1)):
-            self.put_whole(path, body)
+        with IN_FLIGHT.hold(max(sum(memoryview(c).nbytes for c in head), 1)):
+            self.put_whole(path, b"".join(head))  # the one copy, within the budget
 
     # -- Storage -----------------------------------------------------------------------------
     def join(self, base: str, *parts: str) -> str:
