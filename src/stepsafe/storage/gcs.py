@@ -17,7 +17,7 @@ precondition for multipart uploads, which is why the marker never goes up resuma
 Retries: gcsfs retries every request up to 6 times with exponential backoff and jitter on
 408/429/5xx and connection errors.
 
-Uploads: a data file of up to ``SINGLE_UPLOAD_MAX`` goes up in one multipart POST; a bigger
+Uploads: a data file of up to ``SINGLE_UPLOAD_MAX`` goes up in one media POST; a bigger
 one as a resumable upload in ``PART_SIZE`` pieces, which GCS accepts only in order, so they are
 sequential (files are written concurrently).
 """
@@ -61,4 +61,18 @@ class GCSStorage(RemoteStorage):
         self.fs.pipe_file(path, data, mode="create")  # 412 -> FileExistsError
 
     def put_whole(self, path: str, body: bytes) -> None:
-        self.fs.pipe_file(path, body, chunksize=len(body) + 1)  # not resumable, however big
+        """A media upload: the bytes as the request's body, without the multipart envelope
+        that gcsfs' ``pipe_file`` wraps them in (which costs a copy on each side). Measured on
+        fake-gcs-server, nine 128 MiB files on 8 threads: 141-159 MB/s and half the client
+        CPU, against 100-105 MB/s through ``pipe_file``. Retried like every gcsfs request."""
+        bucket, key, _ = self.fs.split_path(path)
+        self.fs.call(
+            "POST",
+            f"{self.fs._location}/upload/storage/v1/b/{{}}/o",
+            bucket,
+            uploadType="media",
+            name=key,
+            headers={"Content-Type": "application/octet-stream"},
+            data=body,
+            json_out=True,
+        )
