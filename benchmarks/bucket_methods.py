@@ -106,6 +106,10 @@ class OneObject(Method):
             fs.pipe_file(path, memoryview(buf), chunksize=256 * MiB)
         elif v == "pipe-single":
             fs.pipe_file(path, buf, chunksize=len(buf) + 1)
+        elif v == "media-single":
+            from stepsafe.storage.gcs import GCSStorage
+
+            GCSStorage(fs).put_whole(path, buf)
         else:
             raise ValueError(f"no save variant {v!r}")
 

@@ -38,6 +38,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pipe-64M", "save", ("gcs",), "pipe_file(buffer): resumable, 64 MiB pieces"),
     Variant("pipe-256M", "save", ("gcs",), "pipe_file(buffer): resumable, 256 MiB pieces"),
     Variant("pipe-single", "save", ("gcs",), "pipe_file(buffer): one multipart POST"),
+    Variant("media-single", "save", ("gcs",), "one media POST, as stepsafe sends each file"),
     Variant("cat-file", "restore", ("s3", "gcs"), "cat_file: one GET"),
     Variant("cat-file-c16", "restore", ("gcs",), "cat_file(concurrency=16): 16 ranged GETs"),
     Variant("ranges-64M", "restore", ("s3", "gcs"), "cat_ranges: 64 MiB ranged GETs at once"),
