@@ -247,13 +247,14 @@ def main() -> None:
                         flush=True,
                     )
     run["elapsed_s"] = time.perf_counter() - t0
-    end = machine.stepsafe_source()
-    if not a.snapshot and end != run["stepsafe_source"]:
-        run["stepsafe_source_at_end"] = end
-        print("WARNING: stepsafe's code changed during the run; results mix versions")
-    json_path.write_text(json.dumps(run, indent=1))
-    Path(a.results).write_text(bucket_report.render(run, json_path.relative_to(ROOT)))
-    print(f"raw JSON: {json_path}\nresults: {a.results}")
+    rel = json_path.relative_to(ROOT)
+    machine.finish_run(
+        run,
+        json_path,
+        a.results,
+        lambda r: bucket_report.render(r, rel),
+        source_may_change=not a.snapshot,
+    )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -69,6 +71,26 @@ def describe(scratch: str) -> dict[str, str]:
         "disk": _disk(scratch),
         "kernel": platform.release(),
     }
+
+
+def finish_run(
+    run: dict,
+    json_path: Path,
+    results: str,
+    render: Callable[[dict], str],
+    *,
+    source_may_change: bool,
+) -> None:
+    """Write a run's raw JSON and its markdown (``render(run)``), noting first in the run when
+    stepsafe's code changed under it (``source_may_change``: the working tree was measured,
+    not a frozen snapshot)."""
+    end = stepsafe_source()
+    if source_may_change and end != run["stepsafe_source"]:
+        run["stepsafe_source_at_end"] = end
+        print("WARNING: stepsafe's code changed during the run; results mix versions")
+    json_path.write_text(json.dumps(run, indent=1))
+    Path(results).write_text(render(run))
+    print(f"raw JSON: {json_path}\nresults: {results}")
 
 
 def stepsafe_source() -> dict[str, str]:

@@ -38,7 +38,7 @@ def test_small_arrays_cost_one_request_per_data_file(bucket_url, proxied):
 
 
 @pytest.mark.parametrize("bucket_url", ["s3"], indirect=True)
-def test_a_resharding_restore_reads_each_saved_byte_once(bucket_url, proxied):
+def test_a_resharding_restore_costs_one_get_per_data_file(bucket_url, proxied):
     """Saved whole, restored onto 4 devices each holding a quarter of the columns: every
     device's box needs part of the same saved shard, and the restore still costs one GET per
     data file, not one per box."""
