@@ -16,7 +16,7 @@ params = {f"layer_{i}": {"kernel": rng.standard_normal((512, 512), np.float32)} 
 state = {
     "step": 1000,
     "params": params,
-    "opt_state": {"mu": {k: v * 0 for k, v in params.items()}},
+    "opt_state": {"mu": {k: {"kernel": np.zeros_like(v["kernel"])} for k, v in params.items()}},
 }
 path = os.path.join(base, str(int(time.time())))
 t = time.perf_counter()

@@ -72,14 +72,14 @@ def test_ls_json(base, capsys):
 
 def test_ls_errors(tmp_path, capsys):
     code, out, err = run(capsys, "ls", tmp_path / "missing")
-    assert code == 1 and out == ""
+    assert code == 4 and out == ""  # not found
     assert err.startswith("stepsafe: error: ") and "does not exist" in err
     assert "hint: " in err and "Traceback" not in err
     tmp_path.joinpath("empty").mkdir()
     code, out, _ = run(capsys, "ls", tmp_path / "empty")
     assert code == 0 and "No runs found" in out and "Grand Total: 0 run(s)" in out
     code, _, err = run(capsys, "ls", tmp_path / "empty", "--run-name", "x")
-    assert code == 1 and "no run 'x'" in err
+    assert code == 4 and "no run 'x'" in err
 
 
 def test_usage_errors_exit_2(capsys):
@@ -133,10 +133,10 @@ def test_inspect_json_and_param_only(tmp_path, capsys):
 
 def test_inspect_incomplete_or_missing(base, capsys):
     code, _, err = run(capsys, "inspect", base / "run1/checkpoints/15")
-    assert code == 1 and ("never committed" in err or "not a committed" in err)
+    assert code == 5 and ("never committed" in err or "not a committed" in err)
     assert "Traceback" not in err and "hint:" in err
     code, _, err = run(capsys, "inspect", base / "nope")
-    assert code == 1 and "does not exist" in err
+    assert code == 4 and "does not exist" in err
 
 
 def test_verify_ok_and_flipped_byte(base, capsys):
@@ -187,7 +187,7 @@ def test_gc_dry_run_then_delete(base, capsys):
 
 def test_gc_not_a_run(base, capsys):
     code, _, err = run(capsys, "gc", base / "run1/checkpoints/30", "--keep", "1")
-    assert code == 1 and "not a run directory" in err and "hint:" in err
+    assert code == 6 and "not a run directory" in err and "hint:" in err
 
 
 def test_diff(tmp_path, capsys):
@@ -198,12 +198,12 @@ def test_diff(tmp_path, capsys):
     stepsafe.save(tmp_path / "a", a)
     stepsafe.save(tmp_path / "b", b)
     code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "b")
-    assert code == 0
+    assert code == 1  # they differ
     assert line_with(out, "added")[1:] == ["params/extra", "float32[2]"]
     assert line_with(out, "removed")[1:] == ["opt_state/mu", "float32[32,", "8]"]
     assert "1 added, 1 removed, 0 changed" in out and "Values" not in out
     code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "b", "--values", "--no-progress")
-    assert code == 0
+    assert code == 1
     assert line_with(out, "params/embed")[1] == "0.25"
     assert "Values: 1 of 3 compared arrays differ" in out
     doc = json.loads(run(capsys, "diff", tmp_path / "a", tmp_path / "a", "--values", "--json")[1])

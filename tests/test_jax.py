@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -65,7 +67,7 @@ def test_target_jax_array_takes_its_dtype_and_sharding(tmp_path, mesh):
     x = sharded(mesh, P("data", "model"))
     stepsafe.save(tmp_path / "c", {"x": x})
     like = sharded(mesh, P("model"), dtype=jnp.bfloat16, seed=1)
-    out = stepsafe.restore(tmp_path / "c", {"x": like})["x"]
+    out = stepsafe.restore(tmp_path / "c", {"x": like}, allow_cast=True)["x"]  # f32 -> bf16
     assert out.dtype == jnp.bfloat16 and out.sharding == like.sharding
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x.astype(jnp.bfloat16)))
 
@@ -118,7 +120,15 @@ def test_params_only_select_onto_sharded_target(tmp_path, mesh):
     stepsafe.save(tmp_path / "c", state)
     target = {"w": jax.ShapeDtypeStruct((8, 12), jnp.float32, sharding=NamedSharding(mesh, P()))}
     out = stepsafe.restore(tmp_path / "c", target, select="params")
+    assert list(out) == ["w"] and isinstance(out["w"], jax.Array)
+    assert out["w"].sharding == target["w"].sharding != params["w"].sharding
     np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(params["w"]))
+    other = NamedSharding(mesh, P("model", None))  # and onto a sharding of the other axes
+    target = {"w": jax.ShapeDtypeStruct((8, 12), jnp.float32, sharding=other)}
+    out = stepsafe.restore(tmp_path / "c", target, select="params")["w"]
+    assert out.sharding == other
+    for shard in out.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(params["w"])[shard.index])
 
 
 def test_without_target_jax_arrays_come_back_as_numpy(tmp_path, mesh):
@@ -130,11 +140,27 @@ def test_without_target_jax_arrays_come_back_as_numpy(tmp_path, mesh):
     assert out["s"].shape == () and out["s"] == 3
 
 
-def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, mesh):
+def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, mesh, monkeypatch):
+    """The snapshot of an async save shares no memory with the caller's state: JAX really
+    donates and reuses the saved buffers (on the CPU a snapshot holding views of them makes JAX
+    copy instead of donating, so ``is_deleted`` tells), and a numpy leaf changed in place while
+    the write is still to come (each file is written 0.2 s late) is saved as it was."""
     from stepsafe.manager import CheckpointManager, ManagerOptions
+    from stepsafe.storage.local import LocalTransaction
 
-    state = {"w": sharded(mesh, P("data", "model")), "b": jnp.arange(1000.0)}
-    expected = jax.tree.map(np.asarray, state)
+    real_write_file = LocalTransaction.write_file
+
+    def slow_write_file(self, relpath, chunks):  # a slow disk: the bytes are read 0.2 s late
+        time.sleep(0.2)
+        return real_write_file(self, relpath, chunks)
+
+    monkeypatch.setattr(LocalTransaction, "write_file", slow_write_file)
+    state = {
+        "w": sharded(mesh, P("data", "model")),
+        "b": jnp.arange(1000.0),
+        "host": np.arange(256, dtype=np.int64),
+    }
+    expected = jax.tree.map(np.array, state)
 
     @jax.jit
     def clobber(s):
@@ -143,9 +169,13 @@ def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, mesh):
     clobber_donating = jax.jit(clobber, donate_argnums=0)
     m = CheckpointManager(str(tmp_path), ManagerOptions(save_interval_steps=1, async_save=True))
     m.save(1, state)
-    new = clobber_donating(state)  # reuses the saved buffers while the save may still run
+    state["host"][:] = -7  # the caller updates a host leaf in place, before the write
+    donated = {k: state[k] for k in ("w", "b")}
+    new = clobber_donating(donated)  # reuses the saved buffers while the save still runs
     assert float(new["b"][0]) == -7
+    assert all(x.is_deleted() for x in donated.values()), "JAX could not donate the buffers"
     m.wait_until_finished()
+    m.close()
     out = stepsafe.restore(tmp_path / "1")
     for k in expected:
         np.testing.assert_array_equal(out[k], expected[k])

@@ -43,6 +43,11 @@ class UnsupportedFormatError(StepsafeError):
     """The checkpoint was written by a newer (or foreign) format version."""
 
 
+class DeletionError(StepsafeError):
+    """A checkpoint (or a file in one) was not deleted: the storage refused (read-only, no
+    permission), or deleting it would have reached outside the run (a symbolic link)."""
+
+
 class UnsupportedLeafError(StepsafeError, TypeError):
     """A leaf (or dict key) of the tree cannot be saved."""
 
@@ -53,3 +58,20 @@ class TargetMismatchError(StepsafeError, ValueError):
 
 class ConfigError(StepsafeError, ValueError):
     """A configuration that cannot be run as given (unknown flag, bad value, conflict)."""
+
+
+class StorageError(StepsafeError, OSError):
+    """Storage refused an operation (disk full, file too large, read-only, no permission);
+    the message names the path, and ``errno`` is the system's error number."""
+
+
+class MultiProcessSaveError(StepsafeError):
+    """A save was asked of one of several JAX processes: multi-host saves are not built yet."""
+
+
+class CredentialsError(StepsafeError):
+    """A bucket URL, and no credentials for it: the message names what to set."""
+
+
+class RunInUseError(StepsafeError):
+    """Another manager holds (or has taken over) the run directory's lease."""

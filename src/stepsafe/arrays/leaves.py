@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from stepsafe.arrays.staging import StagingBuffers
+from stepsafe.errors import UnsupportedLeafError
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.writer import HostArray
 
@@ -69,7 +70,17 @@ def start_host_transfers(arrays: list[HostArray]) -> None:
 
 
 def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
-    """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given)."""
+    """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given).
+
+    Raises:
+        UnsupportedLeafError: ``x`` is a numpy masked array, whose mask would be lost.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        raise UnsupportedLeafError(
+            f"leaf at {path or '<root>'!r} is a numpy masked array, and stepsafe saves only "
+            "the data, so its mask would be lost: save x.data and np.ma.getmaskarray(x) "
+            "as two arrays"
+        )
     if is_jax_array(x):
         from stepsafe.arrays.jax_arrays import host_shards
 

@@ -16,10 +16,35 @@ from stepsafe.storage import Storage, is_temporary
 CHECKPOINTS_DIR = "checkpoints"
 
 
+def step_number(name: str) -> int | None:
+    """The step a directory name stands for, or None when it is no step's name.
+
+    Only ASCII decimal digits written as stepsafe writes them (``str(step)``): ``"²"`` and
+    ``"٣"`` are digits to ``str.isdigit`` (and ``int`` refuses the first), ``"007"`` is another
+    directory than step 7's. One rule for every listing, so none can disagree on what a step is.
+    """
+    if name.isascii() and name.isdigit() and (name == "0" or name[0] != "0"):
+        return int(name)
+    return None
+
+
+def is_step_name(name: str) -> bool:
+    return step_number(name) is not None
+
+
+def _committed(storage: Storage, path: str) -> bool:
+    """``is_committed``, where a step that cannot be read at all (a symbolic link loop, no
+    permission) is simply not a committed one."""
+    try:
+        return is_committed(storage, path)
+    except OSError:
+        return False
+
+
 def committed_steps(storage: Storage, directory: str) -> list[int]:
     """Steps under ``directory`` (names that are integers) that hold a committed checkpoint."""
-    steps = [int(n) for n in storage.list_dir(directory) if n.isdigit()]
-    return sorted(s for s in steps if is_committed(storage, storage.join(directory, str(s))))
+    steps = [s for s in map(step_number, storage.list_dir(directory)) if s is not None]
+    return sorted(s for s in steps if _committed(storage, storage.join(directory, str(s))))
 
 
 def uncommitted_entries(storage: Storage, directory: str) -> list[str]:
@@ -28,7 +53,7 @@ def uncommitted_entries(storage: Storage, directory: str) -> list[str]:
         n
         for n in storage.list_dir(directory)
         if is_temporary(n)
-        or (n.isdigit() and not is_committed(storage, storage.join(directory, n)))
+        or (is_step_name(n) and not _committed(storage, storage.join(directory, n)))
     ]
 
 
@@ -38,7 +63,7 @@ def locate(storage: Storage, path: str) -> str:
     base = posixpath.basename(p)
     parent = posixpath.dirname(p)
     if not storage.exists(p):
-        if posixpath.basename(parent) == ITEMS_DIR and base.isdigit():
+        if posixpath.basename(parent) == ITEMS_DIR and is_step_name(base):
             alt = storage.join(posixpath.dirname(parent), base)
             if storage.exists(alt):
                 return locate(storage, alt)

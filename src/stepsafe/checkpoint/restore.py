@@ -49,22 +49,64 @@ def is_target_leaf(x: Any) -> bool:
     )
 
 
-def _restore_value(key: str, value: Any, target: Any) -> Any:
+_PYTHON_DTYPES = {bool: np.dtype(np.bool_), int: np.dtype(np.int64), float: np.dtype(np.float64)}
+
+
+def _target_dtype(target: Any, saved: np.dtype) -> np.dtype:
+    """The dtype a target leaf asks for. A Python ``int`` holds any integer exactly."""
+    kind = type(target)
+    if kind is int and saved.kind in "biu":
+        return saved
+    return _PYTHON_DTYPES[kind] if kind in _PYTHON_DTYPES else np.dtype(target.dtype)
+
+
+def _value_dtype(value: Any) -> np.dtype:
+    """An inline Python value's dtype for the cast rule: the smallest integer dtype that holds
+    an int (object for one beyond 64 bits), float64 for a float, bool for a bool."""
+    return np.min_scalar_type(value) if type(value) is int else np.asarray(value).dtype
+
+
+def check_cast(key: str, saved: np.dtype, target: Any, allow_cast: bool) -> None:
+    """Refuse a cast that could change values unless ``allow_cast`` (see ``restore``).
+
+    Raises:
+        TargetMismatchError: ``np.can_cast(saved, wanted, "safe")`` is False.
+    """
+    wanted = _target_dtype(target, saved)
+    if allow_cast or saved == wanted or np.can_cast(saved, wanted, casting="safe"):
+        return
+    raise TargetMismatchError(
+        f"{key!r}: the checkpoint holds {saved}, the target wants {wanted}, and that cast can "
+        "change values: pass allow_cast=True to restore() to cast on purpose"
+    )
+
+
+def _restore_value(key: str, value: Any, target: Any, allow_cast: bool) -> Any:
     if target is None or type(target) is type(value):
         return value
     if isinstance(target, (bool, int, float)) and isinstance(value, (bool, int, float)):
-        return type(target)(value)
+        check_cast(key, _value_dtype(value), target, allow_cast)
+        return _converted(key, value, lambda: type(target)(value))
     if hasattr(target, "shape") and hasattr(target, "dtype"):
         if isinstance(value, str) or tuple(target.shape) != ():
             raise TargetMismatchError(
                 f"{key!r}: the checkpoint holds the {type(value).__name__} {value!r}, the target "
                 f"an array of shape {tuple(target.shape)}"
             )
-        return _restore_array_host(key, np.asarray(value), target)
+        check_cast(key, _value_dtype(value), target, allow_cast)
+        return _converted(key, value, lambda: _restore_array_host(key, np.asarray(value), target))
     raise TargetMismatchError(
         f"{key!r}: the checkpoint holds a {type(value).__name__}, "
         f"the target a {type(target).__name__}"
     )
+
+
+def _converted(key: str, value: Any, convert: Callable[[], Any]) -> Any:
+    """``convert()``, for a cast asked for with ``allow_cast`` that no dtype can hold."""
+    try:
+        return convert()
+    except (OverflowError, ValueError, TypeError) as e:
+        raise TargetMismatchError(f"{key!r}: {value!r} cannot be cast to the target ({e})") from e
 
 
 def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
@@ -73,7 +115,7 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
             raise TargetMismatchError(
                 f"{key!r}: target is a scalar, checkpoint has shape {arr.shape}"
             )
-        return type(target)(arr.item())
+        return type(target)(arr.astype(_target_dtype(target, arr.dtype)).item())
     if isinstance(target, np.generic):
         return arr.astype(target.dtype)[()]
     if isinstance(target, np.ndarray) or not _wants_jax(target):
@@ -109,19 +151,22 @@ class LeafPlan:
     transient: int = 0  # host bytes held only until the leaf is made (device targets)
 
 
-def plan_leaf(reader: CheckpointReader, key: str, target: Any) -> LeafPlan:
+def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool) -> LeafPlan:
     manifest = reader.manifest
     if key in manifest.values:
-        value = manifest.values[key]
-        return LeafPlan(lambda: None, lambda _: _restore_value(key, value, target))
+        value = _restore_value(key, manifest.values[key], target, allow_cast)
+        return LeafPlan(lambda: None, lambda _: value)
     entry = manifest.arrays[key]
-    if target is not None and hasattr(target, "shape") and tuple(target.shape) != entry.shape:
+    shape = () if isinstance(target, (bool, int, float)) else getattr(target, "shape", None)
+    if target is not None and shape is not None and tuple(shape) != entry.shape:
         raise TargetMismatchError(
             f"{key!r}: the checkpoint's array has shape {entry.shape}, the target wants "
-            f"{tuple(target.shape)}"
+            f"{tuple(shape)}"
         )
     if isinstance(target, str):
         raise TargetMismatchError(f"{key!r}: the checkpoint holds an array, the target a str")
+    if target is not None:
+        check_cast(key, entry.dtype, target, allow_cast)
     if _wants_jax(target):
         from stepsafe.arrays.jax_arrays import assemble, local_boxes
 
@@ -146,22 +191,40 @@ def restore(
     *,
     select: str | Sequence[Any] | None = None,
     verify: bool = True,
+    allow_cast: bool = False,
 ) -> Any:
     """Read a committed checkpoint back as a tree.
 
-    ``target``: a tree like the saved one (or like the selected subtree) whose leaves say what
-    to make of each array: a numpy array or scalar (that dtype), a ``jax.Array`` or
-    ``jax.ShapeDtypeStruct`` (that dtype and sharding), or None (as saved). Its containers
-    (NamedTuples, dataclasses, optax states) are rebuilt. Without a target, numpy arrays in
-    dicts, lists and tuples; NamedTuples and other custom nodes come back as dicts.
-    ``select``: a key path (``"params"``) or sequence of keys; only that subtree's bytes are read.
-    ``verify``: check every chunk's checksum (default).
+    Args:
+        path: a step directory, its ``items/`` child, or a run directory (its latest step).
+        target: a tree like the saved one (or like the selected subtree) whose leaves say what
+            to make of each leaf: a numpy array or scalar (that dtype), a ``jax.Array`` or
+            ``jax.ShapeDtypeStruct`` (that dtype and sharding), a Python bool/int/float, or None
+            (as saved). Its containers (NamedTuples, dataclasses, optax states) are rebuilt.
+            Without a target: numpy arrays in dicts, lists and tuples; NamedTuples and other
+            custom nodes come back as dicts; a typed JAX PRNG key as ``{impl name: key data}``
+            (see ``stepsafe.tree.jax_keys``).
+        select: a key path (``"params"``) or sequence of keys; only that subtree's bytes are
+            read.
+        verify: check every chunk's checksum (default).
+        allow_cast: cast to the target's dtype even where values may change. Without it only
+            casts that cannot change a value happen: ``np.can_cast(saved, wanted, "safe")``
+            (int32 -> int64, float32 -> float64, bfloat16 -> float32); a Python int target
+            takes any integer, a Python float is float64; an inline Python int counts as the
+            smallest integer dtype that holds it. Casting float32 parameters to bfloat16 on
+            purpose (as MaxText does) needs ``allow_cast=True``.
+
+    Raises:
+        TargetMismatchError: the target's keys, shapes or dtypes do not fit the checkpoint
+            (checked for every leaf before any data is read).
     """
     with open_checkpoint(path) as reader:
-        return _restore_from(reader, target, select, verify)
+        return _restore_from(reader, target, select, verify, allow_cast)
 
 
-def _restore_from(reader: CheckpointReader, target: Any, select: Any, verify: bool) -> Any:
+def _restore_from(
+    reader: CheckpointReader, target: Any, select: Any, verify: bool, allow_cast: bool = False
+) -> Any:
     prefix = select_prefix(select)
     try:
         node = subtree(reader.manifest.structure, prefix)
@@ -171,16 +234,16 @@ def _restore_from(reader: CheckpointReader, target: Any, select: Any, verify: bo
         ) from e
     if target is None:
         keys = structure_paths(node, prefix)
-        values = dict(zip(keys, _restore_all(reader, keys, [None] * len(keys), verify)))
+        values = dict(zip(keys, _restore_all(reader, keys, [None] * len(keys), verify, False)))
         return build_plain(node, values.__getitem__, prefix)
     flat = flatten(target, is_leaf=is_target_leaf)
     keys = [concat(prefix, p) for p in flat.paths]
     check_target_paths(structure_paths(node, prefix), keys)
-    return flat.rebuild(_restore_all(reader, keys, flat.leaves, verify))
+    return flat.rebuild(_restore_all(reader, keys, flat.leaves, verify, allow_cast))
 
 
 def _restore_all(
-    reader: CheckpointReader, keys: list[str], targets: list[Any], verify: bool
+    reader: CheckpointReader, keys: list[str], targets: list[Any], verify: bool, allow_cast: bool
 ) -> list:
     """Restore leaves a window at a time, in the order their bytes lie in the data files: a
     window's reads go to the storage as one batch (neighbours merge into large requests on
@@ -193,7 +256,7 @@ def _restore_all(
         first = next((c for s in entry.shards for c in s.chunks), None) if entry else None
         return (first.file, first.offset) if first else ("", 0)
 
-    plans = [plan_leaf(reader, k, t) for k, t in zip(keys, targets)]  # every check first
+    plans = [plan_leaf(reader, k, t, allow_cast) for k, t in zip(keys, targets)]  # checks first
     out: list[Any] = [None] * len(keys)
     window: list[int] = []
     size = 0

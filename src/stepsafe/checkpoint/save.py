@@ -7,6 +7,7 @@ happen while the caller waits); ``write`` turns a snapshot into a committed chec
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,12 @@ from stepsafe.arrays import (
     StagingBuffers,
     copy_accelerator_leaves,
     is_array,
+    is_jax_array,
     is_leaf,
     start_host_transfers,
     to_host,
 )
-from stepsafe.errors import UnsupportedLeafError
+from stepsafe.errors import MultiProcessSaveError, UnsupportedLeafError
 from stepsafe.format import CheckpointMetadata, HostArray, write_checkpoint
 from stepsafe.storage import run_all, storage_for
 from stepsafe.tree import Structure, flatten
@@ -39,13 +41,48 @@ class Snapshot:
         return sum(d.nbytes for a in self.arrays for _, d in a.shards)
 
 
-def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None) -> Snapshot:
+def check_single_process(path: str, *, jax_arrays: bool = False) -> None:
+    """Refuse to save from one of several processes (``jax.distributed``).
+
+    Each process holds only its own shards: a save from each would commit whichever process
+    finished first, with the other processes' shards missing. Saving from many hosts at once
+    (every process writing its shards, one commit) is not built yet. JAX is consulted only if
+    the program already imported it, and asked for the process count only when that costs
+    nothing: ``jax.distributed`` is initialised, or the tree holds JAX arrays (the backend is up).
+
+    Raises:
+        MultiProcessSaveError: ``jax.process_count() > 1``.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return
+    is_initialized = getattr(getattr(jax, "distributed", None), "is_initialized", None)
+    if not (jax_arrays or (is_initialized is not None and is_initialized())):
+        return
+    count = jax.process_count()
+    if count > 1:
+        where = f" {path}" if path else ""
+        raise MultiProcessSaveError(
+            f"cannot save{where}: this is one of {count} JAX processes and multi-host saves "
+            "are not supported yet (nothing was written): save from a single process"
+        )
+
+
+def snapshot(
+    tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None, path: str = ""
+) -> Snapshot:
     """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
     caller's buffers (async saves): arrays on accelerators are copied where they lie, in one
     batched dispatch; host arrays are copied into ``staging`` when given, big copies on the I/O
-    threads, since memcpy releases the GIL and two cores copy about twice as fast."""
+    threads, since memcpy releases the GIL and two cores copy about twice as fast.
+
+    Raises:
+        UnsupportedLeafError: a leaf, key or nesting depth that restore could not read back.
+        MultiProcessSaveError: one of several JAX processes (see ``check_single_process``).
+    """
     flat = flatten(tree, is_leaf=is_leaf)
     leaves = [(p, x) for p, x in zip(flat.paths, flat.leaves) if is_array(x)]
+    check_single_process(path, jax_arrays=any(is_jax_array(x) for _, x in leaves))
     values = {p: x for p, x in zip(flat.paths, flat.leaves) if not is_array(x)}
     copied: set[str] = set()
     if copy:
@@ -78,6 +115,8 @@ def write(
     extra_files: dict[str, bytes] | None = None,
     data_file_size_bytes: int | None = None,
 ) -> None:
+    """Commit ``snap`` at ``path`` (see ``save``); refuses as ``check_single_process`` does."""
+    check_single_process(path)
     _check_json("metadata", metadata or {})
     start_host_transfers(snap.arrays)
     storage, local = storage_for(path)
@@ -107,5 +146,5 @@ def save(
     ``data_file_size_bytes``: where data files are split (default: 2 GiB on a local disk,
     128 MiB on buckets, where each file goes up in one request and several at once).
     """
-    snap = snapshot(tree)
+    snap = snapshot(tree, path=str(path))
     write(str(path), snap, metadata=metadata, data_file_size_bytes=data_file_size_bytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, locate
+from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, is_step_name, locate, step_number
 from stepsafe.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -73,9 +73,9 @@ def verify_targets(path: str) -> list[str]:
     for d in (storage.join(p, CHECKPOINTS_DIR), p):
         names = storage.list_dir(d)
         steps = sorted(
-            int(n)
+            step_number(n)
             for n in names
-            if n.isdigit() and storage.exists(storage.join(d, n, METADATA_FILE))
+            if is_step_name(n) and storage.exists(storage.join(d, n, METADATA_FILE))
         )
         if steps:
             return [storage.join(d, str(s)) for s in steps]

@@ -3,6 +3,10 @@
 Keys added and removed, dtype/shape changes and changed inline values, from the two manifests
 alone; with ``--values`` also the max absolute difference of every array pair of equal shape,
 read one pair at a time so memory stays bounded whatever the checkpoints' size.
+
+Exit status as diff(1)'s: 0 when the two agree in everything compared (without ``--values``:
+keys, dtypes, shapes and inline values; with it, the arrays' contents too), 1 when they
+differ, another code (see ``stepsafe --help``) when they could not be compared.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ from rich.table import Table
 
 from stepsafe.checkpoint.diff import CheckpointDiff, diff
 from stepsafe.cli import common
+from stepsafe.cli.common import ExitCode
 
-HELP = "compare two checkpoints: keys added/removed, shape/dtype changes, --values: max abs diff"
+HELP = (
+    "compare two checkpoints: keys added/removed, shape/dtype changes, --values: max abs diff; "
+    "exit 1 when they differ"
+)
 EXAMPLE = "stepsafe diff outputs/demo/checkpoints/250 outputs/demo/checkpoints/300 --values"
 HINT = "A and B are step directories (or runs: their latest steps)"
 
@@ -52,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         common.print_json(d)
     else:
         show(d)
-    return 0
+    return ExitCode.OK if equal(d) else ExitCode.NO
+
+
+def equal(d: CheckpointDiff) -> bool:
+    """True when nothing compared differs (array contents only count when ``--values``)."""
+    return d.structure_equal and all(v.equal for v in d.values or ())
 
 
 def show(d: CheckpointDiff) -> None:
@@ -71,7 +84,7 @@ def show(d: CheckpointDiff) -> None:
             table.add_row("added", escape(key), "", escape(str(desc)))
         for c in d.changed:
             table.add_row("changed", escape(c.key), escape(str(c.before)), escape(str(c.after)))
-        con.print(table)
+        common.print_uncut(con, table)
         con.print(
             f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
             f"{d.same} unchanged"
@@ -86,5 +99,5 @@ def show(d: CheckpointDiff) -> None:
         for v in sorted(differing, key=lambda v: -(v.max_abs_diff or 0.0)):
             diff_text = "differs" if v.max_abs_diff is None else f"{v.max_abs_diff:.6g}"
             table.add_row(escape(v.key), diff_text)
-        con.print(table)
+        common.print_uncut(con, table)
     con.print(f"Values: {len(differing)} of {len(d.values)} compared arrays differ")

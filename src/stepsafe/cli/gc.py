@@ -1,8 +1,12 @@
 """``stepsafe gc``: delete a run's old checkpoints, keeping the newest N committed ones.
 
-Also deletes stale incomplete saves (a newer step is committed, or their local writer process
-is gone). Never deletes the newest committed checkpoint nor a save that may still be running;
-each deletion removes the commit marker first. ``--dry-run`` prints the plan and deletes nothing.
+Keeps the newest N intact checkpoints (marker and manifest match their checksums). Also deletes
+stale incomplete saves (a newer step is committed, or their local writer process is gone), and
+in kept steps the stray files an earlier, dead save of the same step left. Never deletes the
+newest intact checkpoint, a save that may still be running, a damaged step, a symbolic link,
+nor anything stepsafe did not write (Orbax's checkpoints, a README, other directories); each
+deletion removes the commit marker first. ``--dry-run`` prints the plan (every step and stray
+file, and why) and deletes nothing.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def as_json(plan: GcPlan) -> dict:
         "keep": rows(plan.keep),
         "bytes_freed": plan.bytes_freed if plan.done else 0,
         "stray_files": {str(step): paths for step, paths in plan.strays.items()},
+        "stray_reasons": dict(plan.stray_reasons),
         "unfinished_uploads": [{"path": p, "upload_id": u} for p, u in plan.uploads],
     }
 
@@ -78,8 +83,8 @@ def show(plan: GcPlan) -> None:
     con = common.out()
     verb = "Would delete" if plan.dry_run else "Deleted"
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("Step", "Action", "Status", "Size (MB)", "Why"):
-        table.add_column(col, justify="right" if col == "Size (MB)" else "left")
+    for col in ("Step", "Action", "Status", "Size (MB)", "Why"):  # paths in "Why" fold, never cut
+        table.add_column(col, justify="right" if col == "Size (MB)" else "left", overflow="fold")
     rows = [(a, verb.lower()) for a in plan.delete] + [(a, "keep") for a in plan.keep]
     for a, action in sorted(rows, key=lambda r: (r[0].entry.step, r[0].entry.name)):
         e = a.entry
@@ -93,8 +98,10 @@ def show(plan: GcPlan) -> None:
     for step, paths in sorted(plan.strays.items()):
         con.print(
             f"{verb} {len(paths)} stray file(s) in step {step}, left by a save of that step "
-            "that died or lost a race"
+            "that died or lost a race:"
         )
+        for path in paths:
+            con.print(f"  {escape(path)}: {escape(plan.stray_reasons.get(path, ''))}")
     if plan.uploads:
         aborted = "Would abort" if plan.dry_run else "Aborted"
         con.print(f"{aborted} {len(plan.uploads)} unfinished upload(s) left by saves that died")

@@ -96,7 +96,7 @@ def show(s: CheckpointSummary, depth: int | None) -> None:
     for g in s.groups:
         share = f"{100 * g.nbytes / i.nbytes:.1f}%" if i.nbytes else "-"
         groups.add_row(escape(g.name), str(g.num_arrays), common.human_bytes(g.nbytes), share)
-    con.print(groups)
+    common.print_uncut(con, groups)
     folded = f" (folded below depth {depth})" if depth else ""
     tree = Table(title=f"Tree{folded}", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     tree.add_column("Key")
@@ -105,7 +105,7 @@ def show(s: CheckpointSummary, depth: int | None) -> None:
     tree.add_column("Bytes", justify="right")
     for r in s.tree(depth):
         tree.add_row(*_row(r))
-    con.print(tree)
+    common.print_uncut(con, tree)
 
 
 def _row(r: TreeRow) -> tuple[str, str, str, str]:

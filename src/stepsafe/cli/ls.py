@@ -1,20 +1,32 @@
 """``stepsafe ls``: every run under a base output directory and its checkpoints.
 
-Per run a table (Step, Size (MB), Files, Status, Created), the run's totals and its latest
-committed checkpoint; then the grand total. "Incomplete" is a step that was never committed
-(a save that died or is still running): restore and resume never pick it.
+Per run a table (Step, Size (MB), Files, Status, Created, with its time zone), the run's totals
+and its latest committed checkpoint; then the grand total. "Incomplete" is a step that was never
+committed (a save that died or is still running): restore and resume never pick it. "Damaged"
+is a committed step whose metadata or manifest is corrupt; "Symlink", "Orbax", "Foreign" and
+"Unreadable" entries are not stepsafe's own: each is listed with why, and gc never deletes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from stepsafe.cli import common
 from stepsafe.errors import CheckpointNotFoundError
-from stepsafe.manager.inventory import Inventory, RunInventory, StepEntry, list_runs
+from stepsafe.manager.inventory import (
+    COMPLETE,
+    DAMAGED,
+    INCOMPLETE,
+    Inventory,
+    RunInventory,
+    StepEntry,
+    list_runs,
+)
 from stepsafe.storage import storage_for
 
 HELP = "list runs and their checkpoints (size, files, complete or not, created)"
@@ -72,6 +84,7 @@ def _step_json(s: StepEntry) -> dict:
         "size_bytes": s.size_bytes,
         "files": s.num_files,
         "status": s.status,
+        "detail": s.detail,
         "temporary": s.temporary,
         "created": common.iso(s.created_nsecs),
         "created_nsecs": s.created_nsecs,
@@ -111,17 +124,23 @@ def _show_run(con, r: RunInventory) -> None:
     table.add_column("Size (MB)", justify="right", min_width=10)
     table.add_column("Files", justify="right", min_width=6)
     table.add_column("Status", min_width=12)
-    table.add_column("Created", min_width=19)
+    table.add_column("Created", min_width=23)
     for s in r.steps:
         step = f"{s.step} (tmp)" if s.temporary else str(s.step)
-        status = s.status if s.complete else f"[yellow]{s.status}[/yellow]"
+        colour = {COMPLETE: "", DAMAGED: "red"}.get(s.status, "yellow")
+        status = f"[{colour}]{s.status}[/{colour}]" if colour else s.status
         table.add_row(
-            step, common.mb(s.size_bytes), str(s.num_files), status, common.when(s.created_nsecs)
+            step, common.mb(s.size_bytes), str(s.num_files), status, when(s.created_nsecs)
         )
     con.print(table)
+    for s in r.steps:
+        if s.status not in (COMPLETE, INCOMPLETE):
+            con.print(f"  {escape(s.name)}: {s.status}: {escape(s.detail)}")
     con.print("-" * 80)
     n_inc = len(r.incomplete)
+    others = len(r.steps) - len(r.complete) - n_inc
     extra = f" ({n_inc} incomplete)" if n_inc else ""
+    extra += f" ({others} not intact or not stepsafe's)" if others else ""
     con.print(f"Run total: {len(r.steps)} checkpoint(s){extra}, {common.mb(r.size_bytes)} MB")
     con.print()
     latest = r.latest
@@ -131,3 +150,12 @@ def _show_run(con, r: RunInventory) -> None:
     con.print(f"Latest checkpoint: Step {latest.step}")
     con.print(f"  Size: {common.mb(latest.size_bytes)} MB")
     con.print(f"  Files: {latest.num_files}")
+
+
+def when(nsecs: int | None) -> str:
+    """Local time to the second with its zone (``2026-11-30 20:41:07 UTC``), or "-": a listing
+    read on another machine, or next to a UTC log, must not be an hour off unnoticed."""
+    if nsecs is None:
+        return "-"
+    t = datetime.datetime.fromtimestamp(nsecs / 1e9).astimezone()
+    return t.strftime("%Y-%m-%d %H:%M:%S ") + (t.strftime("%Z") or t.strftime("%z"))

@@ -20,8 +20,9 @@ from rich.table import Table
 
 from stepsafe.checkpoint.verify import VerifyReport, verify, verify_targets
 from stepsafe.cli import common
+from stepsafe.cli.common import ExitCode
 
-HELP = "re-read every byte and check every checksum; exit 1 on any problem"
+HELP = "re-read every byte and check every checksum; exit 1 on any damage found"
 EXAMPLE = "stepsafe verify outputs/demo/checkpoints/300\n  stepsafe verify outputs/demo"
 HINT = "PATH is a step directory, or a run directory (then every committed step is verified)"
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             f"{len(bad)} of {len(reports)} checkpoint(s) failed verification",
             "restore an earlier step that verifies, and delete the damaged one",
         )
-    return 1 if bad else 0
+    return ExitCode.NO if bad else ExitCode.OK
 
 
 def show(r: VerifyReport) -> None:
@@ -91,7 +92,7 @@ def show(r: VerifyReport) -> None:
             "-" if p.offset is None else str(p.offset),
             "-" if p.length is None else str(p.length),
         )
-    con.print(table)
+    common.print_uncut(con, table)
     for p in r.problems:
         if p.kind in ("metadata", "unreadable", "size", "incomplete"):
             con.print(f"  {escape(p.message)}")

@@ -9,7 +9,6 @@ The step stored in the state is the source of truth for where training resumes.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from rich.console import Console
 
 from stepsafe.config import Config
 from stepsafe.demo.data import SyntheticData
@@ -74,7 +74,18 @@ class TrainResult:
     losses: list[float]
 
 
-def train(config: Config, *, progress: bool = True) -> TrainResult:
+def train(config: Config, *, console: Console | None = None) -> TrainResult:
+    """Train ``config.steps`` steps, resuming or loading as the loading priority says.
+
+    Args:
+        config: the run's flags.
+        console: draw a progress bar with the loss there (log through the same console, e.g.
+            ``rich.logging.RichHandler``, so log lines print above it); None: a log line per
+            ``log_period`` steps.
+
+    Returns ``stopped_by`` None only when the run reached ``steps``; otherwise it holds
+    ``StopRequest.reason`` and the checkpoint at ``end_step`` has committed.
+    """
     manager = CheckpointManager(
         run_checkpoint_dir(config.base_output_directory, config.run_name),
         ManagerOptions(
@@ -113,10 +124,11 @@ def train(config: Config, *, progress: bool = True) -> TrainResult:
     losses: list[float] = []
     stopped_by = None
     step = start
+    # the stop request outlives the manager's final wait: a repeated SIGTERM does not cut it
     with (
-        manager,
         StopRequest(config.wall_clock_limit_seconds) as stop,
-        _Progress(progress, start, config.steps) as bar,
+        manager,
+        _Progress(console, start, config.steps) as bar,
     ):
         while step < config.steps:
             state, loss = train_step(config, state, jnp.asarray(next(data)))
@@ -139,15 +151,14 @@ def train(config: Config, *, progress: bool = True) -> TrainResult:
 
 
 class _Progress:
-    """A rich progress bar with the loss, or plain log lines when not wanted."""
+    """A rich progress bar with the loss on ``console``, or plain log lines without one."""
 
-    def __init__(self, enabled: bool, start: int, total: int) -> None:
-        self.enabled, self.start, self.total = enabled, start, total
+    def __init__(self, console: Console | None, start: int, total: int) -> None:
+        self.console, self.start, self.total = console, start, total
         self._bar: Any = None
-        self._t0 = time.perf_counter()
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
+        if self.console is not None:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -158,7 +169,7 @@ class _Progress:
 
             self._bar = Progress(
                 TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("loss {task.fields[loss]}"), console=self.console,
             )  # fmt: skip
             self._bar.__enter__()
             self._task = self._bar.add_task(

@@ -1,15 +1,9 @@
 """The layout of ONE checkpoint: manifest, packed data files, checksums, commit."""
 
+from stepsafe.format.deletion import delete_checkpoint, stray_files
 from stepsafe.format.layout import ITEMS_DIR, METADATA_FILE, CheckpointMetadata
 from stepsafe.format.manifest import FORMAT_VERSION, ArrayEntry, Manifest
-from stepsafe.format.reader import (
-    CheckpointReader,
-    delete_checkpoint,
-    is_committed,
-    read_extra,
-    read_metadata,
-    stray_files,
-)
+from stepsafe.format.reader import CheckpointReader, is_committed, read_extra, read_metadata
 from stepsafe.format.writer import HostArray, write_checkpoint
 
 __all__ = [

@@ -21,12 +21,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepsafe.errors import ChecksumMismatchError, ManifestError, UnsupportedFormatError
+from stepsafe.errors import (
+    ChecksumMismatchError,
+    ManifestError,
+    UnsupportedFormatError,
+    UnsupportedLeafError,
+)
 from stepsafe.format.checksum import checksum
 from stepsafe.format.manifest import FORMAT, FORMAT_VERSION
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
 ITEMS_DIR = "items"
+# Readers refuse bigger files unread (a link to /dev/zero must not become an endless read), and
+# writers refuse to write them: save and restore agree on every limit.
+METADATA_MAX_BYTES = 16 << 20  # mostly the user's custom metadata
+EXTRA_FILE_MAX_BYTES = 1 << 30  # e.g. a data iterator's state, per process
 _SAVE_ID = re.compile(r"^[0-9a-f]{8,32}$")
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}"
 _EXTRA_NAME = re.compile(rf"^{_PART}(/{_PART}){{0,3}}$")
@@ -109,7 +118,14 @@ class CheckpointMetadata:
             "performance_metrics": {},
         }
         doc["checksum"] = checksum(_canonical(doc))
-        return json.dumps(doc, indent=1).encode()
+        raw = json.dumps(doc, indent=1).encode()
+        if len(raw) > METADATA_MAX_BYTES:
+            raise UnsupportedLeafError(
+                f"the checkpoint's metadata would be {len(raw)} bytes of JSON, more than the "
+                f"{METADATA_MAX_BYTES} that readers accept: keep custom metadata small (save "
+                "big things in the tree)"
+            )
+        return raw
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> CheckpointMetadata:
@@ -137,10 +153,18 @@ class CheckpointMetadata:
                 check_extra_name(name, where)
                 if not isinstance(sum_, str):
                     raise ManifestError(f"{where} holds a bad checksum for extra file {name!r}")
+            commit = doc.get("commit_timestamp_nsecs")
+            for name, value in (("step", step), ("commit_timestamp_nsecs", commit)):
+                if value is not None and type(value) is not int:
+                    raise ManifestError(f"{where} holds a non-integer {name} {value!r}")
+            if type(doc["init_timestamp_nsecs"]) is not int:
+                raise ManifestError(f"{where} holds a non-integer init_timestamp_nsecs")
+            if not isinstance(doc["manifest_checksum"], str | None):
+                raise ManifestError(f"{where} holds a bad manifest checksum")
             return cls(
-                step=int(step) if step is not None else None,
-                init_timestamp_nsecs=int(doc["init_timestamp_nsecs"]),
-                commit_timestamp_nsecs=doc.get("commit_timestamp_nsecs"),
+                step=step,
+                init_timestamp_nsecs=doc["init_timestamp_nsecs"],
+                commit_timestamp_nsecs=commit,
                 custom_metadata=dict(doc.get("custom_metadata") or {}),
                 format_version=version,
                 manifest_checksum=doc["manifest_checksum"],

@@ -10,18 +10,24 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from stepsafe.errors import ManifestError, UnsupportedFormatError
+from stepsafe.errors import ManifestError, UnsupportedFormatError, UnsupportedLeafError
 from stepsafe.format.checksum import ALGORITHM
 from stepsafe.format.dtypes import dtype_from_str
 from stepsafe.tree import Structure, check_structure, structure_paths
 
 FORMAT = "stepsafe"
 FORMAT_VERSION = 1
+# Limits every writer stays within, so readers can refuse anything beyond them before
+# allocating: a manifest is untrusted input, and a claimed size is not yet a real one.
+MAX_CHUNK = 64 << 20  # bytes per chunk: the checksum granularity; readers verify in parallel
+MANIFEST_MAX_BYTES = 1 << 30  # ~5M shards; a 40k-shard manifest is ~4 MB
+MAX_COVER_CELLS = 1 << 22  # irregular shard layouts: cells of the grid their boundaries cut
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 
 
@@ -35,11 +41,14 @@ class Chunk:
     checksum: str
 
 
+Box = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class Shard:
     """A box of the global array (``index``: [start, stop) per axis) and where its bytes lie."""
 
-    index: tuple[tuple[int, int], ...]
+    index: Box
     chunks: tuple[Chunk, ...]
 
     @property
@@ -97,7 +106,14 @@ class Manifest:
             "values": self.values,
             "files": self.files,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        raw = json.dumps(doc, separators=(",", ":")).encode()
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise UnsupportedLeafError(
+                f"the manifest would be {len(raw)} bytes of JSON, more than the "
+                f"{MANIFEST_MAX_BYTES} that readers accept: the tree has too many arrays or "
+                "shards for one checkpoint"
+            )
+        return raw
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
@@ -132,7 +148,11 @@ def _parse(doc: dict, where: str) -> Manifest:
     for name in files:
         if not _FILE_NAME.match(name) or ".." in name:
             raise ManifestError(f"data file name {name!r} would escape the checkpoint directory")
-    arrays = {str(k): _parse_array(k, a, files) for k, a in doc["arrays"].items()}
+    used = dict.fromkeys(files, 0)
+    arrays = {str(k): _parse_array(k, a, files, used) for k, a in doc["arrays"].items()}
+    for name, size in files.items():
+        if used[name] > size:  # chunks overlap: more bytes to allocate than the files hold
+            raise ManifestError(f"chunks claim {used[name]} bytes of {name}, which has {size}")
     values = dict(doc["values"])
     structure = doc["structure"]
     check_structure(structure)
@@ -148,13 +168,14 @@ def _nonneg(x: Any) -> int:
     return x
 
 
-def _parse_array(key: str, a: dict, files: dict[str, int]) -> ArrayEntry:
-    """One array entry, fully validated; written flat because a manifest may hold thousands."""
+def _parse_array(key: str, a: dict, files: dict[str, int], used: dict[str, int]) -> ArrayEntry:
+    """One array entry, fully validated; written flat because a manifest may hold thousands.
+    ``used`` adds up, per data file, the bytes that chunks claim in it."""
     dtype = dtype_from_str(a["dtype"])
     shape = tuple(_nonneg(d) for d in a["shape"])
     shards = []
     for s in a["shards"]:
-        index = tuple((lo, hi) for lo, hi in s["index"])
+        index = tuple(map(tuple, s["index"]))  # each a (lo, hi) pair: checked just below
         if len(index) != len(shape):
             raise ManifestError(f"array {key!r}: shard index {index} does not fit shape {shape}")
         elements = 1
@@ -172,32 +193,83 @@ def _parse_array(key: str, a: dict, files: dict[str, int]) -> ArrayEntry:
                 raise ManifestError(f"array {key!r}: malformed chunk {[name, offset, length]}")
             if offset < 0 or length < 0 or offset + length > size:
                 raise ManifestError(f"array {key!r}: chunk at {offset}+{length} beyond {name}")
+            if length > MAX_CHUNK:
+                raise ManifestError(
+                    f"array {key!r}: chunk of {length} bytes in {name}, more than the "
+                    f"{MAX_CHUNK} bytes any writer puts in one"
+                )
+            used[name] += length
             total += length
             chunks.append(Chunk(name, offset, length, digest))
         if total != elements * dtype.itemsize:
             raise ManifestError(f"array {key!r}: shard {index} byte count does not match its shape")
         shards.append(Shard(index, tuple(chunks)))
     if len(shards) != 1 or shards[0].index != tuple((0, n) for n in shape):
-        _check_exact_cover(key, shape, shards)
+        check_exact_cover(key, shape, shards)
     return ArrayEntry(dtype, a["dtype"], shape, tuple(shards))
 
 
-def _check_exact_cover(key: str, shape: tuple[int, ...], shards: list[Shard]) -> None:
-    """Every element in exactly one shard: no gap (uninitialised memory would be restored as
-    if it were data) and no overlap. Checked on the grid cut by all shard boundaries."""
-    if math.prod(shape) == 0:
+def check_exact_cover(key: str, shape: tuple[int, ...], shards: Sequence[Shard]) -> None:
+    """Every element of array ``key`` in exactly one shard: no gap (uninitialised memory would
+    be restored as if it were data) and no overlap (bytes saved twice, some never read).
+
+    Readers check it on every manifest; writers before every commit, so that no manifest that
+    misses part of an array is ever committed. Near-linear in the number of shards: shards
+    tiling a grid (what every writer produces: one box per device, or per process) are checked
+    cell by cell; any other layout on the grid cut by all shard boundaries, if that stays small.
+
+    Raises:
+        ManifestError: naming ``key`` and whether the shards overlap or leave gaps.
+    """
+    total = math.prod(shape)
+    if total == 0:
         return
+    boxes = [s.index for s in shards if all(lo < hi for lo, hi in s.index)]
+    volume = sum(math.prod(hi - lo for lo, hi in box) for box in boxes)
+    if volume != total:
+        _cover_error(key, "overlap" if volume > total else "leave gaps in")
+    # A grid: on every axis the shards' ranges are the pieces of one partition of the axis.
+    axes = [sorted({box[axis] for box in boxes}) for axis in range(len(shape))]
+    if all(_partitions(ranges, n) for ranges, n in zip(axes, shape, strict=True)):
+        pos = [{r: i for i, r in enumerate(ranges)} for ranges in axes]
+        cells = {tuple(p[r] for p, r in zip(pos, box, strict=True)) for box in boxes}
+        if len(cells) != len(boxes):  # distinct cells of a partition cannot overlap
+            _cover_error(key, "overlap")
+        return  # distinct, disjoint, and their volumes add up to the whole: an exact cover
+    _check_cover_on_cuts(key, shape, boxes)
+
+
+def _partitions(ranges: list[tuple[int, int]], n: int) -> bool:
+    """True when the sorted, distinct ``ranges`` are consecutive pieces of ``[0, n)``."""
+    end = 0
+    for lo, hi in ranges:
+        if lo != end:
+            return False
+        end = hi
+    return end == n
+
+
+def _check_cover_on_cuts(key: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
+    """Irregular layouts: count how often each cell of the grid cut by every shard boundary is
+    covered. Each box's cells are counted before any is touched, so overlapping boxes cannot
+    make this cost more than the grid itself."""
     cuts = [
-        sorted({0, n, *(b for s in shards for b in s.index[axis])}) for axis, n in enumerate(shape)
+        sorted({0, n, *(b for box in boxes for b in box[axis])}) for axis, n in enumerate(shape)
     ]
-    if math.prod(len(c) - 1 for c in cuts) > 1 << 22:
+    cells = math.prod(len(c) - 1 for c in cuts)
+    if cells > MAX_COVER_CELLS:
         raise ManifestError(f"array {key!r}: shard layout too irregular to check")
-    grid = np.zeros([len(c) - 1 for c in cuts], np.int32)
-    for s in shards:
-        box = tuple(
-            slice(c.index(lo), c.index(hi)) for c, (lo, hi) in zip(cuts, s.index, strict=True)
-        )
-        grid[box] += 1
+    where = [{b: i for i, b in enumerate(c)} for c in cuts]
+    spans = [tuple((w[lo], w[hi]) for w, (lo, hi) in zip(where, box, strict=True)) for box in boxes]
+    counted = sum(math.prod(hi - lo for lo, hi in span) for span in spans)
+    if counted != cells:
+        _cover_error(key, "overlap" if counted > cells else "leave gaps in")
+    grid = np.zeros([len(c) - 1 for c in cuts], np.uint8)
+    for span in spans:
+        grid[tuple(slice(lo, hi) for lo, hi in span)] += 1
     if not (grid == 1).all():
-        problem = "overlap" if (grid > 1).any() else "leave gaps in"
-        raise ManifestError(f"array {key!r}: its shards {problem} the array")
+        _cover_error(key, "overlap")
+
+
+def _cover_error(key: str, problem: str) -> NoReturn:
+    raise ManifestError(f"array {key!r}: its shards {problem} the array")

@@ -13,19 +13,69 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from stepsafe.errors import ChecksumMismatchError, IncompleteCheckpointError, TruncatedDataError
+from stepsafe.errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StepsafeError,
+    StorageError,
+    TruncatedDataError,
+)
 from stepsafe.format.checksum import checksum
-from stepsafe.format.layout import ITEMS_DIR, METADATA_FILE, CheckpointMetadata
-from stepsafe.format.manifest import ArrayEntry, Chunk, Manifest
+from stepsafe.format.layout import (
+    EXTRA_FILE_MAX_BYTES,
+    ITEMS_DIR,
+    METADATA_FILE,
+    METADATA_MAX_BYTES,
+    CheckpointMetadata,
+)
+from stepsafe.format.manifest import MANIFEST_MAX_BYTES, ArrayEntry, Chunk, Manifest
 from stepsafe.format.regions import ArrayRead, Box, plan_array_read
 from stepsafe.storage import RangeRead, Storage
 
 
-def is_committed(storage: Storage, path: str) -> bool:
-    """True when ``path`` holds a committed checkpoint (metadata with a commit timestamp)."""
+def read_step_file(storage: Storage, step: str, rel: str, limit: int) -> bytes:
+    """The file ``rel`` (``/``-separated) inside the step directory ``step``, read as the
+    untrusted input it is: refused if a directory on the way is a symbolic link (the storage
+    opens the file itself without following one, and only if it is a regular file), or if it
+    holds more than ``limit`` bytes.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, IsADirectoryError: as the storage raised them;
+            callers decide what a missing file means.
+        CorruptCheckpointError: a link, FIFO or device on the way, or a file over ``limit``.
+        StorageError: any other failure to read it, naming the path.
+    """
+    parent = step
+    for part in rel.split("/")[:-1]:
+        parent = storage.join(parent, part)
+        if storage.is_link(parent):
+            raise CorruptCheckpointError(
+                f"{parent} is a symbolic link: stepsafe never reads through links inside a "
+                "checkpoint, which it never writes; it was put there by something else"
+            )
+    path = storage.join(step, rel)
     try:
-        raw = storage.read_bytes(storage.join(path, METADATA_FILE))
+        return storage.read_bytes(path, limit)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise
+    except StepsafeError:
+        raise
+    except OSError as e:
+        error = StorageError(f"{path} cannot be read: {e.strerror or e}")
+        error.errno = e.errno
+        raise error from e
+
+
+def is_committed(storage: Storage, path: str) -> bool:
+    """True when ``path`` holds a committed checkpoint (metadata with a commit timestamp);
+    False when its metadata is missing, unreadable (a link, FIFO or device, huge, no
+    permission) or not stepsafe's: one bad step must not stop a listing or a resume, which
+    pass it by. ``stepsafe ls`` shows it as Damaged, and ``read_metadata`` says what is wrong.
+    """
+    try:
+        raw = read_step_file(storage, path, METADATA_FILE, METADATA_MAX_BYTES)
+    except (OSError, StepsafeError):
         return False
     try:
         return CheckpointMetadata.from_json(raw, path).commit_timestamp_nsecs is not None
@@ -37,10 +87,10 @@ def read_metadata(storage: Storage, path: str) -> CheckpointMetadata:
     """The metadata of the committed checkpoint at ``path``; IncompleteCheckpointError if the
     save that wrote it never finished."""
     try:
-        raw = storage.read_bytes(storage.join(path, METADATA_FILE))
-    except FileNotFoundError as e:
+        raw = read_step_file(storage, path, METADATA_FILE, METADATA_MAX_BYTES)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         raise IncompleteCheckpointError(
-            f"{path} is not a committed checkpoint (no {METADATA_FILE}): the save that "
+            f"{path} is not a committed checkpoint (no {METADATA_FILE} file): the save that "
             "wrote it did not finish; delete it or restore an earlier step"
         ) from e
     metadata = CheckpointMetadata.from_json(raw, storage.join(path, METADATA_FILE))
@@ -58,10 +108,11 @@ def read_extra(
     want = metadata.extra_files.get(name)
     if want is None:
         return None
-    where = storage.join(path, metadata.extra_path(name))
+    rel = metadata.extra_path(name)
+    where = storage.join(path, rel)
     try:
-        raw = storage.read_bytes(where)
-    except FileNotFoundError as e:
+        raw = read_step_file(storage, path, rel, EXTRA_FILE_MAX_BYTES)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         raise TruncatedDataError(f"{where} is missing: the checkpoint is damaged") from e
     if checksum(raw) != want:
         raise ChecksumMismatchError(
@@ -79,8 +130,8 @@ class CheckpointReader:
         self.metadata = read_metadata(storage, path)
         manifest_path = storage.join(path, self.metadata.manifest_path)
         try:
-            raw = storage.read_bytes(manifest_path)
-        except FileNotFoundError as e:
+            raw = read_step_file(storage, path, self.metadata.manifest_path, MANIFEST_MAX_BYTES)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
             raise TruncatedDataError(
                 f"{manifest_path} is missing: the checkpoint is damaged"
             ) from e
@@ -119,16 +170,33 @@ class CheckpointReader:
                 try:
                     size = self.storage.size(path)
                 except FileNotFoundError as e:
-                    raise TruncatedDataError(f"data file {path} is missing") from e
+                    raise TruncatedDataError(f"data file {path} of array {key!r} is missing") from e
                 except OSError as e:
-                    raise TruncatedDataError(f"data file {path} cannot be read: {e}") from e
+                    raise TruncatedDataError(
+                        f"data file {path} of array {key!r} cannot be read: {e}"
+                    ) from e
                 want = self.manifest.files[c.file]
                 if size != want:
+                    lost = self._arrays_in(c.file, min(size, want))
                     raise TruncatedDataError(
                         f"data file {path} has {size} bytes, the manifest says {want}: it was "
-                        "truncated or replaced"
+                        f"truncated or replaced; arrays with bytes past {min(size, want)}: "
+                        f"{', '.join(repr(k) for k in lost[:5])}{', ...' if len(lost) > 5 else ''}"
                     )
                 self._checked_files.add(c.file)
+
+    def _arrays_in(self, file: str, start: int) -> list[str]:
+        """Arrays with a chunk in ``file`` past byte ``start``: what a truncation lost (only
+        asked once something is wrong, so a scan of the manifest is fine)."""
+        return [
+            k
+            for k, entry in self.manifest.arrays.items()
+            if any(
+                c.file == file and c.offset + c.length > start
+                for s in entry.shards
+                for c in s.chunks
+            )
+        ]
 
     def plan(self, key: str, boxes: list[Box] | None = None) -> ArrayRead:
         """What reading ``boxes`` (default: the whole) of array ``key`` takes; nothing is read
@@ -202,35 +270,3 @@ class CheckpointReader:
         plan = self.plan(key, [box])
         self.read([plan], verify)
         return plan.outs[box]
-
-
-def delete_checkpoint(storage: Storage, path: str) -> None:
-    """Delete a checkpoint, its commit marker first: a half-deleted step never looks complete."""
-    marker = storage.join(path, METADATA_FILE)
-    if storage.exists(marker):
-        storage.delete_file(marker)
-    storage.delete_tree(path)
-
-
-def stray_files(storage: Storage, path: str) -> list[str]:
-    """Files in the committed step at ``path`` that its commit does not name, as paths: left
-    by a save of the same step that died, or lost a race, before this one committed. Only
-    buckets have them (a local save renames its own directory into place)."""
-    with CheckpointReader(storage, path) as reader:
-        meta = reader.metadata
-        own = {METADATA_FILE, meta.manifest_path}
-        own |= {f"{ITEMS_DIR}/{name}" for name in reader.manifest.files}
-        own |= {meta.extra_path(name) for name in meta.extra_files}
-    strays: list[str] = []
-    dirs = [""]
-    while dirs:
-        rel = dirs.pop()
-        for name in storage.list_dir(storage.join(path, rel) if rel else path):
-            child = f"{rel}/{name}" if rel else name
-            if child in own:
-                continue
-            if storage.is_dir(storage.join(path, child)):
-                dirs.append(child)
-            else:
-                strays.append(storage.join(path, child))
-    return sorted(strays)

@@ -5,10 +5,16 @@ checksum is taken just before its bytes are written, while they are hot in cache
 split at a target size so that big states spread over files that can be written and read in
 parallel. The manifest, any extra files, and ``_CHECKPOINT_METADATA`` follow the data, the
 metadata last, and only then does the transaction commit.
+
+A manifest is committed only if it covers every array exactly: each shard inside its array and
+holding as many bytes as its box, the shards tiling the array with no gap or overlap, and every
+chunk written. Without this a save that holds only part of an array (another process's shards,
+a stream cut short) would commit, and restore would hand back memory that was never saved.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe.errors import ManifestError
 from stepsafe.format.checksum import checksum
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.layout import (
@@ -25,11 +32,17 @@ from stepsafe.format.layout import (
     check_extra_name,
     data_file_name,
 )
-from stepsafe.format.manifest import ArrayEntry, Chunk, Manifest, Shard
+from stepsafe.format.manifest import (
+    MAX_CHUNK,
+    ArrayEntry,
+    Chunk,
+    Manifest,
+    Shard,
+    check_exact_cover,
+)
 from stepsafe.storage import Storage, run_all
 from stepsafe.tree import Structure
 
-MAX_CHUNK = 64 << 20  # checksum granularity; lets readers verify pieces in parallel
 ALIGN = 64
 _GATHER = 1 << 20  # pieces smaller than this are copied together into one write
 
@@ -70,8 +83,15 @@ def _plan(
     files = [_File(data_file_name(process_index, 0, save_id))]
     slots: dict[str, list[tuple[tuple, list]]] = {}
     for arr in arrays:
+        _check_cover(arr)
         for index, data in arr.shards:
             view = _as_bytes(data)
+            expected = math.prod(hi - lo for lo, hi in index) * np.dtype(arr.dtype).itemsize
+            if len(view) != expected:
+                raise ManifestError(
+                    f"array {arr.path!r}: shard {index} holds {len(view)} bytes, its box "
+                    f"{expected}: nothing was committed"
+                )
             chunks: list = []
             slots.setdefault(arr.path, []).append((index, chunks))
             pos = 0
@@ -88,6 +108,35 @@ def _plan(
                 f.size = start + n
                 pos += n
     return [f for f in files if f.size > 0], slots
+
+
+def _check_cover(arr: HostArray) -> None:
+    """Refuse an array whose shards do not tile it exactly (see the module's docstring)."""
+    for index, _ in arr.shards:
+        if len(index) != len(arr.shape) or any(
+            not 0 <= lo <= hi <= n for (lo, hi), n in zip(index, arr.shape)
+        ):
+            raise ManifestError(
+                f"array {arr.path!r}: shard {index} lies outside its shape {arr.shape}: "
+                "nothing was committed"
+            )
+    full = tuple((0, n) for n in arr.shape)
+    if len(arr.shards) != 1 or arr.shards[0][0] != full:
+        try:
+            check_exact_cover(arr.path, arr.shape, [Shard(i, ()) for i, _ in arr.shards])
+        except ManifestError as e:
+            raise ManifestError(f"{e}: nothing was committed") from None
+
+
+def _check_written(slots: dict[str, list[tuple[tuple, list]]]) -> None:
+    """Every chunk's entry is filled in as its bytes are streamed to storage: one still empty
+    means a data file was not written in full, and the manifest would point at missing bytes."""
+    for key, shards in slots.items():
+        for index, chunks in shards:
+            if any(c is None for c in chunks):
+                raise ManifestError(
+                    f"array {key!r}: shard {index} was not written in full: nothing was committed"
+                )
 
 
 def _stream(f: _File) -> Iterator[memoryview | bytes]:
@@ -135,6 +184,7 @@ def write_checkpoint(
     files, slots = _plan(arrays, file_size, process_index, metadata.save_id)
     with storage.transaction(path) as txn:
         run_all(lambda f: txn.write_file(f"{ITEMS_DIR}/{f.name}", _stream(f)), files)
+        _check_written(slots)
         manifest = Manifest(
             structure,
             {

@@ -14,10 +14,12 @@ import time
 from types import FrameType
 
 log = logging.getLogger("stepsafe")
+WALL_CLOCK_LIMIT = "wall-clock limit"  # ``StopRequest.reason`` when the time limit stopped it
 
 
 class StopRequest:
-    """Context manager; ``reason`` is None until a signal or the time limit asks to stop."""
+    """Context manager; ``reason`` is None until a signal (its name, e.g. ``"SIGTERM"``) or the
+    time limit (``WALL_CLOCK_LIMIT``) asks to stop."""
 
     def __init__(self, wall_clock_limit_s: float = 0.0) -> None:
         self.deadline = time.monotonic() + wall_clock_limit_s if wall_clock_limit_s > 0 else None
@@ -27,7 +29,7 @@ class StopRequest:
     @property
     def reason(self) -> str | None:
         if self._reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
-            self._reason = "wall-clock limit"
+            self._reason = WALL_CLOCK_LIMIT
         return self._reason
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -1,26 +1,51 @@
-"""Which runs and checkpoints exist under a base output directory, how big, complete or not.
+"""Which runs and checkpoints exist under a base output directory, how big, whose, intact or not.
 
     <base>/<run>/checkpoints/<step>/                      a checkpoint (complete once committed)
     <base>/<run>/checkpoints/<step>.stepsafe-tmp-<...>/   a save that has not committed (yet)
 
 Everything goes through the ``Storage`` API (list, size, read), never ``os``, so the same code
-lists a bucket once bucket storage exists. "Complete" means committed, exactly as ``restore``
-and ``latest`` decide it; anything else under a step-like name is "Incomplete".
+lists a bucket. Every step-like entry gets one status, and only stepsafe's own count:
+
+- Complete: committed, and its marker and manifest parse and match their checksums (what
+  ``CheckpointReader`` checks on opening); the only kind that counts as "latest" or in a keep.
+- Incomplete: ours, never committed (a save that died or is running, a half-deleted step).
+- Damaged: ours and committed (or meant to be), but its marker or manifest is corrupt.
+- Symlink: the step directory is a symbolic link; never entered by a deletion.
+- Orbax / Foreign: written by Orbax or by something else; never counted, never deleted.
+- Unreadable: could not be listed or read (permissions, a link loop, a newer format).
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
+from typing import Any
 
-from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
-from stepsafe.errors import StepsafeError
-from stepsafe.format import METADATA_FILE, CheckpointMetadata, is_committed
+from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, step_number
+from stepsafe.errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StepsafeError,
+    UnsupportedFormatError,
+)
+from stepsafe.format import METADATA_FILE, CheckpointReader
+from stepsafe.format.deletion import StepFiles, walk_step
+from stepsafe.format.layout import METADATA_MAX_BYTES
+from stepsafe.format.manifest import FORMAT
+from stepsafe.format.orbax_layout import is_orbax_step
+from stepsafe.format.reader import read_step_file
 from stepsafe.storage import Storage, is_temporary, storage_for
 from stepsafe.storage.local import TMP_MARK
 
 COMPLETE = "Complete"
 INCOMPLETE = "Incomplete"
+DAMAGED = "Damaged"
+SYMLINK = "Symlink"
+ORBAX = "Orbax"
+FOREIGN = "Foreign"
+UNREADABLE = "Unreadable"
+OURS = (COMPLETE, INCOMPLETE, DAMAGED)
 
 
 @dataclass(frozen=True)
@@ -32,13 +57,21 @@ class StepEntry:
     path: str
     size_bytes: int
     num_files: int
-    status: str  # COMPLETE | INCOMPLETE
+    status: str  # one of the statuses above
     created_nsecs: int | None  # when the save began (metadata's init timestamp), if known
     temporary: bool = False
+    detail: str = ""  # why the status, for anything but Complete and Incomplete
+    foreign: tuple[str, ...] = ()  # entries inside that stepsafe did not write (links too)
+    files: tuple[str, ...] = ()  # every plain file inside, relative to the step
 
     @property
     def complete(self) -> bool:
         return self.status == COMPLETE
+
+    @property
+    def ours(self) -> bool:
+        """Written by stepsafe (so a keep counts it or a gc may delete it)."""
+        return self.status in OURS
 
 
 @dataclass(frozen=True)
@@ -54,11 +87,11 @@ class RunInventory:
 
     @property
     def incomplete(self) -> list[StepEntry]:
-        return [s for s in self.steps if not s.complete]
+        return [s for s in self.steps if s.status == INCOMPLETE]
 
     @property
     def latest(self) -> StepEntry | None:
-        """The newest committed checkpoint: the one a resume would load."""
+        """The newest committed, intact checkpoint: the one a resume would load."""
         done = self.complete
         return done[-1] if done else None
 
@@ -83,13 +116,16 @@ class Inventory:
 
 def step_of(name: str) -> int | None:
     """The step a directory name stands for: ``"300"`` and ``"300.stepsafe-tmp-..."`` -> 300."""
-    head = name.split(TMP_MARK, 1)[0] if is_temporary(name) else name
-    return int(head) if head.isdigit() else None
+    return step_number(name.split(TMP_MARK, 1)[0] if is_temporary(name) else name)
 
 
 def list_runs(base: str, run_name: str | None = None) -> Inventory:
     """Every run under ``base`` (a directory holding ``<run>/checkpoints/``), or only
-    ``run_name``. ``base`` may also be a run directory itself: then that one run is listed."""
+    ``run_name``. ``base`` may also be a run directory itself: then that one run is listed.
+
+    Raises:
+        OSError: ``base`` itself cannot be listed (a step that cannot is listed as Unreadable).
+    """
     storage, root = storage_for(str(base))
     if run_name is not None:
         names = [run_name] if storage.is_dir(storage.join(root, run_name, CHECKPOINTS_DIR)) else []
@@ -106,47 +142,98 @@ def list_runs(base: str, run_name: str | None = None) -> Inventory:
 def scan_run(storage: Storage, run_dir: str, name: str) -> RunInventory:
     """The steps under ``<run_dir>/checkpoints``, oldest first."""
     ckpt_dir = storage.join(run_dir, CHECKPOINTS_DIR)
+    return RunInventory(name, run_dir, ckpt_dir, scan_steps(storage, ckpt_dir))
+
+
+def scan_steps(storage: Storage, ckpt_dir: str, *, sizes: bool = True) -> list[StepEntry]:
+    """Every step-like entry directly under ``ckpt_dir``, by step (temporaries after theirs);
+    ``sizes=False`` skips asking the size of every file (one request each on a bucket)."""
     entries = []
     for n in storage.list_dir(ckpt_dir):
         step = step_of(n)
         if step is not None:
-            entries.append(_scan_step(storage, storage.join(ckpt_dir, n), n, step))
+            entries.append(scan_step(storage, storage.join(ckpt_dir, n), n, step, sizes=sizes))
     entries.sort(key=lambda e: (e.step, e.temporary, e.name))
-    return RunInventory(name, run_dir, ckpt_dir, entries)
+    return entries
 
 
-def _scan_step(storage: Storage, path: str, name: str, step: int) -> StepEntry:
-    size, files = _du(storage, path)
-    temporary = is_temporary(name)
-    done = not temporary and is_committed(storage, path)
-    return StepEntry(
-        step, name, path, size, files, COMPLETE if done else INCOMPLETE, _created(storage, path),
-        temporary,
-    )  # fmt: skip
+def scan_step(
+    storage: Storage, path: str, name: str, step: int, *, sizes: bool = True
+) -> StepEntry:
+    """Classify one step directory; never raises for what is in it, never follows a link."""
 
+    def entry(status: str, walked: StepFiles | None, detail: str = "", created: Any = None):
+        walked = walked or StepFiles()
+        size = _size(storage, path, walked.files) if sizes else 0
+        created = created if isinstance(created, int) and not isinstance(created, bool) else None
+        return StepEntry(
+            step, name, path, size, len(walked.files), status, created, is_temporary(name),
+            detail, tuple(walked.foreign), tuple(walked.files),
+        )  # fmt: skip
 
-def _du(storage: Storage, path: str) -> tuple[int, int]:
-    """Total bytes and number of files under ``path``."""
-    size = files = 0
-    for n in storage.list_dir(path):
-        p = storage.join(path, n)
-        if storage.is_dir(p):
-            s, f = _du(storage, p)
-            size, files = size + s, files + f
-        else:
-            try:
-                size += storage.size(p)
-                files += 1
-            except FileNotFoundError:  # deleted while we looked
-                continue
-    return size, files
-
-
-def _created(storage: Storage, path: str) -> int | None:
-    """The save's start time from its metadata; None when there is none or it is unreadable
-    (the storage API has no modification times, and an incomplete save may have no metadata)."""
     try:
-        raw = storage.read_bytes(storage.join(path, METADATA_FILE))
-        return CheckpointMetadata.from_json(raw, path).init_timestamp_nsecs
-    except (OSError, StepsafeError):
+        if storage.is_link(path):
+            return entry(SYMLINK, None, "a symbolic link: stepsafe never deletes through one")
+        if not storage.is_dir(path):
+            return entry(FOREIGN, None, "a file, not a checkpoint directory: left alone")
+        walked = walk_step(storage, path)
+    except OSError as e:
+        return entry(UNREADABLE, None, f"unreadable: cannot be listed: {e.strerror or e}")
+    if walked.errors:
+        why = f"unreadable: cannot list {'; '.join(walked.errors)}"
+        return entry(UNREADABLE, walked, why)
+    if is_temporary(name):
+        return entry(INCOMPLETE, walked, "the temporary of a save that has not committed")
+    doc = _metadata_doc(storage, path, walked)
+    created = doc.get("init_timestamp_nsecs") if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and doc.get("format") == FORMAT:
+        status, detail = _open(storage, path)
+        return entry(status, walked, detail, created)
+    if METADATA_FILE in walked.files and doc is None and walked.own != [METADATA_FILE]:
+        return entry(DAMAGED, walked, f"its {METADATA_FILE} cannot be read or parsed")
+    if doc is None and walked.own and METADATA_FILE not in walked.files:
+        return entry(INCOMPLETE, walked, "never committed, or half deleted")
+    if not walked.files and not walked.links:
+        return entry(INCOMPLETE, walked, "empty")
+    if is_orbax_step(storage, path, doc):
+        return entry(ORBAX, walked, "an Orbax checkpoint: stepsafe leaves it alone", created)
+    return entry(FOREIGN, walked, "not written by stepsafe: left alone")
+
+
+def _open(storage: Storage, path: str) -> tuple[str, str]:
+    """Status of a step whose marker says stepsafe wrote it: open it as restore would (the
+    marker and the manifest, checked against their checksums; no array bytes)."""
+    try:
+        CheckpointReader(storage, path).close()
+        return COMPLETE, ""
+    except IncompleteCheckpointError:
+        return INCOMPLETE, "never committed"
+    except UnsupportedFormatError as e:
+        return UNREADABLE, f"unreadable: {e}"
+    except CorruptCheckpointError as e:
+        if not storage.exists(storage.join(path, METADATA_FILE)):  # being deleted right now
+            return INCOMPLETE, "being deleted"
+        return DAMAGED, str(e)
+    except (StepsafeError, OSError) as e:
+        return UNREADABLE, f"unreadable: {e}"
+
+
+def _metadata_doc(storage: Storage, path: str, walked: StepFiles) -> Any:
+    """The step's ``_CHECKPOINT_METADATA`` as JSON, or None when there is none (or it is not a
+    small plain file holding JSON)."""
+    if METADATA_FILE not in walked.files:
         return None
+    try:
+        return json.loads(read_step_file(storage, path, METADATA_FILE, METADATA_MAX_BYTES))
+    except (OSError, StepsafeError, ValueError, RecursionError):
+        return None
+
+
+def _size(storage: Storage, path: str, files: list[str]) -> int:
+    total = 0
+    for f in files:
+        try:
+            total += storage.size(storage.join(path, f))
+        except OSError:  # deleted while we looked, or unreadable: it counts nothing
+            continue
+    return total

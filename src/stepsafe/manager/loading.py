@@ -1,6 +1,7 @@
 """Which state a run starts from (seed 000's loading priority), first match wins:
 
-1. a committed checkpoint of this run -> its full state (and data-iterator position);
+1. a committed checkpoint of this run -> its full state (and data-iterator position): the
+   newest step that restores; a damaged newer step is logged at ERROR and left in place;
 2. ``load_parameters_path`` -> parameters only, or ``load_full_state_path`` -> a full state
    from another run (setting both is an error);
 3. nothing -> the caller initialises from scratch.
@@ -44,9 +45,8 @@ def load_initial_state(
         raise ConfigError(
             "load_parameters_path and load_full_state_path are mutually exclusive: set one"
         )
-    step = manager.latest_step()
-    if step is not None:
-        state = manager.restore(step, abstract_state, data_iterator=data_iterator)
+    if manager.latest_step() is not None:
+        step, state = manager.restore_newest(abstract_state, data_iterator=data_iterator)
         return Loaded("resume", state, manager.step_path(step))
     if load_parameters_path:
         path = open_checkpoint(load_parameters_path).path

@@ -8,6 +8,7 @@ the storage's own syntax (a local path or a URL) and read byte ranges into calle
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
@@ -80,16 +81,25 @@ class Storage(ABC):
         This default suits files with cheap reads (a local disk): one read per range on the
         I/O threads, biggest first so that the last to finish are short. Reads and page faults
         on fresh memory release the GIL, so two cores fill buffers about twice as fast as one.
+        After a failure no further read starts: a forged checkpoint whose first chunk fails its
+        checksum must not make us fill gigabytes of buffers first.
         """
         handles: dict[str, ReadHandle] = {}
+        failed = threading.Event()
         try:
             for r in reads:
                 if r.path not in handles:
                     handles[r.path] = self.open_read(r.path)
 
             def one(i: int) -> None:
-                handles[reads[i].path].read_into(reads[i].offset, reads[i].buf)
-                done(i)
+                if failed.is_set():
+                    return
+                try:
+                    handles[reads[i].path].read_into(reads[i].offset, reads[i].buf)
+                    done(i)
+                except BaseException:
+                    failed.set()
+                    raise
 
             order = sorted(range(len(reads)), key=lambda i: -reads[i].buf.nbytes)
             if sum(r.buf.nbytes for r in reads) < PARALLEL_BYTES:
@@ -113,7 +123,11 @@ class Storage(ABC):
         """Fill ``buf`` from ``path`` at ``offset``; TruncatedDataError when the file is short."""
 
     @abstractmethod
-    def read_bytes(self, path: str) -> bytes: ...
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """The whole file at ``path``. With ``limit``, a file holding more than ``limit`` bytes
+        is refused (CorruptCheckpointError) without reading more than ``limit + 1`` of them: a
+        checkpoint is untrusted input, and its small files must not become unbounded reads.
+        Local disk also refuses anything but a regular file (links, FIFOs, devices)."""
 
     @abstractmethod
     def size(self, path: str) -> int: ...
@@ -127,6 +141,11 @@ class Storage(ABC):
     @abstractmethod
     def list_dir(self, path: str) -> list[str]:
         """Names (not paths) directly under ``path``; empty when it does not exist."""
+
+    def is_link(self, path: str) -> bool:
+        """True when ``path`` itself is a symbolic link: deleting through one would delete
+        what it points at, outside the run. Object stores have no links."""
+        return False
 
     @abstractmethod
     def delete_file(self, path: str) -> None: ...

@@ -2,7 +2,9 @@
 
 One client per scheme and configuration per process, made on first use: a bucket client holds
 connection pools and an event loop worth reusing across saves, and the configuration is read
-from the environment (see s3.py and gcs.py) when it is made.
+from the environment (see s3.py and gcs.py) when it is made. Making one walks the client's
+credential chain: no credentials is a ``CredentialsError`` naming the URL and what to set,
+within seconds, and nothing is cached, so setting them and trying again works.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from stepsafe.errors import StepsafeError
+from stepsafe.errors import CredentialsError, StepsafeError
 from stepsafe.storage.base import Storage
 from stepsafe.storage.local import LocalStorage
 from stepsafe.storage.remote import RemoteStorage
@@ -24,12 +26,15 @@ _ENV_KEYS = (
     "AWS_DEFAULT_REGION",
     "AWS_ACCESS_KEY_ID",
     "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
     "STEPSAFE_S3_ANON",
     "STEPSAFE_S3_MAX_ATTEMPTS",
     "STEPSAFE_S3_READ_TIMEOUT",
     "STEPSAFE_GCS_ENDPOINT_URL",
     "STORAGE_EMULATOR_HOST",
     "STEPSAFE_GCS_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
     "GOOGLE_CLOUD_PROJECT",
 )
 _cache: dict[tuple, RemoteStorage] = {}
@@ -86,9 +91,17 @@ def remote_storage(scheme: str) -> RemoteStorage:
 
 
 def storage_for(path: str) -> tuple[Storage, str]:
-    """The storage that holds ``path`` and the path in that storage's syntax."""
+    """The storage that holds ``path`` and the path in that storage's syntax.
+
+    Raises:
+        CredentialsError: ``path`` is a bucket URL and its client found no credentials.
+        StepsafeError: an unknown scheme, or its client library is not installed.
+    """
     if "://" in path and not path.startswith("file://"):
         scheme = path.split("://", 1)[0].lower()
-        return remote_storage(scheme), path
+        try:
+            return remote_storage(scheme), path
+        except CredentialsError as e:
+            raise CredentialsError(f"cannot access {path}: {e}") from None
     local = path[len("file://") :] if path.startswith("file://") else path
     return LocalStorage(), local

@@ -4,11 +4,24 @@ Configuration, from the environment:
 
 - endpoint: ``STEPSAFE_GCS_ENDPOINT_URL``, else ``STORAGE_EMULATOR_HOST`` (the variable Google's
   own clients read), else Google.
-- credentials: ``STEPSAFE_GCS_TOKEN`` (``anon``, ``google_default``, ``cloud``, or the path of a
-  service-account JSON), else ``anon`` when an emulator endpoint is set, else gcsfs' default
-  chain. ``GOOGLE_CLOUD_PROJECT`` names the project.
+- credentials: ``STEPSAFE_GCS_TOKEN`` (anything gcsfs' ``token`` takes: ``anon`` for a public
+  bucket, ``google_default``, ``cloud``, or the path of a service-account JSON), else ``anon``
+  when an emulator endpoint is set, else Application Default Credentials, looked for in
+  Google's order: the key file that ``GOOGLE_APPLICATION_CREDENTIALS`` names, then the file
+  ``gcloud auth application-default login`` writes, then the metadata server of the Google
+  Cloud VM (GKE pod, Cloud Run...) we run on. ``GOOGLE_CLOUD_PROJECT`` names the project.
 - With an emulator endpoint, ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` defaults to ``false``
   before gcsfs is imported: its gRPC probe otherwise stalls every call for a minute.
+
+No credentials is an error at once (``CredentialsError``, naming what to set), not after a
+minute or two. Left to itself (``token=None``), gcsfs tries google-auth's chain, whose metadata
+ping is 3 attempts, then its own "cloud" step, 5 more with backoff, then falls back to anonymous
+requests without a word; its bucket-type probe pings twice more, and the anonymous requests
+fail after 6 retries: 59 s measured with the metadata address refusing connections, 103 s with
+it silent, then a traceback. Here the metadata server is asked once, only when no credential
+file was found, with ``GCE_METADATA_TIMEOUT`` seconds (google-auth's variable, default 3) to
+answer; ``GCE_METADATA_IP`` moves it and ``NO_GCE_CHECK=true`` skips it, as for google-auth
+(tests point it at a loopback port).
 
 Commit marker: gcsfs ``pipe_file(mode="create")``, a one-shot multipart upload with
 ``ifGenerationMatch=0``; GCS answers 412 when the object exists (fake-gcs-server enforces the
@@ -24,10 +37,22 @@ sequential (files are written concurrently).
 
 from __future__ import annotations
 
+import http.client
 import os
+from pathlib import Path
 from typing import Any
 
+from stepsafe.errors import CredentialsError
 from stepsafe.storage.remote import RemoteStorage
+
+SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"  # gcsfs' default access
+METADATA_IP = "169.254.169.254"  # google-auth's default; GCE_METADATA_IP overrides it
+NO_CREDENTIALS = (
+    "no Google Cloud credentials found: set GOOGLE_APPLICATION_CREDENTIALS to a "
+    "service-account key file, or run `gcloud auth application-default login`, or set "
+    "STEPSAFE_GCS_TOKEN=anon for a public bucket (STEPSAFE_GCS_ENDPOINT_URL for another "
+    "server); no metadata server answered at {ip} within {timeout:g} s (not a Google Cloud VM)"
+)
 
 
 def gcs_filesystem() -> Any:
@@ -41,7 +66,11 @@ def gcs_filesystem() -> Any:
             endpoint = f"http://{endpoint}"
     import gcsfs  # imported here: an optional extra
 
-    token = os.environ.get("STEPSAFE_GCS_TOKEN") or ("anon" if endpoint else None)
+    token: Any = os.environ.get("STEPSAFE_GCS_TOKEN") or ("anon" if endpoint else None)
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+    if token is None:
+        token, found_project = default_credentials()
+        project = project or found_project
     kwargs: dict[str, Any] = {
         "token": token,
         "use_listings_cache": False,  # other processes write: never trust a cached listing
@@ -49,9 +78,78 @@ def gcs_filesystem() -> Any:
     }
     if endpoint:
         kwargs["endpoint_url"] = endpoint
-    if os.environ.get("GOOGLE_CLOUD_PROJECT"):
-        kwargs["project"] = os.environ["GOOGLE_CLOUD_PROJECT"]
+    if project:
+        kwargs["project"] = project
     return gcsfs.GCSFileSystem(**kwargs)
+
+
+def default_credentials() -> tuple[Any, str | None]:
+    """Application Default Credentials and their project, found in Google's order (see the
+    module docstring), with the metadata server asked once, briefly: a CredentialsError when
+    there are none, instead of a minute of retries and then anonymous requests.
+
+    Raises:
+        CredentialsError: no credential file, and no metadata server answered; or the
+            credentials found are unusable (a missing or malformed key file).
+    """
+    import google.auth
+    import google.auth.exceptions
+
+    if not (
+        os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        or _gcloud_credentials_file().is_file()
+        or _on_google_cloud()
+    ):
+        ip = os.environ.get("GCE_METADATA_IP") or METADATA_IP
+        raise CredentialsError(NO_CREDENTIALS.format(ip=ip, timeout=_metadata_timeout()))
+    try:
+        return google.auth.default(scopes=[SCOPE])
+    except google.auth.exceptions.GoogleAuthError as e:
+        reason = " ".join(str(e).split())
+        raise CredentialsError(
+            f"Google Cloud credentials unusable ({reason}): fix GOOGLE_APPLICATION_CREDENTIALS "
+            "or run `gcloud auth application-default login` again"
+        ) from None  # the reason is in the message; a chained OSError would read as a disk's
+
+
+def _gcloud_credentials_file() -> Path:
+    """Where ``gcloud auth application-default login`` writes (google-auth reads it there)."""
+    if os.environ.get("CLOUDSDK_CONFIG"):
+        config = Path(os.environ["CLOUDSDK_CONFIG"])
+    elif os.name == "nt":
+        config = Path(os.environ.get("APPDATA", "C:\\")) / "gcloud"
+    else:
+        config = Path.home() / ".config" / "gcloud"
+    return config / "application_default_credentials.json"
+
+
+def _metadata_timeout() -> float:
+    try:
+        return float(os.environ.get("GCE_METADATA_TIMEOUT", "3"))
+    except ValueError:
+        return 3.0
+
+
+def _on_google_cloud() -> bool:
+    """google-auth's ``is_on_gce`` with its metadata ping made once instead of three times
+    (``NO_GCE_CHECK=true`` skips it, as there). Unlike it, the machine's DMI product name does
+    not count: it would make a Google VM whose metadata server is unreachable wait out
+    google-auth's retries; raise ``GCE_METADATA_TIMEOUT`` for a slow one instead."""
+    return os.environ.get("NO_GCE_CHECK") != "true" and _metadata_server_answers()
+
+
+def _metadata_server_answers() -> bool:
+    """Whether a Google metadata server answers one request within the timeout: what
+    google-auth's ``ping`` checks (the ``Metadata-Flavor: Google`` reply header), once."""
+    ip = os.environ.get("GCE_METADATA_IP") or METADATA_IP
+    conn = http.client.HTTPConnection(ip, timeout=_metadata_timeout())  # never via a proxy
+    try:
+        conn.request("GET", "/", headers={"Metadata-Flavor": "Google"})
+        return conn.getresponse().getheader("Metadata-Flavor") == "Google"
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 class GCSStorage(RemoteStorage):

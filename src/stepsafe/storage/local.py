@@ -14,11 +14,17 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from stepsafe.errors import CheckpointExistsError, TruncatedDataError
+from stepsafe.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StorageError,
+    TruncatedDataError,
+)
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
 from stepsafe.storage.threads import run_all
 
@@ -57,6 +63,86 @@ def _makedirs_durable(path: Path) -> None:
         _fsync(d.parent)
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading if, and only if, it is a regular file: never through a
+    symbolic link (a checkpoint's files would then be bytes from anywhere: ``/dev/zero``, a
+    file outside the checkpoint), never a FIFO or a device (reading one blocks forever or
+    never ends). ``lstat`` first, so that nothing else is ever opened (opening some devices
+    has effects), then ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat`` on the fd, so that a file
+    swapped in between is caught too. A directory raises IsADirectoryError, as ``open`` does.
+
+    Raises:
+        CorruptCheckpointError: ``path`` is a link, FIFO, device or socket.
+        OSError: it cannot be opened (FileNotFoundError when it does not exist).
+    """
+    before = os.lstat(path)
+    if stat.S_ISDIR(before.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(before.st_mode):
+        raise _not_regular(path, before.st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+        os.close(fd)
+        raise _not_regular(path, st.st_mode)
+    return fd, st
+
+
+def _not_regular(path: str, mode: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path} is a {_kind(mode)}, not a regular file: stepsafe writes only regular files and "
+        "reads nothing else (never through a link); something else put it there: remove it, or "
+        "use another step"
+    )
+
+
+def read_whole(path: str, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (see ``open_regular``); refused before reading
+    when ``fstat`` says it holds more than ``limit`` bytes, and never more than ``limit + 1``
+    bytes read should it grow meanwhile."""
+    fd, st = open_regular(path)
+    try:
+        if limit is not None and st.st_size > limit:
+            raise _too_big(path, st.st_size, limit)
+        cap = None if limit is None else limit + 1
+        parts: list[bytes] = []
+        got = 0
+        want = st.st_size + 1  # a regular file: one read, then one that returns b""
+        while cap is None or got < cap:
+            n = max(want - got, 1 << 16)
+            part = os.read(fd, min(n, _MAX_WRITE) if cap is None else min(n, cap - got))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        if limit is not None and got > limit:
+            raise _too_big(path, got, limit)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _too_big(path: str, size: int, limit: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path} holds {size} bytes, more than the {limit} bytes stepsafe ever writes to such "
+        "a file: it is damaged or was not written by stepsafe; it was not read"
+    )
+
+
 def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -88,43 +174,70 @@ def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> int:
 
 
 class LocalTransaction(Transaction):
+    """Every OSError (a full disk, a file size limit, a read-only mount) is raised as a
+    StorageError naming the checkpoint and the file: a bare ``[Errno 28]`` does not say which
+    of several disks filled up."""
+
     def __init__(self, final: Path) -> None:
         self.final = final
-        _makedirs_durable(final.parent)
-        if final.exists():
-            raise CheckpointExistsError(
-                f"{final} already exists: stepsafe never overwrites a checkpoint; "
-                "save to a new path or delete the old one first"
-            )
-        tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp = final.parent / f"{final.name}{TMP_MARK}{tag}"
-        self.tmp.mkdir()
+        self._done = True  # nothing to abort until the temporary exists
+        try:
+            _makedirs_durable(final.parent)
+            if final.exists():
+                raise CheckpointExistsError(
+                    f"{final} already exists: stepsafe never overwrites a checkpoint; "
+                    "save to a new path or delete the old one first"
+                )
+            tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+            self.tmp = final.parent / f"{final.name}{TMP_MARK}{tag}"
+            self.tmp.mkdir()
+        except CheckpointExistsError:
+            raise
+        except OSError as e:
+            raise self._error("creating its directory", e) from e
         self._dirs: set[Path] = {self.tmp}
         self._unsynced: list[Path] = []
         self._done = False
 
+    def _error(self, doing: str, e: OSError) -> StorageError:
+        where = f" ({e.filename})" if e.filename else ""
+        error = StorageError(
+            f"saving {self.final} failed while {doing}: {e.strerror or e}{where}; nothing was "
+            "committed: free space (or fix the permission or limit named) and save again"
+        )
+        error.errno = e.errno
+        return error
+
     def write_file(self, relpath: str, chunks: Iterable[memoryview | bytes]) -> None:
         target = self.tmp / relpath
-        if target.parent not in self._dirs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            p = target.parent
-            while p != self.tmp:
-                self._dirs.add(p)
-                p = p.parent
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            size = write_all(fd, chunks)
-            if size >= _SYNC_NOW:  # the disk works while other threads still write
-                os.fsync(fd)
-            else:
-                self._unsynced.append(target)
-        finally:
-            os.close(fd)
+            if target.parent not in self._dirs:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                p = target.parent
+                while p != self.tmp:
+                    self._dirs.add(p)
+                    p = p.parent
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                size = write_all(fd, chunks)
+                if size >= _SYNC_NOW:  # the disk works while other threads still write
+                    os.fsync(fd)
+                else:
+                    self._unsynced.append(target)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if not e.filename:
+                e.filename = str(target)
+            raise self._error(f"writing {relpath}", e) from e
 
     def commit(self) -> None:
         """fsync what is left (small files, directories) concurrently, so the filesystem can
         fold them into one journal commit, then rename and fsync the parent."""
-        run_all(_fsync, [*self._unsynced, *self._dirs])
+        try:
+            run_all(_fsync, [*self._unsynced, *self._dirs])
+        except OSError as e:
+            raise self._error("syncing its files to disk", e) from e
         try:
             os.rename(self.tmp, self.final)
         except OSError as e:
@@ -134,9 +247,12 @@ class LocalTransaction(Transaction):
                     f"{self.final} was committed by another writer while this save ran; "
                     "this save was discarded"
                 ) from e
-            raise
-        _fsync(self.final.parent)
-        self._done = True
+            raise self._error("renaming it into place", e) from e
+        self._done = True  # renamed: nothing left to abort
+        try:
+            _fsync(self.final.parent)
+        except OSError as e:
+            raise self._error("syncing its parent directory", e) from e
 
     def abort(self) -> None:
         if not self._done:
@@ -150,7 +266,7 @@ class LocalReadHandle(ReadHandle):
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd, _ = open_regular(path)
         except FileNotFoundError as e:
             raise TruncatedDataError(f"data file {path} is missing") from e
         except OSError as e:
@@ -195,9 +311,8 @@ class LocalStorage(Storage):
         finally:
             handle.close()
 
-    def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        return read_whole(path, limit)
 
     def size(self, path: str) -> int:
         return os.stat(path).st_size
@@ -213,6 +328,9 @@ class LocalStorage(Storage):
             return sorted(os.listdir(path))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def is_link(self, path: str) -> bool:
+        return os.path.islink(path)
 
     def delete_file(self, path: str) -> None:
         os.unlink(path)

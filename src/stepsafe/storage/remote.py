@@ -23,7 +23,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
-from stepsafe.errors import CheckpointExistsError, StepsafeError, TruncatedDataError
+from stepsafe.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StepsafeError,
+    TruncatedDataError,
+)
 from stepsafe.storage.base import Storage, Transaction
 from stepsafe.storage.budget import IN_FLIGHT
 from stepsafe.storage.ranges import RangeRead, Span, byte_view, plan_spans
@@ -196,8 +201,23 @@ class RemoteStorage(Storage):
             self._raise_short(path, offset, n)
         raise StepsafeError(f"reading {path} (bytes {offset}..{offset + n}) failed: {e}") from e
 
-    def read_bytes(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        if limit is None:
+            return self.fs.cat_file(path)
+        try:  # one ranged GET: never more than limit + 1 bytes, whatever the object holds
+            data = self.fs.cat_file(path, start=0, end=limit + 1)
+        except FileNotFoundError:
+            raise
+        except Exception:
+            if self.size(path) == 0:  # servers refuse any range of an empty object (416)
+                return b""
+            raise
+        if len(data) > limit:
+            raise CorruptCheckpointError(
+                f"{path} holds more than the {limit} bytes stepsafe ever writes to such a "
+                "file: it is damaged or was not written by stepsafe; it was not read"
+            )
+        return data
 
     def size(self, path: str) -> int:
         return int(self.fs.size(path))

@@ -5,8 +5,17 @@ Configuration, from the environment, so the same code runs against AWS, MinIO or
 - endpoint: ``STEPSAFE_S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL_S3``, else
   ``AWS_ENDPOINT_URL``, else AWS itself.
 - credentials: botocore's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
-  ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ...); ``STEPSAFE_S3_ANON=1`` for unsigned requests.
+  ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the files in ``~/.aws``, web identity, SSO, the
+  container's and then the EC2 instance's metadata service); ``STEPSAFE_S3_ANON=1`` for
+  unsigned requests (a public bucket).
 - region: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1`` when an endpoint is set.
+
+No credentials is an error when the client is made (``CredentialsError``, naming what to set),
+not a ``NoCredentialsError`` traceback at the first request: the chain is walked once up front.
+Its last step asks the instance metadata service, as botocore always does: one attempt with a
+1 s timeout (``AWS_METADATA_SERVICE_TIMEOUT`` / ``AWS_METADATA_SERVICE_NUM_ATTEMPTS``), at
+``AWS_EC2_METADATA_SERVICE_ENDPOINT`` if set (tests point it at a closed loopback port). The
+credentials themselves are left to s3fs to resolve and refresh (an instance role's expire).
 
 Commit marker: ``PutObject`` with ``If-None-Match: *`` (AWS since 2024; moto enforces it); a
 412 ``PreconditionFailed`` (or 409 ``ConditionalRequestConflict``) means another object is there.
@@ -35,12 +44,19 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
+from stepsafe.errors import CredentialsError
 from stepsafe.storage.budget import IN_FLIGHT
 from stepsafe.storage.remote import RemoteStorage, gather_parts
 
 MAX_PARTS_IN_FLIGHT = 16  # per process: bounds upload memory at 16 x PART_SIZE = 1 GiB
 PARTS_PER_FILE = 8  # one file's parts in flight at once; files are written concurrently too
 _in_flight = threading.BoundedSemaphore(MAX_PARTS_IN_FLIGHT)
+NO_CREDENTIALS = (
+    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+    "(a profile in ~/.aws/credentials or ~/.aws/config), or STEPSAFE_S3_ANON=1 for a public "
+    "bucket (STEPSAFE_S3_ENDPOINT_URL for another server); no instance metadata service "
+    "answered (not an EC2 instance)"
+)
 
 
 def s3_filesystem() -> Any:
@@ -60,8 +76,11 @@ def s3_filesystem() -> Any:
     if region:
         client_kwargs["region_name"] = region
     attempts = int(os.environ.get("STEPSAFE_S3_MAX_ATTEMPTS", "10"))
+    anon = os.environ.get("STEPSAFE_S3_ANON", "") in ("1", "true")
+    if not anon:
+        check_credentials()
     return s3fs.S3FileSystem(
-        anon=os.environ.get("STEPSAFE_S3_ANON", "") in ("1", "true"),
+        anon=anon,
         client_kwargs=client_kwargs,
         config_kwargs={
             "retries": {"max_attempts": attempts, "mode": "standard"},
@@ -73,6 +92,27 @@ def s3_filesystem() -> Any:
         skip_instance_cache=True,
         max_concurrency=8,
     )
+
+
+def check_credentials() -> None:
+    """Walk botocore's credential chain once (see the module docstring), so that a missing
+    credential is a clear error now rather than a traceback at the first request.
+
+    Raises:
+        CredentialsError: the chain found nothing, or a profile it was told to use is broken.
+    """
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        found = botocore.session.Session().get_credentials()
+    except botocore.exceptions.BotoCoreError as e:
+        raise CredentialsError(
+            f"AWS credentials unusable ({e}): fix AWS_PROFILE or the files in ~/.aws "
+            "(AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE)"
+        ) from None  # the reason is in the message; a chained OSError would read as a disk's
+    if found is None:
+        raise CredentialsError(NO_CREDENTIALS)
 
 
 def _is_precondition_failure(e: BaseException) -> bool:

@@ -9,7 +9,8 @@ Structure nodes (JSON lists):
     ["dict", [keys], [children]]         keys are str or int, insertion order kept
     ["list", [children]] / ["tuple", [children]]
     ["namedtuple", "module.Name", [fields], [children]]
-    ["node", "module.Name", [key strings], [children]]   any registered JAX pytree node
+    ["node", "module.Name", [key strings], [children]]   any registered JAX pytree node, and
+                                                         typed PRNG keys (tree/jax_keys.py)
     ["leaf"]                                             the key path is its position
 """
 
@@ -22,9 +23,17 @@ from typing import Any
 
 from stepsafe.errors import UnsupportedLeafError
 from stepsafe.tree import keypath
+from stepsafe.tree.jax_keys import TYPE_NAME as KEY_TYPE_NAME
+from stepsafe.tree.jax_keys import key_node
 
 Structure = list
 LEAF: Structure = ["leaf"]
+
+# How deep a tree may nest (the root's children are at depth 1). Restore refuses deeper
+# structures, since it reads them from untrusted files; save refuses them too, so that every
+# checkpoint that saves can be restored, and checks it on the way down, before Python's own
+# recursion limit (about 1000 frames) is near.
+MAX_DEPTH = 256
 
 
 @dataclass
@@ -70,7 +79,20 @@ def flatten(tree: Any, *, is_leaf: Callable[[Any], bool]) -> Flat:
     paths: list[str] = []
     leaves: list[Any] = []
 
-    def walk(x: Any, path: str) -> tuple[Structure, Callable[[Iterator[Any]], Any]]:
+    def walk(x: Any, path: str, depth: int = 0) -> tuple[Structure, Callable[[Iterator[Any]], Any]]:
+        if depth > MAX_DEPTH:
+            raise UnsupportedLeafError(
+                f"the tree nests deeper than {MAX_DEPTH} levels at {path!r} (depth {depth}): "
+                "stepsafe cannot restore trees that deep, so it does not save them; flatten "
+                "the nesting (e.g. a dict keyed by 'a/b/c' strings)"
+            )
+        key = key_node(x)
+        if key is not None:
+            impl, data, make_key = key
+            built_key = walk(data, keypath.join(path, impl), depth + 1)
+            return ["node", KEY_TYPE_NAME, [impl], [built_key[0]]], (
+                lambda it: make_key(built_key[1](it))
+            )
         if is_leaf(x):
             paths.append(path)
             leaves.append(x)
@@ -83,26 +105,26 @@ def flatten(tree: Any, *, is_leaf: Callable[[Any], bool]) -> Flat:
                         f"dict key {k!r} of type {type(k).__name__} under {path or '<root>'!r} "
                         "cannot be saved: use str or int keys"
                     )
-            built = [walk(x[k], keypath.join(path, str(k))) for k in keys]
+            built = [walk(x[k], keypath.join(path, str(k)), depth + 1) for k in keys]
             cls = type(x)
             return ["dict", keys, [s for s, _ in built]], lambda it: _make_dict(
                 cls, keys, [b(it) for _, b in built]
             )
         if _is_namedtuple(x):
             fields = list(type(x)._fields)
-            built = [walk(c, keypath.join(path, f)) for f, c in zip(fields, x)]
+            built = [walk(c, keypath.join(path, f), depth + 1) for f, c in zip(fields, x)]
             cls = type(x)
             return ["namedtuple", _type_name(cls), fields, [s for s, _ in built]], lambda it: cls(
                 *[b(it) for _, b in built]
             )
         if type(x) in (list, tuple):
-            built = [walk(c, keypath.join(path, str(i))) for i, c in enumerate(x)]
+            built = [walk(c, keypath.join(path, str(i)), depth + 1) for i, c in enumerate(x)]
             cls = type(x)
             return [cls.__name__, [s for s, _ in built]], lambda it: cls(b(it) for _, b in built)
         node = _jax_children(x)
         if node is not None:
             children, unflatten = node
-            built = [walk(c, keypath.join(path, k)) for k, c in children]
+            built = [walk(c, keypath.join(path, k), depth + 1) for k, c in children]
             return ["node", _type_name(type(x)), [k for k, _ in children], [s for s, _ in built]], (
                 lambda it: unflatten([b(it) for _, b in built])
             )

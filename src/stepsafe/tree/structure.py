@@ -12,9 +12,8 @@ from typing import Any
 
 from stepsafe.errors import TargetMismatchError
 from stepsafe.tree import keypath
-from stepsafe.tree.flatten import Structure
+from stepsafe.tree.flatten import MAX_DEPTH, Structure
 
-MAX_DEPTH = 256
 _ARITY = {"leaf": 1, "list": 2, "tuple": 2, "dict": 3, "namedtuple": 4, "node": 4}
 
 

@@ -1,0 +1,402 @@
+"""One writing manager per run: a lease file in the run's checkpoints directory.
+
+Two managers saving into one run race for the same steps and delete each other's checkpoints
+through retention. So the first writing ``CheckpointManager`` creates ``<checkpoints>/_LEASE``
+by a conditional create (local disk: ``O_EXCL``; buckets: the conditional create that commits a
+checkpoint), naming its host and process, renews it every ``RENEW_S`` seconds while it lives,
+and deletes it when closed, garbage-collected or at interpreter exit. A second manager finds
+the lease and is refused with a ``RunInUseError``, unless the lease is stale, so that a crashed
+run can always resume:
+
+- its holder was a process of this host (same boot, same PID namespace) that is gone: at once;
+- its host has rebooted since: at once;
+- it was not renewed for its ``timeout_s`` (``TIMEOUT_S``): a run that died on another host.
+
+Limits, said plainly: hosts' clocks must agree to within seconds (the renewal time is the
+holder's clock); and taking over a *stale* lease is a read, a delete and a conditional create,
+so two managers that take over the same stale lease in the same instant can both succeed: the
+one whose lease was replaced finds out at its next renewal (``lost``), and its saves are
+refused from then on. The name is not a step (``inventory.step_of`` returns None), so ``ls``
+and ``gc`` pass it by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from functools import lru_cache
+
+from stepsafe.errors import RunInUseError, StepsafeError
+from stepsafe.storage import RemoteStorage, Storage
+
+log = logging.getLogger("stepsafe")
+
+LEASE_FILE = "_LEASE"
+TIMEOUT_S = 60.0  # a lease not renewed for this long is stale
+RENEW_S = 10.0
+_MAX_BYTES = 4096  # a lease is a few hundred bytes; never read more
+_TRIES = 5
+
+_held: set[str] = set()  # tokens of the leases that managers of this process hold now
+_held_lock = threading.Lock()
+
+
+def primary_process() -> bool:
+    """False in JAX processes other than process 0 of an initialised ``jax.distributed`` job:
+    every process of one job makes a manager on the same run, and only one may hold its lease.
+    JAX is consulted only if the program imported it (as ``checkpoint.save`` does)."""
+    jax = sys.modules.get("jax")
+    is_initialized = getattr(getattr(jax, "distributed", None), "is_initialized", None)
+    if jax is None or is_initialized is None or not is_initialized():
+        return True
+    return jax.process_index() == 0
+
+
+# -- who holds it ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _machine() -> tuple[str, str, str]:
+    """(host name, boot id, PID namespace): a PID means the same process only when all agree."""
+    boot = pidns = ""
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    with contextlib.suppress(OSError):
+        pidns = os.readlink("/proc/self/ns/pid")
+    return socket.gethostname(), boot, pidns
+
+
+def _start_ticks(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of ``pid``; None when there is no
+    such process or no /proc to ask. The start time tells a reused PID from its first owner."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        return int(fields[19]), fields[0].decode()
+    except (IndexError, ValueError):
+        return None
+
+
+def _own_start() -> int | None:
+    info = _start_ticks(os.getpid())
+    return info[0] if info else None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` of this machine, started at ``start`` ticks, still runs."""
+    info = _start_ticks(pid)
+    if info is not None:
+        ticks, state = info
+        return state not in ("Z", "X") and (start is None or ticks == start)
+    try:  # no /proc, or not allowed to read it: ask the kernel whether the PID exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What the lease file says, as JSON."""
+
+    host: str
+    pid: int
+    token: str
+    renewed_unix: float
+    timeout_s: float = TIMEOUT_S
+    boot_id: str = ""
+    pid_namespace: str = ""
+    start_ticks: int | None = None
+    acquired: str = ""  # ISO 8601 with time zone, for people reading the file
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        host, boot, pidns = _machine()
+        now = time.time()
+        return cls(
+            host, os.getpid(), secrets.token_hex(8), now, TIMEOUT_S, boot, pidns, _own_start(),
+            datetime.fromtimestamp(now, UTC).isoformat(),
+        )  # fmt: skip
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Holder | None:
+        """The holder a lease file names; None when it is not a lease we can read."""
+        try:
+            doc = json.loads(raw)
+            return cls(
+                str(doc["host"]), int(doc["pid"]), str(doc["token"]), float(doc["renewed_unix"]),
+                float(doc.get("timeout_s", TIMEOUT_S)), str(doc.get("boot_id", "")),
+                str(doc.get("pid_namespace", "")),
+                None if doc.get("start_ticks") is None else int(doc["start_ticks"]),
+                str(doc.get("acquired", "")),
+            )  # fmt: skip
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    def describe(self) -> str:
+        if self.pid == os.getpid() and self.host == _machine()[0]:
+            return f"another CheckpointManager of this process (pid {self.pid})"
+        return f"host {self.host}, pid {self.pid}"
+
+    def stale_reason(self, now: float) -> str | None:
+        """Why this lease no longer protects a live manager; None when it may."""
+        age = now - self.renewed_unix
+        if age > self.timeout_s:
+            return f"not renewed for {age:.0f} s (timeout {self.timeout_s:.0f} s)"
+        host, boot, pidns = _machine()
+        if self.host != host:
+            return None
+        if self.boot_id and boot and self.boot_id != boot:
+            return f"host {host} has restarted since"
+        if self.pid_namespace != pidns:
+            return None  # another container with our host name: its PIDs are not ours to judge
+        if self.pid == os.getpid() and self.start_ticks == _own_start():
+            with _held_lock:
+                mine = self.token in _held
+            return None if mine else f"left by an earlier manager of this process ({self.pid})"
+        if not _alive(self.pid, self.start_ticks):
+            return f"process {self.pid} on {host} is gone"
+        return None
+
+
+# -- the file, on local disk or in a bucket --------------------------------------------------
+
+
+class _LocalFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def create(self, data: bytes) -> bool:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return True
+
+    def read(self) -> bytes | None:
+        """The file's bytes; None when there is none. Never blocks on a FIFO nor follows a link."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise RunInUseError(
+                f"{self.path} cannot be read as a lease ({e.strerror}): remove it if no run "
+                "uses this directory"
+            ) from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RunInUseError(
+                    f"{self.path} is not a regular file, so it is no lease stepsafe wrote: "
+                    "remove it if no run uses this directory"
+                )
+            return os.read(fd, _MAX_BYTES)
+        finally:
+            os.close(fd)
+
+    def replace(self, data: bytes, token: str) -> None:
+        tmp = f"{self.path}.{token}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.path)
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class _BucketFile:
+    def __init__(self, storage: RemoteStorage, path: str) -> None:
+        self.storage, self.path = storage, path
+
+    def create(self, data: bytes) -> bool:
+        try:
+            self.storage.create_exclusive(self.path, data)
+        except FileExistsError:
+            return False
+        return True
+
+    def read(self) -> bytes | None:
+        try:
+            if self.storage.size(self.path) > _MAX_BYTES:
+                return b"?"  # not a lease we wrote
+            return self.storage.read_bytes(self.path)
+        except FileNotFoundError:
+            return None
+
+    def replace(self, data: bytes, token: str) -> None:
+        self.storage.put_whole(self.path, data)
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.storage.delete_file(self.path)
+
+
+# -- the lease -------------------------------------------------------------------------------
+
+
+class Lease:
+    """This process's hold on one run directory; ``acquire`` it, ``release`` it once."""
+
+    def __init__(self, file: _LocalFile | _BucketFile, directory: str, holder: Holder) -> None:
+        self._file = file
+        self.directory = directory
+        self.holder = holder
+        self.lost: str | None = None  # why this manager no longer holds the lease
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._released = False
+        self._thread = threading.Thread(
+            target=self._renew_loop, name="stepsafe-lease", daemon=True
+        )  # daemon: it must never keep the interpreter alive; release stops it
+
+    @property
+    def path(self) -> str:
+        return self._file.path
+
+    @classmethod
+    def acquire(cls, storage: Storage, directory: str) -> Lease:
+        """Take the lease of ``directory`` (a run's checkpoints directory).
+
+        Raises:
+            RunInUseError: a live manager (of this or another process) holds it, or a file
+                stepsafe did not write has its name (it is left alone).
+            StepsafeError: the lease cannot be written (a read-only or missing run directory).
+        """
+        path = storage.join(directory, LEASE_FILE)
+        file: _LocalFile | _BucketFile = (
+            _BucketFile(storage, path) if isinstance(storage, RemoteStorage) else _LocalFile(path)
+        )
+        me = Holder.this_process()
+        for attempt in range(_TRIES):
+            try:
+                created = file.create(me.to_json())
+            except OSError as e:
+                raise StepsafeError(
+                    f"{directory}: cannot write its lease {path} ({e}): a manager that saves "
+                    "needs a writable run directory; to only read checkpoints, use "
+                    "ManagerOptions(enable_checkpointing=False)"
+                ) from e
+            if created:
+                break
+            raw = file.read()
+            if raw is None:
+                continue  # released between our create and our read
+            holder = Holder.parse(raw)
+            if holder is None and raw.strip():
+                raise RunInUseError(
+                    f"{path} is not a lease stepsafe wrote, so it is left alone: remove it if "
+                    f"no run uses {directory}"
+                )
+            if holder is None:  # empty: being written right now, or its writer died first
+                if attempt < _TRIES - 2:
+                    time.sleep(0.2)
+                    continue
+                log.warning("Replacing the empty lease %s", path)
+            else:
+                reason = holder.stale_reason(time.time())
+                if reason is None:
+                    raise RunInUseError(_in_use_message(directory, path, holder))
+                log.warning(
+                    "Taking over the lease of %s from %s: %s", directory, holder.describe(), reason
+                )
+            file.delete()
+        else:
+            raise RunInUseError(
+                f"{directory}: could not take its lease {path} after {_TRIES} tries (another "
+                "manager is starting on it at the same time?): run one manager per run directory"
+            )
+        lease = cls(file, directory, me)
+        with _held_lock:
+            _held.add(me.token)
+        lease._thread.start()
+        return lease
+
+    def check(self) -> None:
+        """Raise when another manager has taken the lease over: saving on would race it."""
+        if self.lost is not None:
+            raise RunInUseError(
+                f"{self.directory}: {self.lost}; this manager no longer saves there, so that "
+                "two runs do not overwrite and delete each other's checkpoints"
+            )
+
+    def renew(self) -> None:
+        """Write a fresh renewal time, after checking the lease is still ours."""
+        with self._lock:
+            if self._released or self.lost is not None:
+                return
+            raw = self._file.read()
+            if raw is None:  # deleted by hand: take it again, unless someone else just did
+                fresh = replace(self.holder, renewed_unix=time.time())
+                if self._file.create(fresh.to_json()):
+                    self.holder = fresh
+                    return
+                raw = self._file.read() or b""
+            holder = Holder.parse(raw)
+            if holder is None or holder.token != self.holder.token:
+                who = holder.describe() if holder else "something unreadable"
+                self.lost = f"its lease {self.path} was taken over by {who}"
+                log.error("%s: %s", self.directory, self.lost)
+                return
+            self.holder = replace(self.holder, renewed_unix=time.time())
+            self._file.replace(self.holder.to_json(), self.holder.token)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(RENEW_S) and self.lost is None:
+            try:
+                self.renew()
+            except Exception as e:  # a storage hiccup: the next renewal tries again
+                log.warning("Could not renew the lease %s: %s", self.path, e)
+
+    def release(self) -> None:
+        """Delete the lease if it is still ours; idempotent, never raises."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            self._stop.set()
+            with _held_lock:
+                _held.discard(self.holder.token)
+            if os.getpid() != self.holder.pid:
+                return  # a forked child: the lease is its parent's
+            try:
+                raw = self._file.read()
+                holder = Holder.parse(raw) if raw else None
+                if holder is not None and holder.token == self.holder.token:
+                    self._file.delete()
+            except Exception as e:  # the directory may be gone; the lease then goes stale
+                log.warning("Could not release the lease %s: %s", self.path, e)
+
+
+def _in_use_message(directory: str, path: str, holder: Holder) -> str:
+    age = max(0.0, time.time() - holder.renewed_unix)
+    left = max(0.0, holder.timeout_s - age)
+    return (
+        f"{directory} is in use by {holder.describe()} (lease {path}, renewed {age:.0f} s ago): "
+        "two managers saving into one run would delete each other's checkpoints; stop the "
+        f"other one or use another run directory (if it died, its lease expires in {left:.0f} "
+        "s; to only read checkpoints, use ManagerOptions(enable_checkpointing=False))"
+    )
