@@ -148,7 +148,7 @@ def test_diff_exits_1_when_the_checkpoints_differ(tmp_path, capsys, monkeypatch)
     del b["opt_state"]
     stepsafe.save(tmp_path / "c", b)
     assert cli(capsys, "diff", tmp_path / "a", tmp_path / "a", "--values")[0] == ExitCode.OK
-    assert cli(capsys, "diff", tmp_path / "a", tmp_path / "b")[0] == ExitCode.OK  # trees only
+    assert cli(capsys, "diff", tmp_path / "a", tmp_path / "b")[0] == ExitCode.NO  # checksums
     values = cli(capsys, "diff", tmp_path / "a", tmp_path / "b", "--values")
     assert values[0] == ExitCode.NO == 1
     assert cli(capsys, "diff", tmp_path / "a", tmp_path / "c", "--json")[0] == ExitCode.NO

@@ -11,6 +11,7 @@ from stepsafe.checkpoint.diff import diff
 from stepsafe.checkpoint.kind import classify
 from stepsafe.checkpoint.summary import summarize
 from stepsafe.checkpoint.verify import verify, verify_targets
+from stepsafe.cli.main import main
 from stepsafe.manager.gc import gc
 from stepsafe.manager.inventory import list_runs, step_of
 
@@ -123,6 +124,23 @@ def test_diff_structure_and_values(tmp_path):
     assert by_key["params/layers/mlp/kernel"].equal
     assert "params/layers/norm/scale" not in by_key  # shapes differ: not comparable
     assert diff(str(tmp_path / "a"), str(tmp_path / "b")).values is None
+
+
+def test_diff_without_values_finds_other_bytes_from_checksums(tmp_path, capsys):
+    """Same keys, dtypes and shapes, other contents: the checksums tell, without reading."""
+    a, b = state_at(1), state_at(1)
+    b["params"]["embed"] = b["params"]["embed"] + np.float32(0.5)
+    stepsafe.save(tmp_path / "a", a)
+    stepsafe.save(tmp_path / "b", b)
+    stepsafe.save(tmp_path / "c", state_at(1), data_file_size_bytes=64)  # cut differently
+    d = diff(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert d.structure_equal and d.contents_differ == ["params/embed"] and not d.contents_unknown
+    assert diff(str(tmp_path / "a"), str(tmp_path / "a")).contents_differ == []
+    assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "params/embed" in capsys.readouterr().out
+    assert main(["diff", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
+    d = diff(str(tmp_path / "a"), str(tmp_path / "c"))
+    assert not d.contents_differ and d.contents_unknown
 
 
 def test_kind_heuristic():

@@ -1,9 +1,11 @@
 """What changed between two checkpoints: keys added or removed, shape/dtype changes, inline
-values, and optionally how far apart the arrays' values are.
+values, arrays whose bytes differ, and optionally how far apart the arrays' values are.
 
-The structural diff reads the two manifests only. ``values=True`` reads both checkpoints, one
-array pair at a time and compares them in blocks, so memory stays near the two biggest arrays
-(never both trees), whatever the checkpoints' size.
+The structural diff reads the two manifests only; so does the content check, which compares
+the chunks' checksums of arrays saved with the same shard and chunk layout (a different
+layout, e.g. another data file size, leaves the question to ``values=True``). ``values=True``
+reads both checkpoints, one array pair at a time and compares them in blocks, so memory stays
+near the two biggest arrays (never both trees), whatever the checkpoints' size.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class CheckpointDiff:
     removed: dict[str, LeafDesc] = field(default_factory=dict)
     changed: list[Change] = field(default_factory=list)
     same: int = 0  # leaves present on both sides with the same description
+    contents_differ: list[str] = field(default_factory=list)  # arrays whose checksums differ
+    contents_unknown: list[str] = field(default_factory=list)  # laid out differently: unknown
     values: list[ValueDiff] | None = None  # with values=True: every array pair of equal shape
 
     @property
@@ -105,6 +109,12 @@ def _diff(
             out.changed.append(Change(key, desc, db[key]))
         else:
             out.same += 1
+            if desc.dtype is not None:
+                verdict = _same_bytes(ra.manifest.arrays[key], rb.manifest.arrays[key])
+                if verdict is False:
+                    out.contents_differ.append(key)
+                elif verdict is None:
+                    out.contents_unknown.append(key)
     if values:
         pairs = [k for k, d in da.items() if _comparable(d, db.get(k))]
         out.values = []
@@ -113,6 +123,19 @@ def _diff(
             if progress is not None:
                 progress(i + 1, len(pairs))
     return out
+
+
+def _same_bytes(x: ArrayEntry, y: ArrayEntry) -> bool | None:
+    """Whether two arrays hold the same bytes, from their chunks' checksums alone; None when
+    their shards or chunks are cut differently, so that checksums cannot tell."""
+    if len(x.shards) != len(y.shards):
+        return None
+    same = True
+    for sx, sy in zip(x.shards, y.shards):
+        if sx.index != sy.index or [c.length for c in sx.chunks] != [c.length for c in sy.chunks]:
+            return None
+        same = same and all(a.checksum == b.checksum for a, b in zip(sx.chunks, sy.chunks))
+    return same
 
 
 def _comparable(x: LeafDesc, y: LeafDesc | None) -> bool:

@@ -1,12 +1,13 @@
 """``stepsafe diff``: what differs between two checkpoints.
 
-Keys added and removed, dtype/shape changes and changed inline values, from the two manifests
-alone; with ``--values`` also the max absolute difference of every array pair of equal shape,
-read one pair at a time so memory stays bounded whatever the checkpoints' size.
+Keys added and removed, dtype/shape changes, changed inline values and arrays whose checksums
+differ, from the two manifests alone; with ``--values`` also the max absolute difference of
+every array pair of equal shape, read one pair at a time so memory stays bounded whatever the
+checkpoints' size.
 
 Exit status as diff(1)'s: 0 when the two agree in everything compared (without ``--values``:
-keys, dtypes, shapes and inline values; with it, the arrays' contents too), 1 when they
-differ, another code (see ``stepsafe --help``) when they could not be compared.
+keys, dtypes, shapes, inline values and the arrays' checksums; with it, the arrays' values), 1
+when they differ, another code (see ``stepsafe --help``) when they could not be compared.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def equal(d: CheckpointDiff) -> bool:
-    """True when nothing compared differs (array contents only count when ``--values``)."""
-    return d.structure_equal and all(v.equal for v in d.values or ())
+    """True when nothing compared differs: the trees, the arrays' checksums where their layouts
+    match, and with ``--values`` every array's values."""
+    if d.values is not None:
+        return d.structure_equal and all(v.equal for v in d.values)
+    return d.structure_equal and not d.contents_differ
 
 
 def show(d: CheckpointDiff) -> None:
@@ -90,6 +94,18 @@ def show(d: CheckpointDiff) -> None:
             f"{d.same} unchanged"
         )
     if d.values is None:
+        if d.contents_differ:
+            shown = ", ".join(escape(k) for k in d.contents_differ[:5])
+            more = ", ..." if len(d.contents_differ) > 5 else ""
+            con.print(
+                f"Contents: {len(d.contents_differ)} array(s) hold other bytes (their checksums "
+                f"differ): {shown}{more}; --values says by how much"
+            )
+        if d.contents_unknown:
+            con.print(
+                f"Contents: {len(d.contents_unknown)} array(s) are laid out differently, so "
+                "their checksums cannot be compared: --values compares them"
+            )
         return
     differing = [v for v in d.values if not v.equal]
     if differing:

@@ -28,7 +28,6 @@ import logging
 import os
 import secrets
 import socket
-import stat
 import sys
 import threading
 import time
@@ -36,8 +35,10 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from stepsafe.errors import RunInUseError, StepsafeError
+from stepsafe.errors import CorruptCheckpointError, RunInUseError, StepsafeError
 from stepsafe.storage import RemoteStorage, Storage
+from stepsafe.storage.local import pid_alive
+from stepsafe.storage.regular_files import read_whole
 
 log = logging.getLogger("stepsafe")
 
@@ -101,13 +102,7 @@ def _alive(pid: int, start: int | None) -> bool:
     if info is not None:
         ticks, state = info
         return state not in ("Z", "X") and (start is None or ticks == start)
-    try:  # no /proc, or not allowed to read it: ask the kernel whether the PID exists
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)  # no /proc, or not allowed to read it: ask the kernel
 
 
 @dataclass(frozen=True)
@@ -199,23 +194,14 @@ class _LocalFile:
     def read(self) -> bytes | None:
         """The file's bytes; None when there is none. Never blocks on a FIFO nor follows a link."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            return read_whole(self.path, _MAX_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as e:
+        except (OSError, CorruptCheckpointError) as e:  # a link, FIFO, device, too big...
             raise RunInUseError(
-                f"{self.path} cannot be read as a lease ({e.strerror}): remove it if no run "
-                "uses this directory"
+                f"{self.path} cannot be read as a lease stepsafe wrote ({e}): remove it if no "
+                "run uses this directory"
             ) from e
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RunInUseError(
-                    f"{self.path} is not a regular file, so it is no lease stepsafe wrote: "
-                    "remove it if no run uses this directory"
-                )
-            return os.read(fd, _MAX_BYTES)
-        finally:
-            os.close(fd)
 
     def replace(self, data: bytes, token: str) -> None:
         tmp = f"{self.path}.{token}"

@@ -14,18 +14,17 @@ import os
 import secrets
 import shutil
 import socket
-import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from stepsafe.errors import (
     CheckpointExistsError,
-    CorruptCheckpointError,
     StorageError,
     TruncatedDataError,
 )
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
+from stepsafe.storage.regular_files import open_regular, read_whole
 from stepsafe.storage.threads import run_all
 
 TMP_MARK = ".stepsafe-tmp-"
@@ -61,86 +60,6 @@ def _makedirs_durable(path: Path) -> None:
         except FileExistsError:
             continue
         _fsync(d.parent)
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISLNK, "symbolic link"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISDIR, "directory"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def open_regular(path: str) -> tuple[int, os.stat_result]:
-    """Open ``path`` for reading if, and only if, it is a regular file: never through a
-    symbolic link (a checkpoint's files would then be bytes from anywhere: ``/dev/zero``, a
-    file outside the checkpoint), never a FIFO or a device (reading one blocks forever or
-    never ends). ``lstat`` first, so that nothing else is ever opened (opening some devices
-    has effects), then ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat`` on the fd, so that a file
-    swapped in between is caught too. A directory raises IsADirectoryError, as ``open`` does.
-
-    Raises:
-        CorruptCheckpointError: ``path`` is a link, FIFO, device or socket.
-        OSError: it cannot be opened (FileNotFoundError when it does not exist).
-    """
-    before = os.lstat(path)
-    if stat.S_ISDIR(before.st_mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    if not stat.S_ISREG(before.st_mode):
-        raise _not_regular(path, before.st_mode)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
-        os.close(fd)
-        raise _not_regular(path, st.st_mode)
-    return fd, st
-
-
-def _not_regular(path: str, mode: int) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{path} is a {_kind(mode)}, not a regular file: stepsafe writes only regular files and "
-        "reads nothing else (never through a link); something else put it there: remove it, or "
-        "use another step"
-    )
-
-
-def read_whole(path: str, limit: int | None = None) -> bytes:
-    """The bytes of the regular file ``path`` (see ``open_regular``); refused before reading
-    when ``fstat`` says it holds more than ``limit`` bytes, and never more than ``limit + 1``
-    bytes read should it grow meanwhile."""
-    fd, st = open_regular(path)
-    try:
-        if limit is not None and st.st_size > limit:
-            raise _too_big(path, st.st_size, limit)
-        cap = None if limit is None else limit + 1
-        parts: list[bytes] = []
-        got = 0
-        want = st.st_size + 1  # a regular file: one read, then one that returns b""
-        while cap is None or got < cap:
-            n = max(want - got, 1 << 16)
-            part = os.read(fd, min(n, _MAX_WRITE) if cap is None else min(n, cap - got))
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-        if limit is not None and got > limit:
-            raise _too_big(path, got, limit)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-def _too_big(path: str, size: int, limit: int) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{path} holds {size} bytes, more than the {limit} bytes stepsafe ever writes to such "
-        "a file: it is damaged or was not written by stepsafe; it was not read"
-    )
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
@@ -355,7 +274,7 @@ def stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
         path = os.path.join(directory, name)
         host_pid = name.split(TMP_MARK, 1)[1].rpartition("-")[0]
         t_host, _, pid = host_pid.rpartition("-")
-        dead_here = t_host == host and pid.isdigit() and not _pid_alive(int(pid))
+        dead_here = t_host == host and pid.isdigit() and not pid_alive(int(pid))
         try:
             old = now - os.stat(path).st_mtime >= min_age_s
         except FileNotFoundError:
@@ -365,7 +284,8 @@ def stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
