@@ -36,9 +36,8 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from stepsafe.errors import CorruptCheckpointError, RunInUseError, StepsafeError
-from stepsafe.storage import RemoteStorage, Storage
+from stepsafe.storage import Storage
 from stepsafe.storage.local import pid_alive
-from stepsafe.storage.regular_files import read_whole
 
 log = logging.getLogger("stepsafe")
 
@@ -175,47 +174,10 @@ class Holder:
 # -- the file, on local disk or in a bucket --------------------------------------------------
 
 
-class _LocalFile:
-    def __init__(self, path: str) -> None:
-        self.path = path
+class _LeaseFile:
+    """The lease file through the run's storage: one conditional create decides who holds it."""
 
-    def create(self, data: bytes) -> bool:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        return True
-
-    def read(self) -> bytes | None:
-        """The file's bytes; None when there is none. Never blocks on a FIFO nor follows a link."""
-        try:
-            return read_whole(self.path, _MAX_BYTES)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except (OSError, CorruptCheckpointError) as e:  # a link, FIFO, device, too big...
-            raise RunInUseError(
-                f"{self.path} cannot be read as a lease stepsafe wrote ({e}): remove it if no "
-                "run uses this directory"
-            ) from e
-
-    def replace(self, data: bytes, token: str) -> None:
-        tmp = f"{self.path}.{token}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.path)
-
-    def delete(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
-class _BucketFile:
-    def __init__(self, storage: RemoteStorage, path: str) -> None:
+    def __init__(self, storage: Storage, path: str) -> None:
         self.storage, self.path = storage, path
 
     def create(self, data: bytes) -> bool:
@@ -226,14 +188,19 @@ class _BucketFile:
         return True
 
     def read(self) -> bytes | None:
+        """The file's bytes; None when there is none. Never blocks on a FIFO, follows a link
+        or reads more than a lease holds (the storage's bounded, regular-file-only reads)."""
         try:
-            if self.storage.size(self.path) > _MAX_BYTES:
-                return b"?"  # not a lease we wrote
-            return self.storage.read_bytes(self.path)
-        except FileNotFoundError:
+            return self.storage.read_bytes(self.path, _MAX_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except (OSError, CorruptCheckpointError) as e:  # a link, FIFO, device, too big...
+            raise RunInUseError(
+                f"{self.path} cannot be read as a lease stepsafe wrote ({e}): remove it if no "
+                "run uses this directory"
+            ) from e
 
-    def replace(self, data: bytes, token: str) -> None:
+    def replace(self, data: bytes) -> None:
         self.storage.put_whole(self.path, data)
 
     def delete(self) -> None:
@@ -247,7 +214,7 @@ class _BucketFile:
 class Lease:
     """This process's hold on one run directory; ``acquire`` it, ``release`` it once."""
 
-    def __init__(self, file: _LocalFile | _BucketFile, directory: str, holder: Holder) -> None:
+    def __init__(self, file: _LeaseFile, directory: str, holder: Holder) -> None:
         self._file = file
         self.directory = directory
         self.holder = holder
@@ -273,9 +240,7 @@ class Lease:
             StepsafeError: the lease cannot be written (a read-only or missing run directory).
         """
         path = storage.join(directory, LEASE_FILE)
-        file: _LocalFile | _BucketFile = (
-            _BucketFile(storage, path) if isinstance(storage, RemoteStorage) else _LocalFile(path)
-        )
+        file = _LeaseFile(storage, path)
         me = Holder.this_process()
         for attempt in range(_TRIES):
             try:
@@ -348,7 +313,7 @@ class Lease:
                 log.error("%s: %s", self.directory, self.lost)
                 return
             self.holder = replace(self.holder, renewed_unix=time.time())
-            self._file.replace(self.holder.to_json(), self.holder.token)
+            self._file.replace(self.holder.to_json())
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(RENEW_S) and self.lost is None:

@@ -142,6 +142,17 @@ class Storage(ABC):
     def list_dir(self, path: str) -> list[str]:
         """Names (not paths) directly under ``path``; empty when it does not exist."""
 
+    @abstractmethod
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Create the small file ``path`` holding ``data`` only if nothing is there;
+        FileExistsError if something is. Atomic against other writers (``O_EXCL``, a bucket's
+        conditional create): this is what decides a race between them."""
+
+    @abstractmethod
+    def put_whole(self, path: str, body: bytes) -> None:
+        """Write the small file ``path`` whole, replacing what is there; a reader sees the old
+        bytes or the new, never a mix (rename on a disk; one request on a bucket)."""
+
     def is_link(self, path: str) -> bool:
         """True when ``path`` itself is a symbolic link: deleting through one would delete
         what it points at, outside the run. Object stores have no links."""

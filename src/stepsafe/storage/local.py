@@ -248,6 +248,23 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            write_all(fd, [data])
+        finally:
+            os.close(fd)
+
+    def put_whole(self, path: str, body: bytes) -> None:
+        tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.partial"  # never a step's name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            write_all(fd, [body])
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
     def is_link(self, path: str) -> bool:
         return os.path.islink(path)
 

@@ -99,8 +99,8 @@ class RemoteStorage(Storage):
 
     # -- hooks for backends ------------------------------------------------------------------
     def create_exclusive(self, path: str, data: bytes) -> None:
-        """Create ``path`` holding ``data`` only if no object is there; FileExistsError if one
-        is. Must be atomic on the server: this is what decides a race between writers."""
+        """Must be atomic on the server (each backend's conditional create): the commit
+        marker's race between writers is decided here."""
         raise NotImplementedError
 
     def put_whole(self, path: str, body: bytes) -> None:
