@@ -349,7 +349,8 @@ def test_sparse_8gib_array_with_bad_checksums_stops_reading_early(tmp_path):
     """A sealed manifest claims an 8 GiB array in 128 chunks of 64 MiB, backed by a sparse
     8 GiB file, with checksums that do not match: restore stops after the first chunks that
     fail rather than filling 8 GiB first. Peak RSS of the restoring process: 487 MiB quiet,
-    1.5 GiB under load (the chunks already in flight on the I/O threads); before, every chunk was read first."""
+    1.5 GiB under load (the chunks already in flight on the I/O threads); before, every chunk
+    was read first."""
     _, step = make_run(tmp_path)
     size = 8 << 30
     chunks = [[off, MAX_CHUNK, "0123456789abcdef"] for off in range(0, size, MAX_CHUNK)]
