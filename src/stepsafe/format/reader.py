@@ -159,31 +159,37 @@ class CheckpointReader:
             path = self._paths[name] = self.storage.join(self.path, ITEMS_DIR, name)
         return path
 
-    def check_files(self, key: str) -> None:
-        """The data files of array ``key`` exist and have the size the manifest says: checked
-        before anything is allocated, so a lying manifest cannot make us allocate terabytes."""
-        for shard in self.manifest.arrays[key].shards:
-            for c in shard.chunks:
-                if c.file in self._checked_files:
-                    continue
-                path = self._file(c.file)
-                try:
-                    size = self.storage.size(path)
-                except FileNotFoundError as e:
-                    raise TruncatedDataError(f"data file {path} of array {key!r} is missing") from e
-                except OSError as e:
-                    raise TruncatedDataError(
-                        f"data file {path} of array {key!r} cannot be read: {e}"
-                    ) from e
-                want = self.manifest.files[c.file]
-                if size != want:
-                    lost = self._arrays_in(c.file, min(size, want))
-                    raise TruncatedDataError(
-                        f"data file {path} has {size} bytes, the manifest says {want}: it was "
-                        f"truncated or replaced; arrays with bytes past {min(size, want)}: "
-                        f"{', '.join(repr(k) for k in lost[:5])}{', ...' if len(lost) > 5 else ''}"
-                    )
-                self._checked_files.add(c.file)
+    def check_files(self, key: str | None = None) -> None:
+        """The data files of array ``key`` (None: of every array) exist and have the size the
+        manifest says: checked before anything is allocated, so a lying manifest cannot make
+        us allocate terabytes; and, for all of them, a cheap test (sizes only, no array bytes)
+        that retention and ``gc`` use to tell an intact step from a truncated one."""
+        if key is None:
+            names = list(self.manifest.files)
+        else:
+            names = [c.file for s in self.manifest.arrays[key].shards for c in s.chunks]
+        for name in names:
+            if name not in self._checked_files:
+                self._check_file(name)
+                self._checked_files.add(name)
+
+    def _check_file(self, name: str) -> None:
+        path = self._file(name)
+        want = self.manifest.files[name]
+        try:
+            size = self.storage.size(path)
+        except FileNotFoundError:
+            size = None
+        except OSError as e:
+            raise TruncatedDataError(f"data file {path} cannot be read: {e}") from e
+        if size != want:
+            lost = self._arrays_in(name, min(size or 0, want))
+            has = "is missing" if size is None else f"has {size} bytes, the manifest says {want}"
+            raise TruncatedDataError(
+                f"data file {path} {has}: it was truncated or replaced; arrays with bytes "
+                f"past {min(size or 0, want)}: "
+                f"{', '.join(repr(k) for k in lost[:5])}{', ...' if len(lost) > 5 else ''}"
+            )
 
     def _arrays_in(self, file: str, start: int) -> list[str]:
         """Arrays with a chunk in ``file`` past byte ``start``: what a truncation lost (only

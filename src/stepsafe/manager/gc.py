@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 
 from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, committed_steps, step_number
 from stepsafe.errors import CheckpointNotFoundError, DeletionError, StepsafeError
@@ -227,12 +227,19 @@ def remove_half_deleted(storage: Storage, directory: str) -> list[str]:
     return removed
 
 
-def plan_retention(storage: Storage, directory: str, keep: int) -> GcPlan:
+def plan_retention(
+    storage: Storage, directory: str, keep: int, damaged: Collection[int] = ()
+) -> GcPlan:
     """What a manager's retention of ``keep`` does under ``directory`` (a ``checkpoints/``):
     ``plan_gc``'s rules (damaged, foreign and linked steps are kept and not counted), and of
-    its deletions only the committed steps' (incomplete ones are for the next start and gc)."""
+    its deletions only the committed steps' (incomplete ones are for the next start and gc).
+    ``damaged``: steps a restore found damaged (a flipped bit that only reading the arrays
+    finds): kept and not counted either."""
     run = RunInventory(posixpath.basename(directory), directory, directory)
-    run.steps.extend(scan_steps(storage, directory, sizes=False))
+    for e in scan_steps(storage, directory, sizes=False):
+        if e.step in damaged and e.status == COMPLETE and not e.temporary:
+            e = replace(e, status=DAMAGED, detail="a restore found its arrays damaged")
+        run.steps.append(e)
     plan = plan_gc(run, keep)
     plan.delete = [a for a in plan.delete if a.entry.status == COMPLETE]
     return plan

@@ -202,9 +202,11 @@ def scan_step(
 
 def _open(storage: Storage, path: str) -> tuple[str, str]:
     """Status of a step whose marker says stepsafe wrote it: open it as restore would (the
-    marker and the manifest, checked against their checksums; no array bytes)."""
+    marker and the manifest, checked against their checksums) and check every data file's
+    size (no array bytes are read: a flipped bit is found by ``stepsafe verify``)."""
     try:
-        CheckpointReader(storage, path).close()
+        with CheckpointReader(storage, path) as reader:
+            reader.check_files()
         return COMPLETE, ""
     except IncompleteCheckpointError:
         return INCOMPLETE, "never committed"

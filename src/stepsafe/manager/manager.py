@@ -197,7 +197,7 @@ class CheckpointManager:
         keep = self.options.max_to_keep
         if keep <= 0 or len(self.all_steps()) <= keep:
             return
-        plan = plan_retention(self.storage, self.directory, keep)
+        plan = plan_retention(self.storage, self.directory, keep, self._damaged)
         for a in plan.attention:
             if a.entry.name not in self._reported:
                 self._reported.add(a.entry.name)
