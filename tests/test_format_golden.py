@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from iterators import Opaque
 from trees import assert_bit_exact
 
 import stepsafe
@@ -63,17 +64,6 @@ def golden_tree() -> dict:
     }
 
 
-class Position:
-    def __init__(self, state=None) -> None:
-        self.state = state
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state) -> None:
-        self.state = state
-
-
 def test_checksum_is_xxh3_64_of_the_bytes():
     """Known digests: any other algorithm (or seed, or byte order) gives other strings."""
     assert ALGORITHM == "xxh3_64"
@@ -105,7 +95,7 @@ def test_checked_in_format_v1_checkpoint_resumes_a_run(golden):
 
     with CheckpointManager(str(golden), ManagerOptions(async_save=False)) as m:
         assert m.all_steps() == [STEP]
-        it = Position()
+        it = Opaque()
         out = m.restore(target=golden_tree(), data_iterator=it)
     assert_bit_exact(out, golden_tree())
     assert it.state == ITERATOR_STATE
@@ -118,7 +108,7 @@ def _write_fixture() -> None:
         sys.exit(f"{FIXTURE} exists: the fixture is written once; delete it only on purpose")
     opts = ManagerOptions(async_save=False, data_file_size_bytes=128)
     with CheckpointManager(str(FIXTURE / "checkpoints"), opts) as m:
-        m.save(STEP, golden_tree(), data_iterator=Position(ITERATOR_STATE), force=True)
+        m.save(STEP, golden_tree(), data_iterator=Opaque(ITERATOR_STATE), force=True)
     print(f"wrote {FIXTURE}")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from iterators import Counter
 
 import stepsafe
 from stepsafe.errors import ConfigError
@@ -20,19 +21,6 @@ from stepsafe.manager import (
     load_initial_state,
     run_checkpoint_dir,
 )
-
-
-class Counter:
-    """A Grain-style iterator whose whole state is its position."""
-
-    def __init__(self) -> None:
-        self.position = 0
-
-    def get_state(self):
-        return {"position": self.position}
-
-    def set_state(self, state):
-        self.position = state["position"]
 
 
 def state_at(step: int) -> dict:

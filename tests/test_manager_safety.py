@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BUCKET_KINDS
+from iterators import Counter
 
 import stepsafe
 from stepsafe.errors import (
@@ -38,17 +39,6 @@ SYNC = ManagerOptions(save_interval_steps=1, async_save=False)
 def state_at(step: int) -> dict:
     rng = np.random.default_rng(step)
     return {"step": step, "params": {"w": rng.standard_normal((32, 32)).astype(np.float32)}}
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.position = 0
-
-    def get_state(self):
-        return {"position": self.position}
-
-    def set_state(self, state):
-        self.position = state["position"]
 
 
 def child(code: str, *args: str) -> subprocess.Popen:
@@ -130,19 +120,70 @@ def write_lease(path: Path, **fields) -> None:
     path.write_text(json.dumps({**doc, **fields}))
 
 
-def test_lease_of_another_host_holds_until_its_timeout(tmp_path, caplog):
+RENEWING_HOLDER_CODE = """
+import json, os, sys, time
+path = sys.argv[1]
+while True:  # a manager on another host: it rewrites its lease (atomically) every 0.1 s
+    doc = {"host": "otherhost", "pid": 4242, "token": "ab" * 8, "renewed_unix": time.time(),
+           "timeout_s": 30.0}
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f)
+    os.replace(path + ".tmp", path)
+    print("renewed", flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_a_renewed_lease_of_another_host_is_refused(tmp_path):
+    p = child(RENEWING_HOLDER_CODE, str(tmp_path / LEASE_FILE))
+    try:
+        assert read_line(p) == "renewed"
+        with pytest.raises(RunInUseError, match=r"in use by host otherhost, pid 4242"):
+            CheckpointManager(str(tmp_path), SYNC)  # refused once it sees a renewal
+    finally:
+        p.kill()
+        p.communicate()
+    assert Holder.parse((tmp_path / LEASE_FILE).read_bytes()).host == "otherhost"
+
+
+def test_a_lease_of_another_host_not_renewed_is_taken_over_after_its_timeout(tmp_path, caplog):
     lease = tmp_path / LEASE_FILE
-    write_lease(lease)
-    with pytest.raises(RunInUseError, match=r"host otherhost, pid 4242.*expires in"):
-        CheckpointManager(str(tmp_path), SYNC)
-    write_lease(lease, renewed_unix=time.time() - 3600)
     caplog.set_level(logging.WARNING, logger="stepsafe")
+    write_lease(lease, renewed_unix=time.time() - 3600)  # timed out long ago: at once
+    with CheckpointManager(str(tmp_path), SYNC) as m:
+        m.save(1, state_at(1))
+    assert "not renewed for 3600 s" in caplog.text and "watching" not in caplog.text
+    assert not lease.exists()
+    caplog.clear()
+    write_lease(lease, timeout_s=1.0)  # fresh, but never renewed: waited out, then taken
     with CheckpointManager(str(tmp_path), SYNC) as m:
         held = Holder.parse(lease.read_bytes())
         assert held is not None and held.pid == os.getpid()
-        m.save(1, state_at(1))
-    assert "Taking over the lease" in caplog.text and "not renewed for" in caplog.text
+        m.save(2, state_at(2))
+    assert "watching for up to 1 s" in caplog.text
+    assert re.search(r"Taking over the lease .* from host otherhost, pid 4242: waited", caplog.text)
     assert not lease.exists()
+
+
+def test_a_lease_of_a_gone_process_of_this_host_is_taken_over_without_watching(tmp_path, caplog):
+    me = Holder.this_process()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    write_lease(tmp_path / LEASE_FILE, host=me.host, pid=int(dead.stdout), boot_id=me.boot_id,
+                pid_namespace=me.pid_namespace, timeout_s=3600.0)  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="stepsafe")
+    with CheckpointManager(str(tmp_path), SYNC):
+        pass
+    assert "is gone" in caplog.text and "watching" not in caplog.text
+
+
+def test_a_closed_manager_refuses_to_save(tmp_path):
+    m = CheckpointManager(str(tmp_path), SYNC)
+    m.save(1, state_at(1))
+    m.close()
+    with pytest.raises(RunInUseError, match="was closed"):
+        m.save(2, state_at(2))
+    assert m.all_steps() == [1] and not (tmp_path / LEASE_FILE).exists()
 
 
 def test_manager_whose_lease_was_taken_over_stops_saving(tmp_path):
@@ -155,6 +196,43 @@ def test_manager_whose_lease_was_taken_over_stops_saving(tmp_path):
     m.close()
     assert m.all_steps() == [1]
     assert Holder.parse((tmp_path / LEASE_FILE).read_bytes()).host == "otherhost"  # not ours
+
+
+def test_a_lease_deleted_by_hand_is_written_again_at_the_next_renewal(tmp_path):
+    with CheckpointManager(str(tmp_path), SYNC) as m:
+        (tmp_path / LEASE_FILE).unlink()
+        m.save(1, state_at(1))  # not refused: no other manager holds the run
+        m._lease.renew()
+        assert Holder.parse((tmp_path / LEASE_FILE).read_bytes()).pid == os.getpid()
+
+
+FORK_CODE = """
+import faulthandler, os, sys, threading
+from stepsafe.storage import budget, dispatch
+budget.IN_FLIGHT.acquire(budget.IN_FLIGHT.limit)  # a transfer of the parent's, never done
+held, go = threading.Event(), threading.Event()
+def hold():  # a parent's thread inside dispatch's lock at the fork
+    with dispatch._lock:
+        held.set()
+        go.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(5, exit=True)  # a hang ends the child with exit 1
+    budget.IN_FLIGHT.acquire(1)
+    dispatch.remote_storage("memory")
+    os._exit(0)
+go.set()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_does_not_wait_on_its_parents_transfers_or_locks(tmp_path):
+    r = subprocess.run([sys.executable, "-c", FORK_CODE], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
 
 
 def test_renewal_keeps_the_lease_fresh(tmp_path):

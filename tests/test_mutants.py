@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from iterators import Opaque
 from trees import assert_bit_exact
 
 import stepsafe
@@ -344,17 +345,6 @@ def test_delete_checkpoint_in_a_bucket_deletes_the_marker_first(monkeypatch):
 
 
 # -- 9. a data iterator's state round-trips with its type: bytes as bytes, JSON as JSON --------
-class Opaque:
-    def __init__(self, state=None) -> None:
-        self.state = state
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state) -> None:
-        self.state = state
-
-
 @pytest.mark.parametrize(
     "state",
     [

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from stepsafe.arrays import is_leaf
@@ -66,14 +67,30 @@ def _value_dtype(value: Any) -> np.dtype:
     return np.min_scalar_type(value) if type(value) is int else np.asarray(value).dtype
 
 
+def lossless(saved: np.dtype, wanted: np.dtype) -> bool:
+    """Whether every value of ``saved`` survives a cast to ``wanted``: numpy's "safe" casts,
+    less the integer-to-float ones it calls safe though the float's mantissa is shorter than
+    the integer (int64 -> float64 turns 2**53 + 1 into 2**53)."""
+    if not np.can_cast(saved, wanted, casting="safe"):
+        return False
+    if saved.kind in "iu" and wanted.kind in "fc":
+        bits = saved.itemsize * 8 - (saved.kind == "i")
+        try:
+            mantissa = np.finfo(wanted).nmant + 1
+        except ValueError:  # ml_dtypes' floats (bfloat16, float8): numpy has no finfo for them
+            mantissa = ml_dtypes.finfo(wanted).nmant + 1
+        return bits <= mantissa
+    return True
+
+
 def check_cast(key: str, saved: np.dtype, target: Any, allow_cast: bool) -> None:
     """Refuse a cast that could change values unless ``allow_cast`` (see ``restore``).
 
     Raises:
-        TargetMismatchError: ``np.can_cast(saved, wanted, "safe")`` is False.
+        TargetMismatchError: the cast is not ``lossless``.
     """
     wanted = _target_dtype(target, saved)
-    if allow_cast or saved == wanted or np.can_cast(saved, wanted, casting="safe"):
+    if allow_cast or saved == wanted or lossless(saved, wanted):
         return
     raise TargetMismatchError(
         f"{key!r}: the checkpoint holds {saved}, the target wants {wanted}, and that cast can "

@@ -43,6 +43,7 @@ from stepsafe.errors import (
     CorruptCheckpointError,
     CredentialsError,
     IncompleteCheckpointError,
+    RunInUseError,
     StepsafeError,
     UnsupportedFormatError,
 )
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (see the table above)."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return _os_error(cause, args, str(e))  # the disk failed (full, read-only...)
         saving = isinstance(e, BackgroundSaveError)  # not the flags' fault: no hint about them
         hint = "earlier committed checkpoints are intact" if saving else module.HINT
-        common.error(str(e), None if isinstance(e, CredentialsError) else hint)  # it says what
+        says_what = isinstance(e, CredentialsError | RunInUseError)  # what to do is in it
+        common.error(str(e), None if says_what else hint)
         return code
     except OSError as e:
         return _os_error(e, args)

@@ -5,16 +5,20 @@ checksums: ``keep >= 1``, so the step a resume loads is never deleted), any inco
 that may still be running, and everything that is not plainly ours: damaged steps (for you to
 inspect; they do not count in the keep), symbolic links, Orbax's and unknown directories, and
 steps holding files stepsafe did not write (a README, a link). Deleted: older intact steps, and
-incomplete ones that are stale. An incomplete entry is stale when a newer step is intact (saves
-run in step order, so nothing is still writing it: a save that died, or a deletion cut short)
-or, on local disk, when it is the temporary of a process on this host that is gone.
+incomplete ones that are stale. On local disk, the temporary of a process on this host that is
+alive is never stale (a run resumed past a damaged newest step saves older steps again), and
+one whose process is gone always is. Any other incomplete entry is stale when a newer step is
+intact (a save that died, or a deletion cut short). Whether a step is ours is decided by
+``format.deletion.foreign_files``: a user's ``eval.20241130.json`` has the shape of an extra
+file, so only the files a commit names, or ``items/`` files, make a step ours.
 
 Each deletion removes the commit marker first (``delete_checkpoint``), so a deletion cut short
 leaves an incomplete step, never a damaged one that looks complete; what a concurrent deleter
-removed first is not an error. In the intact steps it keeps, gc also deletes stray files: named
-as stepsafe names them, but stamped with the save id of an earlier save of the same step that
-died or lost a race on a bucket (``stray_files``). And it aborts unfinished S3 multipart uploads
-that such saves left: no listing shows them, but the bucket keeps (and bills) their parts.
+removed first is not an error. In the intact steps it keeps, gc also deletes stray files:
+``items/`` files stamped with the save id of an earlier save of the same step that died or lost
+a race on a bucket, and extra files stamped with that same id (``stray_files``). And it aborts
+unfinished S3 multipart uploads that such saves left: no listing shows them, but the bucket
+keeps (and bills) their parts.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from stepsafe.format.deletion import (
     delete_checkpoint,
     delete_file,
     delete_tree,
-    save_id_of,
+    extra_save_id,
+    items_save_id,
     stray_files,
 )
 from stepsafe.manager.inventory import (
@@ -46,6 +51,7 @@ from stepsafe.manager.inventory import (
     scan_steps,
 )
 from stepsafe.storage import LocalStorage, Storage, stale_temporaries, storage_for
+from stepsafe.storage.local import writer_alive_here
 
 log = logging.getLogger("stepsafe")
 
@@ -91,7 +97,8 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
     newest = done[-1].step if done else None
     kept_steps = {e.step for e in done[-keep:]}
     dead = set()
-    if storage is not None and isinstance(storage, LocalStorage):
+    local = storage is not None and isinstance(storage, LocalStorage)
+    if local:
         dead = set(stale_temporaries(run.checkpoints_dir))
     plan = GcPlan(run)
     for e in run.steps:
@@ -102,6 +109,8 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
                 plan.attention.append(plan.keep[-1])
         elif e.status == COMPLETE:
             plan.delete.append(GcAction(e, f"older than the newest {keep} intact"))
+        elif local and e.temporary and writer_alive_here(e.name):  # a resumed run's older step
+            plan.keep.append(GcAction(e, "incomplete, its writer process is alive on this host"))
         elif newest is not None and e.step < newest:
             plan.delete.append(GcAction(e, f"incomplete, and step {newest} is committed"))
         elif e.path in dead:
@@ -147,8 +156,9 @@ def _plan_strays(plan: GcPlan, storage: Storage) -> None:
             continue
         rel = len(e.path.rstrip("/")) + 1
         for path in strays:
+            dead = items_save_id(path[rel:]) or extra_save_id(path[rel:])
             plan.stray_reasons[path] = (
-                f"written by save {save_id_of(path[rel:])} of step {e.step}, which never "
+                f"written by save {dead} of step {e.step}, which never "
                 f"committed; the committed save is {mine}"
             )
         if strays:

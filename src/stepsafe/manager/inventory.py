@@ -30,8 +30,14 @@ from stepsafe.errors import (
     UnsupportedFormatError,
 )
 from stepsafe.format import METADATA_FILE, CheckpointReader
-from stepsafe.format.deletion import StepFiles, walk_step
-from stepsafe.format.layout import METADATA_MAX_BYTES
+from stepsafe.format.deletion import (
+    StepFiles,
+    foreign_files,
+    has_items,
+    named_like_ours,
+    walk_step,
+)
+from stepsafe.format.layout import METADATA_MAX_BYTES, CheckpointMetadata
 from stepsafe.format.manifest import FORMAT
 from stepsafe.format.orbax_layout import is_orbax_step
 from stepsafe.format.reader import read_step_file
@@ -162,13 +168,23 @@ def scan_step(
 ) -> StepEntry:
     """Classify one step directory; never raises for what is in it, never follows a link."""
 
-    def entry(status: str, walked: StepFiles | None, detail: str = "", created: Any = None):
+    def entry(
+        status: str,
+        walked: StepFiles | None,
+        detail: str = "",
+        created: Any = None,
+        meta: CheckpointMetadata | None = None,
+    ) -> StepEntry:
         walked = walked or StepFiles()
         size = _size(storage, path, walked.files) if sizes else 0
         created = created if isinstance(created, int) and not isinstance(created, bool) else None
+        if is_temporary(name):  # the directory's name is ours: so are the names we write
+            foreign = sorted(walked.links + [f for f in walked.files if not named_like_ours(f)])
+        else:
+            foreign = foreign_files(walked, meta)
         return StepEntry(
             step, name, path, size, len(walked.files), status, created, is_temporary(name),
-            detail, tuple(walked.foreign), tuple(walked.files),
+            detail, tuple(foreign), tuple(walked.files),
         )  # fmt: skip
 
     try:
@@ -187,11 +203,12 @@ def scan_step(
     doc = _metadata_doc(storage, path, walked)
     created = doc.get("init_timestamp_nsecs") if isinstance(doc, dict) else None
     if isinstance(doc, dict) and doc.get("format") == FORMAT:
-        status, detail = _open(storage, path)
-        return entry(status, walked, detail, created)
-    if METADATA_FILE in walked.files and doc is None and walked.own != [METADATA_FILE]:
+        status, detail, meta = _open(storage, path)
+        return entry(status, walked, detail, created, meta)
+    marker = METADATA_FILE in walked.files
+    if marker and doc is None and has_items(walked):
         return entry(DAMAGED, walked, f"its {METADATA_FILE} cannot be read or parsed")
-    if doc is None and walked.own and METADATA_FILE not in walked.files:
+    if not marker and has_items(walked):
         return entry(INCOMPLETE, walked, "never committed, or half deleted")
     if not walked.files and not walked.links:
         return entry(INCOMPLETE, walked, "empty")
@@ -200,24 +217,25 @@ def scan_step(
     return entry(FOREIGN, walked, "not written by stepsafe: left alone")
 
 
-def _open(storage: Storage, path: str) -> tuple[str, str]:
+def _open(storage: Storage, path: str) -> tuple[str, str, CheckpointMetadata | None]:
     """Status of a step whose marker says stepsafe wrote it: open it as restore would (the
     marker and the manifest, checked against their checksums) and check every data file's
-    size (no array bytes are read: a flipped bit is found by ``stepsafe verify``)."""
+    size (no array bytes are read: a flipped bit is found by ``stepsafe verify``). With it, the
+    committed metadata when the step is Complete: it names the step's extra files."""
     try:
         with CheckpointReader(storage, path) as reader:
             reader.check_files()
-        return COMPLETE, ""
+            return COMPLETE, "", reader.metadata
     except IncompleteCheckpointError:
-        return INCOMPLETE, "never committed"
+        return INCOMPLETE, "never committed", None
     except UnsupportedFormatError as e:
-        return UNREADABLE, f"unreadable: {e}"
+        return UNREADABLE, f"unreadable: {e}", None
     except CorruptCheckpointError as e:
         if not storage.exists(storage.join(path, METADATA_FILE)):  # being deleted right now
-            return INCOMPLETE, "being deleted"
-        return DAMAGED, str(e)
+            return INCOMPLETE, "being deleted", None
+        return DAMAGED, str(e), None
     except (StepsafeError, OSError) as e:
-        return UNREADABLE, f"unreadable: {e}"
+        return UNREADABLE, f"unreadable: {e}", None
 
 
 def _metadata_doc(storage: Storage, path: str, walked: StepFiles) -> Any:

@@ -10,14 +10,25 @@ run can always resume:
 
 - its holder was a process of this host (same boot, same PID namespace) that is gone: at once;
 - its host has rebooted since: at once;
-- it was not renewed for its ``timeout_s`` (``TIMEOUT_S``): a run that died on another host.
+- it was not renewed for its ``timeout_s`` (``TIMEOUT_S``): at once.
+
+Where the holder's process cannot be looked at from here (another host, or another container
+with our host name: another PID namespace), the new manager watches the lease instead of
+refusing at once: a live holder rewrites it within ``RENEW_S``, and is refused as soon as that
+is seen; a lease left unchanged until its ``timeout_s`` has run out (at most ``TIMEOUT_S`` of
+watching) belonged to a run that died, and is taken over with a warning. So a crashed run
+restarted in a new container or on another host resumes after at most the lease's timeout.
+
+Every save first checks (``check``, one small read) that the lease is still this manager's:
+not closed, not taken over by another manager, and not used from a forked child (the lease is
+its parent's; the renewal thread does not exist in the child).
 
 Limits, said plainly: hosts' clocks must agree to within seconds (the renewal time is the
 holder's clock); and taking over a *stale* lease is a read, a delete and a conditional create,
 so two managers that take over the same stale lease in the same instant can both succeed: the
-one whose lease was replaced finds out at its next renewal (``lost``), and its saves are
-refused from then on. The name is not a step (``inventory.step_of`` returns None), so ``ls``
-and ``gc`` pass it by.
+one whose lease was replaced finds out at its next save or renewal (``lost``), and its saves
+are refused from then on. The name is not a step (``inventory.step_of`` returns None), so
+``ls`` and ``gc`` pass it by.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -44,11 +56,24 @@ log = logging.getLogger("stepsafe")
 LEASE_FILE = "_LEASE"
 TIMEOUT_S = 60.0  # a lease not renewed for this long is stale
 RENEW_S = 10.0
+_POLL_S = 1.0  # how often a lease whose holder cannot be looked at is read while watched
 _MAX_BYTES = 4096  # a lease is a few hundred bytes; never read more
 _TRIES = 5
 
 _held: set[str] = set()  # tokens of the leases that managers of this process hold now
 _held_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    """A forked child holds none of its parent's leases (and a parent's thread may have held
+    ``_held_lock`` at the fork)."""
+    global _held_lock
+    _held_lock = threading.Lock()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def primary_process() -> bool:
@@ -146,22 +171,34 @@ class Holder:
         return json.dumps(asdict(self), indent=1).encode()
 
     def describe(self) -> str:
-        if self.pid == os.getpid() and self.host == _machine()[0]:
+        host, _, pidns = _machine()
+        if self.pid == os.getpid() and self.host == host and self.pid_namespace == pidns:
             return f"another CheckpointManager of this process (pid {self.pid})"
         return f"host {self.host}, pid {self.pid}"
+
+    def unseen_because(self) -> str | None:
+        """Why this holder's process cannot be looked at from here (then only its renewals
+        tell whether it lives); None when it can."""
+        host, _, pidns = _machine()
+        if self.host != host:
+            return f"it is on host {self.host}"
+        if self.pid_namespace != pidns:  # even after a reboot: another machine may share the name
+            return (
+                f"it is in another PID namespace with host name {host} (another container, or "
+                "another machine of that name)"
+            )
+        return None
 
     def stale_reason(self, now: float) -> str | None:
         """Why this lease no longer protects a live manager; None when it may."""
         age = now - self.renewed_unix
         if age > self.timeout_s:
             return f"not renewed for {age:.0f} s (timeout {self.timeout_s:.0f} s)"
-        host, boot, pidns = _machine()
-        if self.host != host:
-            return None
+        if self.unseen_because() is not None:
+            return None  # its PIDs are not ours to judge
+        host, boot, _ = _machine()
         if self.boot_id and boot and self.boot_id != boot:
             return f"host {host} has restarted since"
-        if self.pid_namespace != pidns:
-            return None  # another container with our host name: its PIDs are not ours to judge
         if self.pid == os.getpid() and self.start_ticks == _own_start():
             with _held_lock:
                 mine = self.token in _held
@@ -234,6 +271,10 @@ class Lease:
     def acquire(cls, storage: Storage, directory: str) -> Lease:
         """Take the lease of ``directory`` (a run's checkpoints directory).
 
+        Blocks while it watches a lease whose holder cannot be looked at from here (another
+        host or PID namespace): until that holder renews it (refused) or its timeout runs out
+        (taken over), at most ``TIMEOUT_S``.
+
         Raises:
             RunInUseError: a live manager (of this or another process) holds it, or a file
                 stepsafe did not write has its name (it is left alone).
@@ -269,6 +310,14 @@ class Lease:
                 log.warning("Replacing the empty lease %s", path)
             else:
                 reason = holder.stale_reason(time.time())
+                unseen = holder.unseen_because()
+                if reason is None and unseen is not None:
+                    latest, reason = _watch(file, raw, holder, unseen)
+                    if latest != raw:  # rewritten (by a live holder) or released
+                        renewed = Holder.parse(latest) if latest is not None else None
+                        if renewed is not None:
+                            raise RunInUseError(_in_use_message(directory, path, renewed))
+                        continue  # gone, or not a lease any more: judge it afresh
                 if reason is None:
                     raise RunInUseError(_in_use_message(directory, path, holder))
                 log.warning(
@@ -287,30 +336,59 @@ class Lease:
         return lease
 
     def check(self) -> None:
-        """Raise when another manager has taken the lease over: saving on would race it."""
+        """Raise unless this manager may save now: the lease is still ours (re-read: one small
+        read), it was not released, and this is the process that took it.
+
+        Raises:
+            RunInUseError: saving on would race another manager, or write without a lease.
+        """
+        if os.getpid() != self.holder.pid:  # before any lock: one may be held since the fork
+            raise RunInUseError(
+                f"{self.directory}: this CheckpointManager was made by process {self.holder.pid} "
+                f"and this is its forked child {os.getpid()}: the run's lease {self.path} is the "
+                "parent's, so the child does not save; save from the parent, or give the child "
+                "a run directory and manager of its own"
+            )
+        with self._lock:
+            if self._released:
+                raise RunInUseError(
+                    f"{self.directory}: this CheckpointManager was closed and released the run's "
+                    f"lease {self.path}, so it no longer saves (another manager may hold the run "
+                    "now): make a new CheckpointManager to save again"
+                )
+            if self.lost is None:
+                self._confirm(rewrite=False)
         if self.lost is not None:
             raise RunInUseError(
                 f"{self.directory}: {self.lost}; this manager no longer saves there, so that "
                 "two runs do not overwrite and delete each other's checkpoints"
             )
 
+    def _confirm(self, rewrite: bool) -> bool:
+        """Under ``_lock``: re-read the lease; set ``lost`` when another holds it. True when it
+        is ours as written. A lease deleted by hand is written again if ``rewrite`` (a renewal;
+        a save leaves that to it, and its own failure to a run directory that is gone)."""
+        raw = self._file.read()
+        if raw is None and not rewrite:
+            return False
+        if raw is None:  # deleted by hand: take it again, unless someone else just did
+            fresh = replace(self.holder, renewed_unix=time.time())
+            if self._file.create(fresh.to_json()):
+                self.holder = fresh
+                return False
+            raw = self._file.read() or b""
+        holder = Holder.parse(raw)
+        if holder is None or holder.token != self.holder.token:
+            who = holder.describe() if holder else "something unreadable"
+            self.lost = f"its lease {self.path} was taken over by {who}"
+            log.error("%s: %s", self.directory, self.lost)
+            return False
+        return True
+
     def renew(self) -> None:
         """Write a fresh renewal time, after checking the lease is still ours."""
         with self._lock:
-            if self._released or self.lost is not None:
-                return
-            raw = self._file.read()
-            if raw is None:  # deleted by hand: take it again, unless someone else just did
-                fresh = replace(self.holder, renewed_unix=time.time())
-                if self._file.create(fresh.to_json()):
-                    self.holder = fresh
-                    return
-                raw = self._file.read() or b""
-            holder = Holder.parse(raw)
-            if holder is None or holder.token != self.holder.token:
-                who = holder.describe() if holder else "something unreadable"
-                self.lost = f"its lease {self.path} was taken over by {who}"
-                log.error("%s: %s", self.directory, self.lost)
+            if self._released or self.lost is not None or not self._confirm(rewrite=True):
                 return
             self.holder = replace(self.holder, renewed_unix=time.time())
             self._file.replace(self.holder.to_json())
@@ -324,6 +402,8 @@ class Lease:
 
     def release(self) -> None:
         """Delete the lease if it is still ours; idempotent, never raises."""
+        if os.getpid() != self.holder.pid:
+            return  # a forked child: the lease is its parent's (and _lock may be held forever)
         with self._lock:
             if self._released:
                 return
@@ -331,8 +411,6 @@ class Lease:
             self._stop.set()
             with _held_lock:
                 _held.discard(self.holder.token)
-            if os.getpid() != self.holder.pid:
-                return  # a forked child: the lease is its parent's
             try:
                 raw = self._file.read()
                 holder = Holder.parse(raw) if raw else None
@@ -340,6 +418,34 @@ class Lease:
                     self._file.delete()
             except Exception as e:  # the directory may be gone; the lease then goes stale
                 log.warning("Could not release the lease %s: %s", self.path, e)
+
+
+def _watch(file: _LeaseFile, raw: bytes, holder: Holder, unseen: str) -> tuple[bytes | None, str]:
+    """Read the lease until it changes or its holder's timeout has run out, whichever is first.
+
+    Only a renewal tells whether a holder we cannot look at lives: it rewrites the file every
+    ``RENEW_S``, well within its timeout. Returns the lease's last bytes (None: it was deleted)
+    and why it is stale, which counts only when those bytes are still ``raw``. Waits at most
+    ``TIMEOUT_S`` (however long a timeout the file claims) and never longer than the timeout.
+    """
+    start = time.monotonic()
+    left = holder.renewed_unix + holder.timeout_s - time.time()
+    wait = min(left, holder.timeout_s, TIMEOUT_S) if math.isfinite(left) else TIMEOUT_S
+    wait = max(0.0, min(wait, TIMEOUT_S))
+    log.warning(
+        "%s holds the lease %s, and whether it still runs cannot be seen from here (%s): "
+        "watching for up to %.0f s whether it renews it",
+        holder.describe(), file.path, unseen, wait,
+    )  # fmt: skip
+    latest: bytes | None = raw
+    while latest == raw and (waited := time.monotonic() - start) < wait:
+        time.sleep(min(_POLL_S, wait - waited))
+        latest = file.read()
+    waited = time.monotonic() - start
+    return latest, (
+        f"waited {waited:.0f} s and it was not renewed (its timeout is {holder.timeout_s:.0f} s; "
+        f"{unseen}, so its process cannot be looked at)"
+    )
 
 
 def _in_use_message(directory: str, path: str, holder: Holder) -> str:

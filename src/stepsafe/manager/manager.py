@@ -33,7 +33,15 @@ from stepsafe.errors import (
 from stepsafe.format import delete_checkpoint
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.gc import plan_retention, remove_half_deleted
-from stepsafe.manager.inventory import DAMAGED
+from stepsafe.manager.inventory import (
+    COMPLETE,
+    DAMAGED,
+    INCOMPLETE,
+    UNREADABLE,
+    StepEntry,
+    scan_step,
+    scan_steps,
+)
 from stepsafe.manager.iterator_state import (
     CheckpointableIterator,
     iterator_files,
@@ -105,6 +113,23 @@ class CheckpointManager:
                 log.info("Removed the leftovers of an interrupted save: %s", path)
             for path in remove_half_deleted(self.storage, self.directory):
                 log.info("Removed the leftovers of an interrupted deletion: %s", path)
+            for entry in scan_steps(self.storage, self.directory, sizes=False):
+                if entry.status not in (COMPLETE, INCOMPLETE):
+                    self._report(entry)
+
+    def _report(self, entry: StepEntry) -> None:
+        """Say once, loudly, that a step is passed by (damaged, a link, another tool's): a run
+        that silently resumed from an older step would look like lost work."""
+        if entry.name in self._reported:
+            return
+        self._reported.add(entry.name)
+        if entry.status == DAMAGED:
+            self._damaged.add(entry.step)
+        level = logging.ERROR if entry.status in (DAMAGED, UNREADABLE) else logging.WARNING
+        log.log(
+            level, "Step %s (%s) is %s: %s; it is left in place, and resumes and retention "
+            "pass it by", entry.name, entry.path, entry.status, entry.detail,
+        )  # fmt: skip
 
     # -- what exists -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -145,9 +170,9 @@ class CheckpointManager:
         metadata = _json_copy(metadata)
         if not self.options.enable_checkpointing or not (force or self.should_save(step)):
             return False
-        self._writer.wait()
-        if self._lease is not None:
+        if self._lease is not None:  # first: a forked child's writer thread does not exist
             self._lease.check()
+        self._writer.wait()
         if step in self.all_steps():
             if step in self._damaged:
                 log.error(
@@ -157,6 +182,15 @@ class CheckpointManager:
                 )  # fmt: skip
             else:
                 log.info("Checkpoint at step %d already exists; not saving it again", step)
+            return False
+        occupied = self._occupied(step)
+        if occupied is not None:
+            self._report(occupied)
+            log.error(
+                "Step %d is not saved: %s holds something that is not a committed checkpoint "
+                "(%s); stepsafe never overwrites it: move it aside to save this step",
+                step, occupied.path, occupied.status,
+            )  # fmt: skip
             return False
         t0 = time.perf_counter()
         snap = snapshot(
@@ -188,6 +222,16 @@ class CheckpointManager:
         else:
             job()
         return True
+
+    def _occupied(self, step: int) -> StepEntry | None:
+        """What blocks a save of ``step``: a damaged, linked or foreign entry under its name
+        (an unfinished save of ours is no block: a bucket save writes beside it, and a local
+        one into a temporary of its own)."""
+        path = self.step_path(step)
+        if not (self.storage.exists(path) or self.storage.is_link(path)):
+            return None
+        entry = scan_step(self.storage, path, str(step), step, sizes=False)
+        return None if entry.status in (COMPLETE, INCOMPLETE) else entry
 
     def _apply_retention(self) -> None:
         """Delete committed steps beyond the newest ``max_to_keep`` intact ones (``plan_gc``'s

@@ -12,6 +12,7 @@ arrays and the page cache.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,16 @@ class ByteBudget:
 
 
 IN_FLIGHT = ByteBudget(DEFAULT_CONCURRENT_BYTES)
+
+
+def _reset_in_child() -> None:
+    """A forked child has none of its parent's transfers, which would never release their
+    bytes there (and the condition's lock may have been held at the fork)."""
+    IN_FLIGHT.__init__(IN_FLIGHT.limit)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def set_concurrent_bytes(limit: int) -> None:

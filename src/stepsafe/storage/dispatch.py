@@ -37,8 +37,17 @@ _ENV_KEYS = (
     "GOOGLE_APPLICATION_CREDENTIALS",
     "GOOGLE_CLOUD_PROJECT",
 )
-_cache: dict[tuple, RemoteStorage] = {}
+_cache: dict[tuple, RemoteStorage] = {}  # keyed by pid too: a forked child makes its own
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:  # a parent's thread may have held it at the fork
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _make_s3() -> RemoteStorage:

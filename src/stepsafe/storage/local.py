@@ -276,22 +276,35 @@ class LocalStorage(Storage):
         shutil.rmtree(path)
 
 
+def temporary_writer(name: str) -> tuple[str, int | None]:
+    """(host, pid) of the process that made the temporary ``name``
+    (``<name>.stepsafe-tmp-<host>-<pid>-<random>``); pid None when the name holds none."""
+    host, _, pid = name.split(TMP_MARK, 1)[1].rpartition("-")[0].rpartition("-")
+    return host, int(pid) if pid.isascii() and pid.isdigit() else None
+
+
+def writer_alive_here(name: str) -> bool | None:
+    """Whether the process that made the temporary ``name`` is alive; None when it ran on
+    another host (or the name says nothing), where this host cannot tell."""
+    host, pid = temporary_writer(name)
+    if host != socket.gethostname() or pid is None:
+        return None
+    return pid_alive(pid)
+
+
 def stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
     """Temporaries under ``directory`` left by saves that can no longer finish.
 
     One written on this host by a process that is gone is stale at once; any other only once
     it is older than ``min_age_s`` (another host's save may still be running).
     """
-    host = socket.gethostname()
     now = time.time()
     out = []
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
         if not is_temporary(name):
             continue
         path = os.path.join(directory, name)
-        host_pid = name.split(TMP_MARK, 1)[1].rpartition("-")[0]
-        t_host, _, pid = host_pid.rpartition("-")
-        dead_here = t_host == host and pid.isdigit() and not pid_alive(int(pid))
+        dead_here = writer_alive_here(name) is False
         try:
             old = now - os.stat(path).st_mtime >= min_age_s
         except FileNotFoundError:

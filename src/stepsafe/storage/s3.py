@@ -51,6 +51,15 @@ from stepsafe.storage.remote import RemoteStorage, gather_parts
 MAX_PARTS_IN_FLIGHT = 16  # per process: bounds upload memory at 16 x PART_SIZE = 1 GiB
 PARTS_PER_FILE = 8  # one file's parts in flight at once; files are written concurrently too
 _in_flight = threading.BoundedSemaphore(MAX_PARTS_IN_FLIGHT)
+
+
+def _new_slots_in_child() -> None:  # the parent's parts in flight never release theirs here
+    global _in_flight
+    _in_flight = threading.BoundedSemaphore(MAX_PARTS_IN_FLIGHT)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_slots_in_child)
 NO_CREDENTIALS = (
     "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
     "(a profile in ~/.aws/credentials or ~/.aws/config), or STEPSAFE_S3_ANON=1 for a public "

@@ -3,10 +3,15 @@
 Starting a thread costs about a millisecond on a busy 2-core machine, which is as much as a
 whole tiny checkpoint may take; so threads are started once and reused. Tasks given to this
 pool must never wait on other tasks of the pool (no nesting), or it could deadlock.
+
+A forked child inherits the pool but not its threads: tasks it submitted would wait forever for
+workers that exist only in the parent (and ``_lock`` may have been held by a parent's thread at
+the fork). So the child starts from no pool and a fresh lock, and makes its own pool on first use.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +28,15 @@ def io_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="stepsafe-io")
         return _pool
+
+
+def _forget_in_child() -> None:
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def run_all(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
