@@ -1,4 +1,4 @@
-"""Which of seed 002's four kinds a checkpoint is, guessed from its manifest alone.
+"""Which of MaxText's four kinds a checkpoint is, guessed from its manifest alone.
 
 Two independent axes (MaxText's naming):
 
@@ -35,7 +35,7 @@ class CheckpointKind:
 
     @property
     def label(self) -> str:
-        """Seed 002's name: e.g. "Stacked Training Checkpoint"."""
+        """MaxText's name: e.g. "Stacked Training Checkpoint"."""
         what = "Training" if self.training else "Param-only (Inference)"
         how = {"stacked": "Stacked ", "unstacked": "Unstacked "}.get(self.stacking, "")
         return f"{how}{what} Checkpoint"

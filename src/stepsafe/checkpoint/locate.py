@@ -1,7 +1,7 @@
 """Find the checkpoint a user means from the path they typed.
 
-Accepted, as the seeds write them: a step directory (``.../checkpoints/1000``), its ``items/``
-child, the seeds' ``.../checkpoints/items/1000`` spelling, a ``checkpoints`` directory, or a run
+Accepted, as MaxText's docs write them: a step directory (``.../checkpoints/1000``), its ``items/``
+child, the docs' ``.../checkpoints/items/1000`` spelling, a ``checkpoints`` directory, or a run
 directory holding ``checkpoints/`` (both mean: the latest committed step).
 """
 

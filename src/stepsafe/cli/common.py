@@ -103,7 +103,7 @@ def print_uncut(con: Console, table: Table) -> None:
 
 
 def mb(nbytes: int) -> str:
-    """Megabytes with two decimals, as seed 003's inspector prints them."""
+    """Megabytes with two decimals, as MaxText's checkpoint inspector prints them."""
     return f"{nbytes / MB:.2f}"
 
 

@@ -1,7 +1,7 @@
 """``stepsafe inspect``: what one checkpoint holds, from its manifest alone (no array bytes).
 
 Step, timestamps, format version, user metadata, the kind (training or param-only, stacked or
-unstacked: seed 002's four kinds, see ``stepsafe.checkpoint.kind`` for the heuristic), totals
+unstacked: MaxText's four kinds, see ``stepsafe.checkpoint.kind`` for the heuristic), totals
 per top-level group and the tree of arrays with dtype, shape and bytes (``--depth`` folds it).
 """
 

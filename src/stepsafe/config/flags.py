@@ -1,8 +1,8 @@
 """Every flag stepsafe knows: MaxText's checkpoint flags plus the demo trainer's own.
 
-Defaults follow the seeds, with two documented choices:
-``enable_checkpointing`` defaults to True (seed 000's table says False, MaxText's base.yml and
-seed 002 say True; losing a run's work is the worse surprise), and
+Defaults follow MaxText's docs, with two documented choices:
+``enable_checkpointing`` defaults to True (one table in MaxText's docs says False, its base.yml
+and its checkpointing guide say True; losing a run's work is the worse surprise), and
 ``checkpoint_storage_target_data_file_size_bytes`` defaults to the storage's choice: MaxText's
 2 GiB on a local disk, 128 MiB on buckets, where each file goes up in one request and many at
 once (benchmarks/RESULTS-buckets.md: 2 GiB files save at half the speed or less). A value set
@@ -19,7 +19,7 @@ class Config:
     # where checkpoints live
     base_output_directory: str = "outputs"
     run_name: str = "demo"
-    # checkpointing (seed 000)
+    # checkpointing (MaxText's checkpoint flags)
     enable_checkpointing: bool = True
     async_checkpointing: bool = True
     checkpoint_period: int = 10000
@@ -30,7 +30,7 @@ class Config:
     load_full_state_path: str = ""
     lora_input_adapters_path: str = ""
     force_unroll: bool = False
-    # storage and format (seed 000)
+    # storage and format (MaxText's checkpoint flags)
     # null: MaxText's 2 GiB on a local disk, 128 MiB on buckets (one upload request per file)
     checkpoint_storage_target_data_file_size_bytes: int | None = None
     checkpoint_storage_use_ocdbt: bool = True
@@ -44,7 +44,7 @@ class Config:
     local_checkpoint_directory: str = ""
     local_checkpoint_period: int = 0
     enable_multi_tier_checkpointing: bool = False
-    # interruption (seed 003: "Modal timeout"): save and stop after this many seconds; 0 = off
+    # interruption (a scheduler's time limit): save and stop after this many seconds; 0 = off
     wall_clock_limit_seconds: float = 0.0
     # the demo trainer
     steps: int = 200

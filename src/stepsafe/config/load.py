@@ -1,6 +1,6 @@
 """MaxText-style configuration: a YAML file, then ``key=value`` overrides, typed and checked.
 
-Every flag either does what the seeds say or is refused here with a message saying why; none
+Every flag either does what MaxText's docs say or is refused here with a message saying why; none
 is accepted and silently ignored. Values in overrides are parsed as YAML scalars
 (``true``, ``10``, ``1e-3``, ``null``), except for string flags, which keep the text as typed.
 """

@@ -1,6 +1,6 @@
 """A small decoder-only transformer in plain JAX, its layers stacked and run by ``lax.scan``.
 
-Stacked (seed 002): every per-layer weight has a leading ``num_layers`` axis, which is the
+Stacked: every per-layer weight has a leading ``num_layers`` axis, which is the
 layout MaxText saves by default ("stacked training checkpoint").
 """
 

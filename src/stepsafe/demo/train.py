@@ -33,7 +33,7 @@ log = logging.getLogger("stepsafe")
 
 
 def learning_rate_schedule(config: Config) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to 0 at ``steps`` (seed 003)."""
+    """Linear warmup from 0 to the peak, then cosine decay to 0 at ``steps``."""
     return optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1)
     )

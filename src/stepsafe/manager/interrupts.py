@@ -1,4 +1,4 @@
-"""Turn SIGINT, SIGTERM and a wall-clock limit into "save now and stop" (seed 003).
+"""Turn SIGINT, SIGTERM and a wall-clock limit into "save now and stop".
 
 The handler only sets a flag: the training loop finishes its step, saves at the current step
 and exits cleanly, so the save never races the step that is mutating the state. A second

@@ -1,4 +1,4 @@
-"""Which state a run starts from (seed 000's loading priority), first match wins:
+"""Which state a run starts from (MaxText's loading priority), first match wins:
 
 1. a committed checkpoint of this run -> its full state (and data-iterator position): the
    newest step that restores; a damaged newer step is logged at ERROR and left in place;
