@@ -99,11 +99,17 @@ def snapshot(
     return Snapshot(flat.structure, arrays, values)
 
 
-def _check_json(what: str, obj: Any) -> None:
+def json_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``metadata`` as it will be stored (a JSON round trip), or a clear error now, in the
+    caller's thread: found only by the background write, it would fail a later call instead."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise UnsupportedLeafError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        json.dumps(obj)
-    except (TypeError, ValueError) as e:
-        raise UnsupportedLeafError(f"{what} must be JSON-serialisable: {e}") from e
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise UnsupportedLeafError(f"metadata must be JSON-serialisable: {e}") from e
 
 
 def write(
@@ -117,7 +123,7 @@ def write(
 ) -> None:
     """Commit ``snap`` at ``path`` (see ``save``); refuses as ``check_single_process`` does."""
     check_single_process(path)
-    _check_json("metadata", metadata or {})
+    metadata = json_metadata(metadata)
     start_host_transfers(snap.arrays)
     storage, local = storage_for(path)
     write_checkpoint(

@@ -14,7 +14,6 @@ a second one on the same run is refused. Managers that only read (an evaluator) 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import weakref
@@ -24,11 +23,11 @@ from typing import Any
 from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint import committed_steps, restore, snapshot, write
 from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
+from stepsafe.checkpoint.save import json_metadata
 from stepsafe.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StepsafeError,
-    UnsupportedLeafError,
 )
 from stepsafe.format import delete_checkpoint
 from stepsafe.manager.async_writer import AsyncWriter
@@ -56,19 +55,6 @@ log = logging.getLogger("stepsafe")
 def run_checkpoint_dir(base_output_directory: str, run_name: str) -> str:
     storage, base = storage_for(str(base_output_directory))
     return storage.join(base, run_name, CHECKPOINTS_DIR)
-
-
-def _json_copy(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``metadata`` as it will be stored (a JSON round trip), or a clear error now, in the
-    caller's thread: found only by the background write, it would fail a later call instead."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise UnsupportedLeafError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        return json.loads(json.dumps(metadata))
-    except (TypeError, ValueError, RecursionError) as e:
-        raise UnsupportedLeafError(f"metadata must be JSON-serialisable: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -167,7 +153,7 @@ class CheckpointManager:
             BackgroundSaveError: the previous background save failed (raised once).
             RunInUseError: another manager has taken this run's lease over.
         """
-        metadata = _json_copy(metadata)
+        metadata = json_metadata(metadata)
         if not self.options.enable_checkpointing or not (force or self.should_save(step)):
             return False
         if self._lease is not None:  # first: a forked child's writer thread does not exist
