@@ -1,4 +1,5 @@
-"""The machine and package versions a run was taken on, for the results' header."""
+"""The machine, the package versions and the stepsafe code a run was taken on, for the results'
+header; and how a run finishes (raw JSON, then markdown)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -89,6 +91,7 @@ def finish_run(
         run["stepsafe_source_at_end"] = end
         print("WARNING: stepsafe's code changed during the run; results mix versions")
     json_path.write_text(json.dumps(run, indent=1))
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
     Path(results).write_text(render(run))
     print(f"raw JSON: {json_path}\nresults: {results}")
 
@@ -113,3 +116,31 @@ def stepsafe_source() -> dict[str, str]:
         check=False,
     )
     return {"path": str(pkg), "commit": git.stdout.strip() or "?", "hash": h.hexdigest()[:16]}
+
+
+def snapshot_head(out: Path) -> dict[str, str]:
+    """Export ``src/stepsafe`` as committed at HEAD under ``out`` and put it first on the
+    children's ``PYTHONPATH``: another engineer's edits (or commits) during a run of half an
+    hour then cannot mix versions of stepsafe in one table."""
+    root = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = out / f"stepsafe-{commit}"
+    if not (dest / "src" / "stepsafe").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "HEAD", "src/stepsafe"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    src = str(dest / "src")
+    os.environ["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+    sys.path.insert(0, src)
+    info = stepsafe_source()
+    info["commit"] = f"{commit} (HEAD, snapshot: working-tree edits excluded)"
+    return info

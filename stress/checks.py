@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from stepsafe import StepsafeError, restore
 from stepsafe.checkpoint import committed_steps
-from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
+from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR
 from stepsafe.manager.gc import plan_gc
 from stepsafe.manager.inventory import scan_run
 from stepsafe.storage import storage_for

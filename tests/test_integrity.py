@@ -877,7 +877,7 @@ def test_unsupported_leaf_names_key_and_leaves_nothing(tmp_path, kind, where):
     assert key in str(ei.value), str(ei.value)
     assert isinstance(ei.value, TypeError)
     assert sorted(os.listdir(root)) == before  # no step, no temporary
-    assert stepsafe.stale_temporaries(str(root)) == []
+    assert stepsafe.storage.stale_temporaries(str(root)) == []
     # nothing at all when the parent did not exist either
     fresh = tmp_path / "fresh"
     with pytest.raises(UnsupportedLeafError):

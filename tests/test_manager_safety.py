@@ -21,6 +21,7 @@ from conftest import BUCKET_KINDS
 from iterators import Counter
 
 import stepsafe
+from stepsafe.checkpoint.run_layout import LEASE_FILE, step_of
 from stepsafe.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -28,8 +29,8 @@ from stepsafe.errors import (
     UnsupportedLeafError,
 )
 from stepsafe.manager import CheckpointManager, ManagerOptions, load_initial_state
-from stepsafe.manager.inventory import list_runs, step_of
-from stepsafe.manager.lease import LEASE_FILE, Holder, RunInUseError
+from stepsafe.manager.inventory import list_runs
+from stepsafe.manager.lease import Holder, RunInUseError
 from stepsafe.storage import storage_for
 
 buckets = pytest.mark.parametrize("bucket_url", BUCKET_KINDS, indirect=True)
@@ -68,7 +69,7 @@ def test_second_manager_on_a_run_is_refused_until_the_first_closes(tmp_path):
     assert "\n" not in msg and d in msg and f"pid {os.getpid()}" in msg and "this process" in msg
     assert "another run directory" in msg
     # the lease is no step: ls and gc pass it by
-    assert step_of(LEASE_FILE) is None
+    assert step_of(storage_for(d)[0], LEASE_FILE) is None
     assert sorted(os.listdir(d)) == ["1", LEASE_FILE]
     assert [s.name for s in list_runs(str(tmp_path)).runs[0].steps] == ["1"]
     reader = CheckpointManager(d, ManagerOptions(enable_checkpointing=False))  # takes no lease

@@ -25,7 +25,8 @@ import stepsafe
 from stepsafe.errors import StepsafeError
 from stepsafe.format import METADATA_FILE, delete_checkpoint
 from stepsafe.manager import CheckpointManager, ManagerOptions, load_initial_state
-from stepsafe.storage.local import TMP_MARK, LocalStorage, LocalTransaction
+from stepsafe.storage.local import LocalStorage, LocalTransaction
+from stepsafe.storage.temporaries import TMP_MARK
 
 
 def state_at(step: int) -> dict:

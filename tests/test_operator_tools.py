@@ -9,11 +9,12 @@ from cli_runs import build_base, chunk_of, flip_byte, state_at
 import stepsafe
 from stepsafe.checkpoint.diff import diff
 from stepsafe.checkpoint.kind import classify
+from stepsafe.checkpoint.run_layout import step_of
 from stepsafe.checkpoint.summary import summarize
 from stepsafe.checkpoint.verify import verify, verify_targets
 from stepsafe.cli.main import main
 from stepsafe.manager.gc import gc
-from stepsafe.manager.inventory import list_runs, step_of
+from stepsafe.manager.inventory import list_runs
 
 
 @pytest.fixture
@@ -46,8 +47,9 @@ def test_inventory_lists_runs_steps_status_and_sizes(base):
 
 
 def test_step_of():
-    assert step_of("300") == 300 and step_of("300.stepsafe-tmp-h-1-ab") == 300
-    assert step_of("tensorboard") is None and step_of("x.stepsafe-tmp-h-1-ab") is None
+    local = stepsafe.storage.LocalStorage()
+    assert step_of(local, "300") == 300 and step_of(local, "300.stepsafe-tmp-h-1-ab") == 300
+    assert step_of(local, "tensorboard") is None and step_of(local, "x.stepsafe-tmp-h-1-ab") is None
 
 
 def test_gc_dry_run_then_real_keeps_newest_and_running_saves(base):

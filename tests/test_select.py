@@ -79,11 +79,11 @@ def test_stale_temporaries_are_recognised_and_removed(tmp_path):
         d.mkdir()
         (d / "junk").write_bytes(b"x")
     # a dead writer on this host is stale at once; others only once old enough
-    assert stepsafe.stale_temporaries(str(tmp_path)) == [str(dead_here)]
-    assert stepsafe.stale_temporaries(str(tmp_path), min_age_s=3600) == [str(dead_here)]
+    assert stepsafe.storage.stale_temporaries(str(tmp_path)) == [str(dead_here)]
+    assert stepsafe.storage.stale_temporaries(str(tmp_path), min_age_s=3600) == [str(dead_here)]
     with pytest.raises(stepsafe.IncompleteCheckpointError, match="never committed"):
         stepsafe.restore(dead_here)
-    removed = stepsafe.remove_stale_temporaries(str(tmp_path), min_age_s=1e-9)
+    removed = stepsafe.storage.remove_stale_temporaries(str(tmp_path), min_age_s=1e-9)
     assert sorted(removed) == sorted(map(str, (dead_here, alive_here, elsewhere)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
     assert stepsafe.restore(tmp_path)["a"].tolist() == [1, 1, 1]

@@ -1,4 +1,9 @@
-"""What a method is: build a state in its library's form, save it durably, restore it."""
+"""What a method is: build a state in its library's form, save it durably, restore it.
+
+A method is made for one storage (``disk``, ``s3``, ``gcs``: ``benchmarks.storages``) and, where
+it has them, one variant (a way of moving the bytes, ``benchmarks.plan``); ``location`` is a
+path on disk or a bucket URL.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,13 @@ from benchmarks import states
 
 class Method:
     """A synchronous save/restore. ``save`` returns only when every byte is durable."""
+
+    def __init__(self, storage: str = "disk", variant: str | None = None) -> None:
+        self.storage = storage
+        self.variant = variant
+
+    def prepare(self, location: str, op: str) -> None:
+        """Untimed set-up before ``op`` (save or restore) at ``location``; most need none."""
 
     def make(self, state: str) -> Any:
         """The state as this library's users hold it (built outside the timed region)."""

@@ -1,9 +1,12 @@
-"""stepsafe itself: ``save``/``restore``, and the snapshot+write split run in a thread.
+"""stepsafe itself: ``save``/``restore``; async saves through ``CheckpointManager``; and the
+manager's two halves (``snapshot`` + ``write``) run in a thread by hand.
 
-``stepsafe.save`` has no async form; ``StepsafeThread`` measures one built from
-``snapshot(tree, copy=True)`` (the caller waits for this) and ``write`` in a background thread.
-``StepsafeThreadStaged`` is the steady state of a run that saves repeatedly: the snapshot copies
-into the staging buffers an earlier save left mapped (that earlier save is outside the clock).
+``StepsafeManager`` is the public async API: ``CheckpointManager(async_save=True).save``
+blocks while the state is captured, the write runs in the background. ``StepsafeThread`` is the
+same split without the manager (no lease, no listing of committed steps), the floor of what the
+manager can block for. ``StepsafeThreadStaged`` is the steady state of a run that saves
+repeatedly: the snapshot copies into the staging buffers an earlier save left mapped (that
+earlier save is outside the clock), as the manager's own staging does from its second save on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from benchmarks import states
 from benchmarks.methods.base import AsyncMethod, Method
 from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint.save import snapshot, write
+from stepsafe.manager import CheckpointManager, ManagerOptions
+
+
+def file_size_bytes(variant: str) -> int:
+    """``files-128M`` -> 128 MiB."""
+    return int(variant.removeprefix("files-").removesuffix("M")) << 20
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,45 @@ def target(state: str) -> dict[str, Any]:
 
 
 class Stepsafe(Method):
+    """``stepsafe.save`` / ``stepsafe.restore`` at a path or a bucket URL.
+
+    On a bucket, ``prepare`` makes stepsafe's client before the clock: stepsafe makes one client
+    per process on first use and keeps it (storage.dispatch), as a training run that saves
+    repeatedly would; without this the first save of each process would also time importing
+    s3fs/aiobotocore (or gcsfs) and building the client. Variant ``files-<N>M`` saves with
+    ``data_file_size_bytes=N MiB`` (``benchmarks.plan``); none, stepsafe's defaults.
+    """
+
     def save(self, path: str, tree: Any) -> None:
-        stepsafe.save(path, tree)
+        if self.variant is None:
+            stepsafe.save(path, tree)
+        else:
+            stepsafe.save(path, tree, data_file_size_bytes=file_size_bytes(self.variant))
 
     def restore(self, path: str, state: str) -> Any:
         return stepsafe.restore(path, target(state))
+
+    def prepare(self, location: str, op: str) -> None:
+        if self.storage != "disk":
+            from benchmarks.methods.buckets import warm_up
+            from stepsafe.storage.dispatch import remote_storage
+
+            warm_up(remote_storage(location.split("://", 1)[0]).fs, location)
+
+
+class StepsafeManager(AsyncMethod):
+    """``CheckpointManager.save`` with ``async_save``; the manager (and its lease on the run
+    directory) is made before the clock, as a training run makes it once."""
+
+    def prepare(self, location: str, op: str) -> None:
+        self.manager = CheckpointManager(location, ManagerOptions(async_save=True))
+
+    def start(self, path: str, tree: Any) -> Callable[[], None]:
+        self.manager.save(states.STEP, tree, force=True)
+        return self.manager.wait_until_finished
+
+    def close(self) -> None:
+        self.manager.close()
 
 
 class StepsafeThread(AsyncMethod):

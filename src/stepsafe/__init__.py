@@ -5,6 +5,13 @@ stepsafe.save("ckpt/1000", state)               # durable and committed when it 
 state = stepsafe.restore("ckpt/1000", target)   # bit-exact, checksums verified
 stepsafe.metadata("ckpt/1000")                  # shapes and dtypes, no data read
 stepsafe.verify("ckpt/1000").ok                 # re-read every byte, report every problem
+
+with stepsafe.CheckpointManager("outputs/run1/checkpoints",
+                                stepsafe.ManagerOptions(save_interval_steps=100)) as manager:
+    manager.save(step, state)                   # a training run: periods, async, retention
+
+Every failure stepsafe reports on purpose is a ``stepsafe.StepsafeError``; each subclass is
+exported here.
 """
 
 from stepsafe.checkpoint import (
@@ -18,9 +25,11 @@ from stepsafe.checkpoint import (
     verify,
 )
 from stepsafe.errors import (
+    BackgroundSaveError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
+    ConfigError,
     CorruptCheckpointError,
     CredentialsError,
     DeletionError,
@@ -35,24 +44,29 @@ from stepsafe.errors import (
     UnsupportedFormatError,
     UnsupportedLeafError,
 )
-from stepsafe.storage import remove_stale_temporaries, stale_temporaries
+from stepsafe.manager import CheckpointManager, ManagerOptions, StopRequest
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArrayMetadata",
+    "BackgroundSaveError",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
+    "ConfigError",
     "CorruptCheckpointError",
     "CredentialsError",
     "DeletionError",
     "IncompleteCheckpointError",
+    "ManagerOptions",
     "ManifestError",
     "MultiProcessSaveError",
     "RunInUseError",
     "StepsafeError",
+    "StopRequest",
     "StorageError",
     "TargetMismatchError",
     "TruncatedDataError",
@@ -61,9 +75,7 @@ __all__ = [
     "VerifyReport",
     "info",
     "metadata",
-    "remove_stale_temporaries",
     "restore",
     "save",
-    "stale_temporaries",
     "verify",
 ]

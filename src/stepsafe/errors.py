@@ -75,3 +75,8 @@ class CredentialsError(StepsafeError):
 
 class RunInUseError(StepsafeError):
     """Another manager holds (or has taken over) the run directory's lease."""
+
+
+class BackgroundSaveError(StepsafeError):
+    """A background save (``CheckpointManager`` with ``async_save``) failed; the checkpoint it
+    was writing was not committed. The original failure is its ``__cause__``."""

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.checkpoint.restore import open_checkpoint
 from stepsafe.format import ArrayEntry, CheckpointReader
 from stepsafe.tree import structure_paths
-
-BLOCK_ELEMENTS = 1 << 20  # float64 temporaries of 8 MiB per block
 
 Progress = Callable[[int, int], None]  # (arrays compared, arrays to compare)
 
@@ -89,7 +88,36 @@ def _describe(reader: CheckpointReader) -> dict[str, LeafDesc]:
 def diff(
     a: str, b: str, *, values: bool = False, progress: Progress | None = None
 ) -> CheckpointDiff:
-    """Differences from checkpoint ``a`` to ``b`` (paths as ``restore`` accepts them)."""
+    """Differences from checkpoint ``a`` to ``b``.
+
+    Args:
+        a (`str`): the "before" checkpoint, any path ``restore`` accepts.
+        b (`str`): the "after" checkpoint.
+        values (`bool`, defaults to `False`): also read both checkpoints and compare the values
+            of every pair of arrays of one shape (max |a - b|), one pair at a time.
+        progress (`Callable[[int, int], None]`, *optional*): called with (arrays compared,
+            arrays to compare) after each pair, with ``values=True``.
+
+    Returns:
+        `CheckpointDiff`: keys ``added`` / ``removed``, ``changed`` dtypes, shapes or inline
+        values, ``contents_differ`` (checksums differ) and ``contents_unknown`` (laid out
+        differently), and with ``values=True`` a ``ValueDiff`` per array pair.
+
+    Raises:
+        CheckpointNotFoundError: ``a`` or ``b`` holds no checkpoint.
+        IncompleteCheckpointError: ``a`` or ``b`` was never committed.
+        CorruptCheckpointError: a manifest, or with ``values=True`` an array's bytes, is damaged.
+        UnsupportedFormatError: a newer (or foreign) format version.
+
+    Example:
+
+    ```python
+    from stepsafe.checkpoint.diff import diff
+
+    d = diff("outputs/run1/checkpoints/100", "outputs/run1/checkpoints/200")
+    print(d.structure_equal, d.contents_differ)
+    ```
+    """
     with open_checkpoint(a) as ra, open_checkpoint(b) as rb:
         return _diff(ra, rb, values, progress)
 
@@ -150,9 +178,10 @@ def _compare(key: str, ra: CheckpointReader, rb: CheckpointReader) -> ValueDiff:
         return ValueDiff(key, None, bool(np.array_equal(x, y)))
     wide = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
     worst = 0.0
-    for start in range(0, x.size, BLOCK_ELEMENTS):
-        xs = x[start : start + BLOCK_ELEMENTS].astype(wide)
-        ys = y[start : start + BLOCK_ELEMENTS].astype(wide)
+    block = knobs.DIFF_BLOCK_ELEMENTS  # float64 temporaries of 8 MiB per block by default
+    for start in range(0, x.size, block):
+        xs = x[start : start + block].astype(wide)
+        ys = y[start : start + block].astype(wide)
         both_nan = np.isnan(xs) & np.isnan(ys)
         d = np.abs(xs - ys)
         d[both_nan] = 0.0

@@ -2,34 +2,18 @@
 
 Accepted, as MaxText's docs write them: a step directory (``.../checkpoints/1000``), its ``items/``
 child, the docs' ``.../checkpoints/items/1000`` spelling, a ``checkpoints`` directory, or a run
-directory holding ``checkpoints/`` (both mean: the latest committed step).
+directory holding ``checkpoints/`` (both mean: the latest committed step). The run's layout
+itself is run_layout.py's.
 """
 
 from __future__ import annotations
 
 import posixpath
 
+from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, is_step_name, step_number, step_path
 from stepsafe.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from stepsafe.format import ITEMS_DIR, METADATA_FILE, is_committed
-from stepsafe.storage import Storage, is_temporary
-
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def step_number(name: str) -> int | None:
-    """The step a directory name stands for, or None when it is no step's name.
-
-    Only ASCII decimal digits written as stepsafe writes them (``str(step)``): ``"²"`` and
-    ``"٣"`` are digits to ``str.isdigit`` (and ``int`` refuses the first), ``"007"`` is another
-    directory than step 7's. One rule for every listing, so none can disagree on what a step is.
-    """
-    if name.isascii() and name.isdigit() and (name == "0" or name[0] != "0"):
-        return int(name)
-    return None
-
-
-def is_step_name(name: str) -> bool:
-    return step_number(name) is not None
+from stepsafe.storage import Storage
 
 
 def _committed(storage: Storage, path: str) -> bool:
@@ -44,7 +28,7 @@ def _committed(storage: Storage, path: str) -> bool:
 def committed_steps(storage: Storage, directory: str) -> list[int]:
     """Steps under ``directory`` (names that are integers) that hold a committed checkpoint."""
     steps = [s for s in map(step_number, storage.list_dir(directory)) if s is not None]
-    return sorted(s for s in steps if _committed(storage, storage.join(directory, str(s))))
+    return sorted(s for s in steps if _committed(storage, step_path(storage, directory, s)))
 
 
 def uncommitted_entries(storage: Storage, directory: str) -> list[str]:
@@ -52,7 +36,7 @@ def uncommitted_entries(storage: Storage, directory: str) -> list[str]:
     return [
         n
         for n in storage.list_dir(directory)
-        if is_temporary(n)
+        if storage.temporary_target(n) is not None
         or (is_step_name(n) and not _committed(storage, storage.join(directory, n)))
     ]
 
@@ -68,10 +52,10 @@ def locate(storage: Storage, path: str) -> str:
             if storage.exists(alt):
                 return locate(storage, alt)
         raise CheckpointNotFoundError(f"{path} does not exist")
-    if is_temporary(base):
+    if storage.temporary_target(base) is not None:
         raise IncompleteCheckpointError(
             f"{path} is the temporary directory of a save that never committed; it is not a "
-            "checkpoint (remove it with stepsafe.remove_stale_temporaries)"
+            "checkpoint (`stepsafe gc` removes it once its writer is gone)"
         )
     if storage.exists(storage.join(p, METADATA_FILE)) or storage.is_dir(storage.join(p, ITEMS_DIR)):
         return p
@@ -80,7 +64,7 @@ def locate(storage: Storage, path: str) -> str:
     for d in (storage.join(p, CHECKPOINTS_DIR), p):
         steps = committed_steps(storage, d)
         if steps:
-            return storage.join(d, str(steps[-1]))
+            return step_path(storage, d, steps[-1])
     pending = uncommitted_entries(storage, storage.join(p, CHECKPOINTS_DIR)) + uncommitted_entries(
         storage, p
     )

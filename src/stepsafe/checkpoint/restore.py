@@ -10,24 +10,27 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.arrays import is_leaf
 from stepsafe.checkpoint.locate import locate
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
 from stepsafe.format.regions import ArrayRead
-from stepsafe.storage import storage_for
+from stepsafe.storage import Storage, storage_for
 from stepsafe.tree import build_plain, check_target_paths, concat, flatten, structure_paths, subtree
 from stepsafe.tree import join as join_key
 
-# Host bytes of device targets read as one batch (host targets are the result: no bound). The
-# bound trades memory for batching. Measured, m95 (1.15 GB) saved unsharded, restored warm onto
-# 4 sharded CPU devices, peak RSS of a process that also holds the saved tree: 0.6-0.7 s and
-# 3.2 GB at 256 MiB, 3.8 GB at 512 MiB, 4.6 GB unbounded (per-leaf reads before: 1.4 s, 2.9 GB).
-WINDOW_BYTES = 256 << 20
+# knobs.WINDOW_BYTES: host bytes of device targets read as one batch (host targets are the
+# result: no bound). The bound trades memory for batching. Measured, m95 (1.15 GB) saved
+# unsharded, restored warm onto 4 sharded CPU devices, peak RSS of a process that also holds the
+# saved tree: 0.6-0.7 s and 3.2 GB at 256 MiB, 3.8 GB at 512 MiB, 4.6 GB unbounded (per-leaf
+# reads before: 1.4 s, 2.9 GB).
 
 
-def open_checkpoint(path: str) -> CheckpointReader:
-    storage, local = storage_for(str(path))
+def open_checkpoint(path: str, storage: Storage | None = None) -> CheckpointReader:
+    """A reader of the checkpoint ``path`` designates (see ``checkpoint.locate``), in
+    ``storage`` (``path`` in its syntax) or else the one ``storage_for(path)`` names."""
+    storage, local = storage_for(str(path)) if storage is None else (storage, str(path))
     return CheckpointReader(storage, locate(storage, local))
 
 
@@ -209,33 +212,59 @@ def restore(
     select: str | Sequence[Any] | None = None,
     verify: bool = True,
     allow_cast: bool = False,
+    storage: Storage | None = None,
 ) -> Any:
     """Read a committed checkpoint back as a tree.
 
     Args:
-        path: a step directory, its ``items/`` child, or a run directory (its latest step).
-        target: a tree like the saved one (or like the selected subtree) whose leaves say what
-            to make of each leaf: a numpy array or scalar (that dtype), a ``jax.Array`` or
-            ``jax.ShapeDtypeStruct`` (that dtype and sharding), a Python bool/int/float, or None
-            (as saved). Its containers (NamedTuples, dataclasses, optax states) are rebuilt.
-            Without a target: numpy arrays in dicts, lists and tuples; NamedTuples and other
-            custom nodes come back as dicts; a typed JAX PRNG key as ``{impl name: key data}``
-            (see ``stepsafe.tree.jax_keys``).
-        select: a key path (``"params"``) or sequence of keys; only that subtree's bytes are
-            read.
-        verify: check every chunk's checksum (default).
-        allow_cast: cast to the target's dtype even where values may change. Without it only
-            casts that cannot change a value happen: ``np.can_cast(saved, wanted, "safe")``
-            (int32 -> int64, float32 -> float64, bfloat16 -> float32); a Python int target
-            takes any integer, a Python float is float64; an inline Python int counts as the
-            smallest integer dtype that holds it. Casting float32 parameters to bfloat16 on
-            purpose (as MaxText does) needs ``allow_cast=True``.
+        path (`str`): a step directory, its ``items/`` child, or a run directory (its latest
+            step), local or an ``s3://`` / ``gs://`` URL.
+        target (`Any`, *optional*): a tree like the saved one (or like the selected subtree)
+            whose leaves say what to make of each leaf: a numpy array or scalar (that dtype),
+            a ``jax.Array`` or ``jax.ShapeDtypeStruct`` (that dtype and sharding), a Python
+            bool/int/float, or None (as saved). Its containers (NamedTuples, dataclasses, optax
+            states) are rebuilt. Without a target: numpy arrays in dicts, lists and tuples;
+            NamedTuples and other custom nodes come back as dicts; a typed JAX PRNG key as
+            ``{impl name: key data}`` (see ``stepsafe.tree.jax_keys``).
+        select (`str` or sequence, *optional*): a key path (``"params"``) or sequence of
+            keys; only that subtree's bytes are read.
+        verify (`bool`, defaults to `True`): check every chunk's checksum.
+        allow_cast (`bool`, defaults to `False`): cast to the target's dtype even where
+            values may change. Without it only casts that cannot change a value happen:
+            ``np.can_cast(saved, wanted, "safe")`` (int32 -> int64, float32 -> float64,
+            bfloat16 -> float32); a Python int target takes any integer, a Python float is
+            float64; an inline Python int counts as the smallest integer dtype that holds it.
+            Casting float32 parameters to bfloat16 on purpose (as MaxText does) needs
+            ``allow_cast=True``.
+        storage (`Storage`, *optional*): the storage that holds ``path`` (``path`` in its
+            syntax); by default the one ``path`` names. A ``CheckpointManager`` passes its
+            own, with its transfer budget.
+
+    Returns:
+        `Any`: the tree; with ``select``, only that subtree.
 
     Raises:
         TargetMismatchError: the target's keys, shapes or dtypes do not fit the checkpoint
-            (checked for every leaf before any data is read).
+            (checked for every leaf before any data is read), or ``select`` is not in it.
+        CheckpointNotFoundError: ``path`` holds no checkpoint.
+        IncompleteCheckpointError: the checkpoint at ``path`` was never committed.
+        CorruptCheckpointError: bytes on storage are not what the checkpoint says
+            (``ChecksumMismatchError``, ``TruncatedDataError``, ``ManifestError``).
+        UnsupportedFormatError: a newer (or foreign) format version.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import stepsafe
+
+    state = stepsafe.restore("ckpt/1000")  # numpy arrays, as saved
+    params = stepsafe.restore("ckpt/1000", select="params")  # reads only that subtree
+    # onto a target: its dtypes (and shardings, for jax.ShapeDtypeStruct leaves)
+    w = stepsafe.restore("ckpt/1000", {"w": np.zeros((4, 4), np.float32)}, select="params")
+    ```
     """
-    with open_checkpoint(path) as reader:
+    with open_checkpoint(path, storage) as reader:
         return _restore_from(reader, target, select, verify, allow_cast)
 
 
@@ -264,7 +293,7 @@ def _restore_all(
 ) -> list:
     """Restore leaves a window at a time, in the order their bytes lie in the data files: a
     window's reads go to the storage as one batch (neighbours merge into large requests on
-    buckets). Host copies of device arrays count against ``WINDOW_BYTES``, so that a restore
+    buckets). Host copies of device arrays count against ``knobs.WINDOW_BYTES``, so that a restore
     onto devices never holds much more than that on the host."""
     arrays = reader.manifest.arrays
 
@@ -279,7 +308,7 @@ def _restore_all(
     size = 0
     for i in [*sorted(range(len(keys)), key=position), None]:
         nbytes = plans[i].transient if i is not None else 0
-        if window and (i is None or size + nbytes > WINDOW_BYTES):
+        if window and (i is None or size + nbytes > knobs.WINDOW_BYTES):
             _read_window(reader, {j: plans[j] for j in window}, out, verify)
             window, size = [], 0
         if i is not None:

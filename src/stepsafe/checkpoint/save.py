@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from stepsafe import knobs
 from stepsafe.arrays import (
     StagingBuffers,
     copy_accelerator_leaves,
@@ -20,12 +21,11 @@ from stepsafe.arrays import (
     start_host_transfers,
     to_host,
 )
-from stepsafe.errors import MultiProcessSaveError, UnsupportedLeafError
+from stepsafe.errors import ConfigError, MultiProcessSaveError, UnsupportedLeafError
 from stepsafe.format import CheckpointMetadata, HostArray, write_checkpoint
-from stepsafe.storage import run_all, storage_for
+from stepsafe.format.writer import ALIGN
+from stepsafe.storage import Storage, run_all, storage_for
 from stepsafe.tree import Structure, flatten
-
-PARALLEL_COPY_BYTES = 32 << 20
 
 
 @dataclass
@@ -92,11 +92,21 @@ def snapshot(
         return to_host(px[0], px[1], copy=copy and px[0] not in copied, staging=staging)
 
     host_bytes = sum(getattr(x, "nbytes", 0) for p, x in leaves if p not in copied)
-    if copy and host_bytes >= PARALLEL_COPY_BYTES:
+    if copy and host_bytes >= knobs.PARALLEL_COPY_BYTES:
         arrays = run_all(capture, leaves)
     else:
         arrays = [capture(px) for px in leaves]
     return Snapshot(flat.structure, arrays, values)
+
+
+def _check_data_file_size(size: int | None) -> None:
+    """Refuse a data file size the writer cannot split at, before anything is written.
+
+    Raises:
+        ConfigError: ``size`` is below the format's alignment (``format.writer.ALIGN``).
+    """
+    if size is not None and size < ALIGN:
+        raise ConfigError(f"data_file_size_bytes must be >= {ALIGN} bytes, got {size}")
 
 
 def json_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -120,12 +130,16 @@ def write(
     step: int | None = None,
     extra_files: dict[str, bytes] | None = None,
     data_file_size_bytes: int | None = None,
+    storage: Storage | None = None,
 ) -> None:
-    """Commit ``snap`` at ``path`` (see ``save``); refuses as ``check_single_process`` does."""
+    """Commit ``snap`` at ``path`` (see ``save``); refuses as ``check_single_process`` does.
+    ``storage``: the one that holds ``path`` (a manager's, with its transfer budget), ``path``
+    in its syntax; by default ``storage_for(path)``'s."""
+    _check_data_file_size(data_file_size_bytes)
     check_single_process(path)
     metadata = json_metadata(metadata)
     start_host_transfers(snap.arrays)
-    storage, local = storage_for(path)
+    storage, local = storage_for(path) if storage is None else (storage, path)
     write_checkpoint(
         storage,
         local,
@@ -147,10 +161,42 @@ def save(
 ) -> None:
     """Write ``tree`` as a committed checkpoint at ``path``; durable when this returns.
 
-    ``path`` must not exist yet: a checkpoint is never overwritten. ``metadata`` is any
-    JSON-serialisable dict, stored in ``_CHECKPOINT_METADATA`` as ``custom_metadata``.
-    ``data_file_size_bytes``: where data files are split (default: 2 GiB on a local disk,
-    128 MiB on buckets, where each file goes up in one request and several at once).
+    The data goes into a temporary first and is committed at once (a rename on a local disk, a
+    conditional create of the commit marker on buckets): a save that dies half-way leaves no
+    checkpoint at ``path``, never a partial one.
+
+    Args:
+        path (`str`): where the step goes, a local directory or an ``s3://`` / ``gs://`` URL.
+            It must not hold a committed checkpoint yet: a checkpoint is never overwritten.
+        tree (`Any`): a pytree (dicts, lists, tuples, NamedTuples, JAX-registered nodes) of
+            numpy / JAX arrays and Python scalars, strings or None.
+        metadata (`dict`, *optional*): any JSON-serialisable dict, stored in
+            ``_CHECKPOINT_METADATA`` as ``custom_metadata`` (``info(path).custom_metadata``).
+        data_file_size_bytes (`int`, *optional*): where data files are split; None: 2 GiB on
+            a local disk, 128 MiB on buckets (each file goes up in one request, several at
+            once).
+
+    Returns:
+        `None`: the checkpoint is committed and durable when ``save`` returns.
+
+    Raises:
+        CheckpointExistsError: a committed checkpoint already lives at ``path``.
+        UnsupportedLeafError: a leaf, key or nesting depth that ``restore`` could not read
+            back, or ``metadata`` that is not a JSON-serialisable dict.
+        ConfigError: ``data_file_size_bytes`` is too small to split at.
+        MultiProcessSaveError: this is one of several JAX processes (nothing is written).
+        StorageError: the storage refused (disk full, read-only, no permission).
+        CredentialsError: a bucket URL and no credentials for it.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import stepsafe
+
+    state = {"params": {"w": np.ones((4, 4), np.float32)}, "step": 1000}
+    stepsafe.save("ckpt/1000", state, metadata={"loss": 1.5})
+    ```
     """
     snap = snapshot(tree, path=str(path))
     write(str(path), snap, metadata=metadata, data_file_size_bytes=data_file_size_bytes)

@@ -17,16 +17,17 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR
 from stepsafe.cli import common
 from stepsafe.manager.gc import GcPlan, gc
 
 HELP = "delete old checkpoints beyond the newest N (and stale incomplete ones); --dry-run first"
 EXAMPLE = "stepsafe gc outputs/demo --keep 3 --dry-run"
-HINT = "RUN is <base_output_directory>/<run_name>, the folder holding checkpoints/"
+HINT = f"RUN is <base_output_directory>/<run_name>, the folder holding {CHECKPOINTS_DIR}/"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN", help="a run directory (or its checkpoints/)")
+    p.add_argument("run_dir", metavar="RUN", help=f"a run directory (or its {CHECKPOINTS_DIR}/)")
     p.add_argument("--keep", type=_keep, required=True, help="committed checkpoints to keep (>=1)")
     p.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")

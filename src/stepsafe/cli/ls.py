@@ -16,6 +16,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR
 from stepsafe.cli import common
 from stepsafe.errors import CheckpointNotFoundError
 from stepsafe.manager.inventory import (
@@ -31,7 +32,7 @@ from stepsafe.storage import storage_for
 
 HELP = "list runs and their checkpoints (size, files, complete or not, created)"
 EXAMPLE = "stepsafe ls outputs --run-name demo\n  stepsafe ls outputs --json"
-HINT = "pass the base_output_directory, the folder that holds <run_name>/checkpoints/"
+HINT = f"pass the base_output_directory, the folder that holds <run_name>/{CHECKPOINTS_DIR}/"
 RULE = "=" * 80
 
 
@@ -98,7 +99,9 @@ def show(inv: Inventory) -> None:
     con.print(RULE)
     con.print(f"Path: {inv.base}")
     if not inv.runs:
-        con.print("\nNo runs found (expected <run_name>/checkpoints/<step>/ under this path).")
+        con.print(
+            f"\nNo runs found (expected <run_name>/{CHECKPOINTS_DIR}/<step>/ under this path)."
+        )
     for r in inv.runs:
         _show_run(con, r)
     con.print()

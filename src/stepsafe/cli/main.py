@@ -38,6 +38,7 @@ from stepsafe.cli import train as train_cmd
 from stepsafe.cli import verify as verify_cmd
 from stepsafe.cli.common import ExitCode
 from stepsafe.errors import (
+    BackgroundSaveError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
@@ -47,7 +48,6 @@ from stepsafe.errors import (
     StepsafeError,
     UnsupportedFormatError,
 )
-from stepsafe.manager import BackgroundSaveError
 
 EXIT_STATUS_TABLE = __doc__[__doc__.index("code   meaning") :]
 COMMANDS: dict[str, ModuleType] = {

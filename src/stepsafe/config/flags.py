@@ -39,7 +39,7 @@ class Config:
     enable_orbax_v1: bool = False
     source_checkpoint_layout: str = "orbax"
     checkpoint_conversion_fn: str | None = None
-    # emergency / multi-tier (seeds 002, 004)
+    # emergency (local-tier) and multi-tier checkpointing (MaxText's checkpoint docs): not built
     enable_emergency_checkpoint: bool = False
     local_checkpoint_directory: str = ""
     local_checkpoint_period: int = 0

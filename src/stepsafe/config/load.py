@@ -95,6 +95,30 @@ def _check_known(key: str, where: str) -> None:
 def load_config(
     yaml_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
+    """The flags of a run: MaxText's names, from a YAML file, then ``key=value`` overrides.
+
+    Args:
+        yaml_path (`str`, *optional*): a YAML mapping of flag: value; None: defaults only.
+        overrides (`list[str]`, defaults to `()`): ``key=value`` strings, applied in order
+            after the file (the last one wins); values parse as YAML scalars, except for
+            string flags, which keep the text as typed.
+
+    Returns:
+        `Config`: every flag typed and checked (see ``validate``).
+
+    Raises:
+        ConfigError: the file cannot be read or is not a YAML mapping, a flag is unknown (the
+            message suggests the closest name), a value has the wrong type or is out of
+            range, or a flag asks for something not built (the message says why).
+
+    Example:
+
+    ```python
+    from stepsafe.config import load_config
+
+    config = load_config("examples/configs/demo.yml", ["checkpoint_period=50", "run_name=try1"])
+    ```
+    """
     values: dict[str, Any] = {}
     if yaml_path:
         try:
@@ -118,6 +142,26 @@ def load_config(
 
 
 def validate(config: Config) -> None:
+    """Refuse a ``Config`` that cannot run as given (``load_config`` calls it).
+
+    Args:
+        config (`Config`): the flags, e.g. built directly or changed with
+            ``dataclasses.replace``.
+
+    Raises:
+        ConfigError: a flag that is not supported yet set to anything but its default, both
+            ``load_parameters_path`` and ``load_full_state_path``, or a value out of range;
+            the message names the flag.
+
+    Example:
+
+    ```python
+    import dataclasses
+    from stepsafe.config import Config, validate
+
+    validate(dataclasses.replace(Config(), checkpoint_period=100))
+    ```
+    """
     for name, (works, why) in _NOT_YET.items():
         value = getattr(config, name)
         if value != works:

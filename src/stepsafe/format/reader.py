@@ -4,6 +4,8 @@ Arrays are read in two steps: plan which saved shards fill the wanted boxes (reg
 hand every chunk of many arrays to the storage as one batch of ranged reads straight into the
 destination arrays (a local disk: one ``preadv`` each; a bucket: neighbours merged into large
 requests). Every chunk is checked against its checksum unless ``verify=False``.
+``check_chunks`` reads chunks only to check them, and reports each problem instead of raising:
+``check.py`` verifies a whole checkpoint with it, window by window.
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ class CheckpointReader:
     def close(self) -> None:
         """Nothing stays open between reads; kept so that readers work as context managers."""
 
-    def _file(self, name: str) -> str:
+    def file_path(self, name: str) -> str:
+        """The path of data file ``name`` (a name the manifest lists)."""
         path = self._paths.get(name)
         if path is None:
             path = self._paths[name] = self.storage.join(self.path, ITEMS_DIR, name)
@@ -174,7 +177,7 @@ class CheckpointReader:
                 self._checked_files.add(name)
 
     def _check_file(self, name: str) -> None:
-        path = self._file(name)
+        path = self.file_path(name)
         want = self.manifest.files[name]
         try:
             size = self.storage.size(path)
@@ -233,7 +236,7 @@ class CheckpointReader:
                 for c in shard.chunks:
                     mine[id(plan)].append(len(reads))
                     part = view[pos : pos + c.length]
-                    reads.append(RangeRead(self._file(c.file), c.offset, part))
+                    reads.append(RangeRead(self.file_path(c.file), c.offset, part))
                     owner.append((plan, c))
                     pos += c.length
         left = {k: len(v) for k, v in mine.items()}
@@ -247,11 +250,7 @@ class CheckpointReader:
         def check(i: int) -> None:
             plan, c = owner[i]
             if verify and checksum(reads[i].buf) != c.checksum:
-                raise ChecksumMismatchError(
-                    f"checksum mismatch in array {plan.key!r}: file {reads[i].path}, offset "
-                    f"{c.offset}, {c.length} bytes; the checkpoint is corrupt (restore an earlier "
-                    "step, or pass verify=False to read it anyway)"
-                )
+                raise _mismatch(plan.key, reads[i].path, c)
             with lock:
                 left[id(plan)] -= 1
                 last = left[id(plan)] == 0
@@ -265,6 +264,44 @@ class CheckpointReader:
                 whole(plan)
         self.storage.read_ranges(reads, check)
 
+    def check_chunks(self, chunks: Sequence[tuple[str, Chunk]]) -> list[Exception | None]:
+        """Read ``chunks`` (each with its array's key) into scratch memory as one batch and
+        check each against its checksum, raising for none of them: for each, None when it is
+        intact, a ChecksumMismatchError when its bytes differ, or the error that kept it from
+        being read. If the batch fails, the chunks are read one by one, so that each failure
+        is pinned to its chunk and the others are still checked.
+
+        Raises:
+            Only what is not damage (an interrupt, a bug); damage is returned.
+        """
+        paths = [self.file_path(c.file) for _, c in chunks]
+        buf = memoryview(bytearray(sum(c.length for _, c in chunks)))
+        views, pos = [], 0
+        for _, c in chunks:
+            views.append(buf[pos : pos + c.length])
+            pos += c.length
+        found: list[Exception | None] = [None] * len(chunks)
+
+        def check(i: int) -> None:
+            key, c = chunks[i]
+            if checksum(views[i]) != c.checksum:
+                found[i] = _mismatch(key, paths[i], c)
+
+        try:
+            self.storage.read_ranges(
+                [RangeRead(p, c.offset, v) for p, (_, c), v in zip(paths, chunks, views)], check
+            )
+        except (CorruptCheckpointError, OSError):
+            found[:] = [None] * len(chunks)
+            for i, (p, (_, c), v) in enumerate(zip(paths, chunks, views)):
+                try:
+                    self.storage.read_into(p, c.offset, v)
+                except (CorruptCheckpointError, OSError) as e:
+                    found[i] = e
+                else:
+                    check(i)
+        return found
+
     def read_array(self, key: str, verify: bool = True) -> np.ndarray:
         """The whole global array ``key`` as a fresh host array."""
         plan = self.plan(key)
@@ -276,3 +313,11 @@ class CheckpointReader:
         plan = self.plan(key, [box])
         self.read([plan], verify)
         return plan.outs[box]
+
+
+def _mismatch(key: str, path: str, c: Chunk) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        f"checksum mismatch in array {key!r}: file {path}, offset {c.offset}, {c.length} bytes; "
+        "the checkpoint is corrupt (restore an earlier step, or pass verify=False to read it "
+        "anyway)"
+    )

@@ -26,13 +26,9 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from stepsafe.errors import StepsafeError
+from stepsafe.errors import BackgroundSaveError
 
 log = logging.getLogger("stepsafe")
-
-
-class BackgroundSaveError(StepsafeError):
-    """A background save failed; the checkpoint it was writing was not committed."""
 
 
 class AsyncWriter:

@@ -5,12 +5,13 @@ checksums: ``keep >= 1``, so the step a resume loads is never deleted), any inco
 that may still be running, and everything that is not plainly ours: damaged steps (for you to
 inspect; they do not count in the keep), symbolic links, Orbax's and unknown directories, and
 steps holding files stepsafe did not write (a README, a link). Deleted: older intact steps, and
-incomplete ones that are stale. On local disk, the temporary of a process on this host that is
+incomplete ones that are stale. A temporary (local disk) whose writer process on this host is
 alive is never stale (a run resumed past a damaged newest step saves older steps again), and
-one whose process is gone always is. Any other incomplete entry is stale when a newer step is
-intact (a save that died, or a deletion cut short). Whether a step is ours is decided by
-``format.deletion.foreign_files``: a user's ``eval.20241130.json`` has the shape of an extra
-file, so only the files a commit names, or ``items/`` files, make a step ours.
+one whose process is gone always is: the storage says which (``Storage.writer_alive`` and
+``stale_entries``; buckets have no temporaries). Any other incomplete entry is stale when a
+newer step is intact (a save that died, or a deletion cut short). Whether a step is ours is
+decided by ``format.deletion.foreign_files``: a user's ``eval.20241130.json`` has the shape of
+an extra file, so only the files a commit names, or ``items/`` files, make a step ours.
 
 Each deletion removes the commit marker first (``delete_checkpoint``), so a deletion cut short
 leaves an incomplete step, never a damaged one that looks complete; what a concurrent deleter
@@ -28,8 +29,14 @@ import posixpath
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
-from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, committed_steps, step_number
-from stepsafe.errors import CheckpointNotFoundError, DeletionError, StepsafeError
+from stepsafe.checkpoint.locate import committed_steps
+from stepsafe.checkpoint.run_layout import (
+    CHECKPOINTS_DIR,
+    is_run_dir,
+    step_number,
+    step_under,
+)
+from stepsafe.errors import CheckpointNotFoundError, ConfigError, DeletionError, StepsafeError
 from stepsafe.format import read_metadata
 from stepsafe.format.deletion import (
     StepFiles,
@@ -50,8 +57,7 @@ from stepsafe.manager.inventory import (
     scan_step,
     scan_steps,
 )
-from stepsafe.storage import LocalStorage, Storage, stale_temporaries, storage_for
-from stepsafe.storage.local import writer_alive_here
+from stepsafe.storage import Storage, storage_for
 
 log = logging.getLogger("stepsafe")
 
@@ -86,20 +92,21 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
         run: the run as ``scan_run`` found it.
         keep: how many of the newest intact steps to keep (>= 1).
         storage: where the run lives; with it, stray files and unfinished uploads are planned
-            too, and dead local temporaries recognised.
+            too, and temporaries whose writer is alive or gone recognised.
 
     Raises:
-        ValueError: ``keep < 1``.
+        ConfigError: ``keep < 1``.
     """
     if keep < 1:
-        raise ValueError(f"keep must be >= 1 (the newest committed step is never deleted): {keep}")
+        raise ConfigError(
+            f"keep must be >= 1, got {keep} (gc's --keep; a manager's "
+            "max_num_checkpoints_to_keep, where 0 keeps all): the newest committed step is "
+            "never deleted"
+        )
     done = run.complete
     newest = done[-1].step if done else None
     kept_steps = {e.step for e in done[-keep:]}
-    dead = set()
-    local = storage is not None and isinstance(storage, LocalStorage)
-    if local:
-        dead = set(stale_temporaries(run.checkpoints_dir))
+    dead = set(storage.stale_entries(run.checkpoints_dir)) if storage is not None else set()
     plan = GcPlan(run)
     for e in run.steps:
         why_keep = _reason_to_keep(e, keep, kept_steps)
@@ -109,7 +116,8 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
                 plan.attention.append(plan.keep[-1])
         elif e.status == COMPLETE:
             plan.delete.append(GcAction(e, f"older than the newest {keep} intact"))
-        elif local and e.temporary and writer_alive_here(e.name):  # a resumed run's older step
+        elif storage is not None and e.temporary and storage.writer_alive(e.path):
+            # a live save: a run resumed past a damaged newest step saves older steps again
             plan.keep.append(GcAction(e, "incomplete, its writer process is alive on this host"))
         elif newest is not None and e.step < newest:
             plan.delete.append(GcAction(e, f"incomplete, and step {newest} is committed"))
@@ -122,7 +130,7 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
         committed = {e.step for e in done}
         others = {e.step for e in run.steps if not e.ours}  # another tool may be writing there
         for upload in storage.unfinished_uploads(run.checkpoints_dir):
-            step = _step_of(run.checkpoints_dir, upload[0])
+            step = step_under(run.checkpoints_dir, upload[0])
             if step is None or step in others:
                 continue
             if step in committed or (newest is not None and step < newest):
@@ -167,11 +175,6 @@ def _plan_strays(plan: GcPlan, storage: Storage) -> None:
 
 def _save_id(storage: Storage, path: str) -> str:
     return read_metadata(storage, path).save_id
-
-
-def _step_of(checkpoints_dir: str, path: str) -> int | None:
-    rel = path[len(checkpoints_dir.rstrip("/")) + 1 :] if path.startswith(checkpoints_dir) else ""
-    return step_number(rel.split("/", 1)[0])
 
 
 def gc(path: str, keep: int, *, dry_run: bool = False) -> GcPlan:
@@ -259,7 +262,7 @@ def _open_run(path: str) -> tuple[Storage, RunInventory]:
     storage, p = storage_for(str(path))
     p = p.rstrip("/") or "/"
     try:
-        if storage.is_dir(storage.join(p, CHECKPOINTS_DIR)):
+        if is_run_dir(storage, p):
             run_dir = p
         elif posixpath.basename(p) == CHECKPOINTS_DIR and storage.is_dir(p):
             run_dir = posixpath.dirname(p)

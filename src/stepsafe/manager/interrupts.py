@@ -19,7 +19,32 @@ WALL_CLOCK_LIMIT = "wall-clock limit"  # ``StopRequest.reason`` when the time li
 
 class StopRequest:
     """Context manager; ``reason`` is None until a signal (its name, e.g. ``"SIGTERM"``) or the
-    time limit (``WALL_CLOCK_LIMIT``) asks to stop."""
+    time limit (``WALL_CLOCK_LIMIT``) asks to stop.
+
+    Inside the ``with`` block SIGINT and SIGTERM only set ``reason`` (on the main thread; on
+    another thread no handler is installed and only the time limit applies): the loop checks it
+    after each step, saves at the current step and leaves. A second Ctrl+C raises
+    ``KeyboardInterrupt`` as usual. The previous handlers come back on exit.
+
+    Args:
+        wall_clock_limit_s (`float`, defaults to `0.0`): ask to stop this many seconds after
+            the ``StopRequest`` is made (``stepsafe train``'s flag ``wall_clock_limit_seconds``);
+            0 or less: no time limit.
+
+    Example:
+
+    ```python
+    from stepsafe import CheckpointManager, StopRequest
+
+    with StopRequest(wall_clock_limit_s=3600) as stop, CheckpointManager(directory) as manager:
+        for step in range(start, steps):
+            state = train_step(state)
+            manager.save(step, state)
+            if stop.reason:  # "SIGTERM", "SIGINT" or "wall-clock limit"
+                manager.save(step, state, force=True)
+                break
+    ```
+    """
 
     def __init__(self, wall_clock_limit_s: float = 0.0) -> None:
         self.deadline = time.monotonic() + wall_clock_limit_s if wall_clock_limit_s > 0 else None
@@ -28,6 +53,7 @@ class StopRequest:
 
     @property
     def reason(self) -> str | None:
+        """None, or why to stop: a signal's name (``"SIGTERM"``) or ``WALL_CLOCK_LIMIT``."""
         if self._reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
             self._reason = WALL_CLOCK_LIMIT
         return self._reason

@@ -1,10 +1,11 @@
 """Which runs and checkpoints exist under a base output directory, how big, whose, intact or not.
 
-    <base>/<run>/checkpoints/<step>/                      a checkpoint (complete once committed)
-    <base>/<run>/checkpoints/<step>.stepsafe-tmp-<...>/   a save that has not committed (yet)
+    <base>/<run>/checkpoints/<step>/                 a checkpoint (complete once committed)
+    <base>/<run>/checkpoints/<storage's temporary>/  a save that has not committed (yet)
 
-Everything goes through the ``Storage`` API (list, size, read), never ``os``, so the same code
-lists a bucket. Every step-like entry gets one status, and only stepsafe's own count:
+(the layout is run_layout.py's). Everything goes through the ``Storage`` API (list, size, read,
+which entries are its temporaries), never ``os``, so the same code lists a bucket. Every
+step-like entry gets one status, and only stepsafe's own count:
 
 - Complete: committed, and its marker and manifest parse and match their checksums (what
   ``CheckpointReader`` checks on opening); the only kind that counts as "latest" or in a keep.
@@ -22,7 +23,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepsafe.checkpoint.locate import CHECKPOINTS_DIR, step_number
+from stepsafe.checkpoint.run_layout import checkpoints_dir, is_run_dir, step_of
 from stepsafe.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -41,8 +42,7 @@ from stepsafe.format.layout import METADATA_MAX_BYTES, CheckpointMetadata
 from stepsafe.format.manifest import FORMAT
 from stepsafe.format.orbax_layout import is_orbax_step
 from stepsafe.format.reader import read_step_file
-from stepsafe.storage import Storage, is_temporary, storage_for
-from stepsafe.storage.local import TMP_MARK
+from stepsafe.storage import Storage, storage_for
 
 COMPLETE = "Complete"
 INCOMPLETE = "Incomplete"
@@ -59,7 +59,7 @@ class StepEntry:
     """One step directory (or the temporary of a save of that step)."""
 
     step: int
-    name: str  # directory name: "300", or "300.stepsafe-tmp-host-pid-rand"
+    name: str  # directory name: "300", or the name of a storage's temporary for step 300
     path: str
     size_bytes: int
     num_files: int
@@ -120,11 +120,6 @@ class Inventory:
         return sum(len(r.steps) for r in self.runs)
 
 
-def step_of(name: str) -> int | None:
-    """The step a directory name stands for: ``"300"`` and ``"300.stepsafe-tmp-..."`` -> 300."""
-    return step_number(name.split(TMP_MARK, 1)[0] if is_temporary(name) else name)
-
-
 def list_runs(base: str, run_name: str | None = None) -> Inventory:
     """Every run under ``base`` (a directory holding ``<run>/checkpoints/``), or only
     ``run_name``. ``base`` may also be a run directory itself: then that one run is listed.
@@ -134,20 +129,18 @@ def list_runs(base: str, run_name: str | None = None) -> Inventory:
     """
     storage, root = storage_for(str(base))
     if run_name is not None:
-        names = [run_name] if storage.is_dir(storage.join(root, run_name, CHECKPOINTS_DIR)) else []
+        names = [run_name] if is_run_dir(storage, storage.join(root, run_name)) else []
         return Inventory(root, [scan_run(storage, storage.join(root, n), n) for n in names])
-    if storage.is_dir(storage.join(root, CHECKPOINTS_DIR)):
+    if is_run_dir(storage, root):
         name = posixpath.basename(root.rstrip("/")) or root
         return Inventory(root, [scan_run(storage, root, name)])
-    names = [
-        n for n in storage.list_dir(root) if storage.is_dir(storage.join(root, n, CHECKPOINTS_DIR))
-    ]
+    names = [n for n in storage.list_dir(root) if is_run_dir(storage, storage.join(root, n))]
     return Inventory(root, [scan_run(storage, storage.join(root, n), n) for n in names])
 
 
 def scan_run(storage: Storage, run_dir: str, name: str) -> RunInventory:
     """The steps under ``<run_dir>/checkpoints``, oldest first."""
-    ckpt_dir = storage.join(run_dir, CHECKPOINTS_DIR)
+    ckpt_dir = checkpoints_dir(storage, run_dir)
     return RunInventory(name, run_dir, ckpt_dir, scan_steps(storage, ckpt_dir))
 
 
@@ -156,7 +149,7 @@ def scan_steps(storage: Storage, ckpt_dir: str, *, sizes: bool = True) -> list[S
     ``sizes=False`` skips asking the size of every file (one request each on a bucket)."""
     entries = []
     for n in storage.list_dir(ckpt_dir):
-        step = step_of(n)
+        step = step_of(storage, n)
         if step is not None:
             entries.append(scan_step(storage, storage.join(ckpt_dir, n), n, step, sizes=sizes))
     entries.sort(key=lambda e: (e.step, e.temporary, e.name))
@@ -166,7 +159,9 @@ def scan_steps(storage: Storage, ckpt_dir: str, *, sizes: bool = True) -> list[S
 def scan_step(
     storage: Storage, path: str, name: str, step: int, *, sizes: bool = True
 ) -> StepEntry:
-    """Classify one step directory; never raises for what is in it, never follows a link."""
+    """Classify one step directory (or a temporary of ``storage``'s for a save of ``step``);
+    never raises for what is in it, never follows a link."""
+    temporary = storage.temporary_target(name) is not None
 
     def entry(
         status: str,
@@ -178,12 +173,12 @@ def scan_step(
         walked = walked or StepFiles()
         size = _size(storage, path, walked.files) if sizes else 0
         created = created if isinstance(created, int) and not isinstance(created, bool) else None
-        if is_temporary(name):  # the directory's name is ours: so are the names we write
+        if temporary:  # the directory's name is ours: so are the names we write
             foreign = sorted(walked.links + [f for f in walked.files if not named_like_ours(f)])
         else:
             foreign = foreign_files(walked, meta)
         return StepEntry(
-            step, name, path, size, len(walked.files), status, created, is_temporary(name),
+            step, name, path, size, len(walked.files), status, created, temporary,
             detail, tuple(foreign), tuple(walked.files),
         )  # fmt: skip
 
@@ -198,7 +193,7 @@ def scan_step(
     if walked.errors:
         why = f"unreadable: cannot list {'; '.join(walked.errors)}"
         return entry(UNREADABLE, walked, why)
-    if is_temporary(name):
+    if temporary:
         return entry(INCOMPLETE, walked, "the temporary of a save that has not committed")
     doc = _metadata_doc(storage, path, walked)
     created = doc.get("init_timestamp_nsecs") if isinstance(doc, dict) else None

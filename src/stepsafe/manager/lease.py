@@ -2,22 +2,24 @@
 
 Two managers saving into one run race for the same steps and delete each other's checkpoints
 through retention. So the first writing ``CheckpointManager`` creates ``<checkpoints>/_LEASE``
-by a conditional create (local disk: ``O_EXCL``; buckets: the conditional create that commits a
-checkpoint), naming its host and process, renews it every ``RENEW_S`` seconds while it lives,
-and deletes it when closed, garbage-collected or at interpreter exit. A second manager finds
+(``run_layout.LEASE_FILE``) by a conditional create (local disk: ``O_EXCL``; buckets: the
+conditional create that commits a checkpoint), naming its host and process, renews it every
+``knobs.LEASE_RENEW_S`` seconds while it lives, and deletes it when closed, garbage-collected
+or at interpreter exit. A second manager finds
 the lease and is refused with a ``RunInUseError``, unless the lease is stale, so that a crashed
 run can always resume:
 
 - its holder was a process of this host (same boot, same PID namespace) that is gone: at once;
 - its host has rebooted since: at once;
-- it was not renewed for its ``timeout_s`` (``TIMEOUT_S``): at once.
+- it was not renewed for its ``timeout_s`` (``knobs.LEASE_TIMEOUT_S``): at once.
 
 Where the holder's process cannot be looked at from here (another host, or another container
 with our host name: another PID namespace), the new manager watches the lease instead of
-refusing at once: a live holder rewrites it within ``RENEW_S``, and is refused as soon as that
-is seen; a lease left unchanged until its ``timeout_s`` has run out (at most ``TIMEOUT_S`` of
-watching) belonged to a run that died, and is taken over with a warning. So a crashed run
-restarted in a new container or on another host resumes after at most the lease's timeout.
+refusing at once: a live holder rewrites it within ``LEASE_RENEW_S``, and is refused as soon as
+that is seen; a lease left unchanged until its ``timeout_s`` has run out (at most
+``LEASE_TIMEOUT_S`` of watching) belonged to a run that died, and is taken over with a
+warning. So a crashed run restarted in a new container or on another host resumes after at
+most the lease's timeout.
 
 Every save first checks (``check``, one small read) that the lease is still this manager's:
 not closed, not taken over by another manager, and not used from a forked child (the lease is
@@ -27,8 +29,7 @@ Limits, said plainly: hosts' clocks must agree to within seconds (the renewal ti
 holder's clock); and taking over a *stale* lease is a read, a delete and a conditional create,
 so two managers that take over the same stale lease in the same instant can both succeed: the
 one whose lease was replaced finds out at its next save or renewal (``lost``), and its saves
-are refused from then on. The name is not a step (``inventory.step_of`` returns None), so
-``ls`` and ``gc`` pass it by.
+are refused from then on. The lease's name is not a step's, so ``ls`` and ``gc`` pass it by.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ import threading
 import time
 from dataclasses import replace
 
+from stepsafe import knobs
+from stepsafe.checkpoint.run_layout import LEASE_FILE
 from stepsafe.errors import CorruptCheckpointError, RunInUseError, StepsafeError
-from stepsafe.manager.lease_holder import TIMEOUT_S, Holder, hold, let_go
+from stepsafe.manager.lease_holder import Holder, hold, let_go
 from stepsafe.storage import Storage
 
 log = logging.getLogger("stepsafe")
 
-LEASE_FILE = "_LEASE"
-RENEW_S = 10.0
 _POLL_S = 1.0  # how often a lease whose holder cannot be looked at is read while watched
 _MAX_BYTES = 4096  # a lease is a few hundred bytes; never read more
 _TRIES = 5
@@ -131,7 +132,7 @@ class Lease:
 
         Blocks while it watches a lease whose holder cannot be looked at from here (another
         host or PID namespace): until that holder renews it (refused) or its timeout runs out
-        (taken over), at most ``TIMEOUT_S``.
+        (taken over), at most ``knobs.LEASE_TIMEOUT_S``.
 
         Raises:
             RunInUseError: a live manager (of this or another process) holds it, or a file
@@ -251,7 +252,7 @@ class Lease:
             self._file.replace(self.holder.to_json())
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(RENEW_S) and self.lost is None:
+        while not self._stop.wait(knobs.LEASE_RENEW_S) and self.lost is None:
             try:
                 self.renew()
             except Exception as e:  # a storage hiccup: the next renewal tries again
@@ -280,14 +281,16 @@ def _watch(file: _LeaseFile, raw: bytes, holder: Holder, unseen: str) -> tuple[b
     """Read the lease until it changes or its holder's timeout has run out, whichever is first.
 
     Only a renewal tells whether a holder we cannot look at lives: it rewrites the file every
-    ``RENEW_S``, well within its timeout. Returns the lease's last bytes (None: it was deleted)
-    and why it is stale, which counts only when those bytes are still ``raw``. Waits at most
-    ``TIMEOUT_S`` (however long a timeout the file claims) and never longer than the timeout.
+    ``LEASE_RENEW_S``, well within its timeout. Returns the lease's last bytes (None: it was
+    deleted) and why it is stale, which counts only when those bytes are still ``raw``. Waits
+    at most ``LEASE_TIMEOUT_S`` (however long a timeout the file claims) and never longer than
+    the timeout.
     """
     start = time.monotonic()
+    most = knobs.LEASE_TIMEOUT_S
     left = holder.renewed_unix + holder.timeout_s - time.time()
-    wait = min(left, holder.timeout_s, TIMEOUT_S) if math.isfinite(left) else TIMEOUT_S
-    wait = max(0.0, min(wait, TIMEOUT_S))
+    wait = min(left, holder.timeout_s, most) if math.isfinite(left) else most
+    wait = max(0.0, min(wait, most))
     log.warning(
         "%s holds the lease %s, and whether it still runs cannot be seen from here (%s): "
         "watching for up to %.0f s whether it renews it",

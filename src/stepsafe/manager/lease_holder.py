@@ -2,7 +2,7 @@
 
 A lease names its holder: host, boot id, PID namespace, PID and the PID's start time. On this
 host, in this PID namespace, those tell a live holder from a dead one, and a reused PID from
-its first owner; elsewhere only the renewal time can, after ``TIMEOUT_S``.
+its first owner; elsewhere only the renewal time can, after ``knobs.LEASE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from stepsafe.storage.local import pid_alive
-
-TIMEOUT_S = 60.0  # a lease not renewed for this long is stale
+from stepsafe import knobs
+from stepsafe.storage.temporaries import pid_alive
 
 _held: set[str] = set()  # tokens of the leases that managers of this process hold now
 _held_lock = threading.Lock()
@@ -95,7 +94,7 @@ class Holder:
     pid: int
     token: str
     renewed_unix: float
-    timeout_s: float = TIMEOUT_S
+    timeout_s: float = field(default_factory=lambda: knobs.LEASE_TIMEOUT_S)
     boot_id: str = ""
     pid_namespace: str = ""
     start_ticks: int | None = None
@@ -106,8 +105,8 @@ class Holder:
         host, boot, pidns = _machine()
         now = time.time()
         return cls(
-            host, os.getpid(), secrets.token_hex(8), now, TIMEOUT_S, boot, pidns, _own_start(),
-            datetime.fromtimestamp(now, UTC).isoformat(),
+            host, os.getpid(), secrets.token_hex(8), now, knobs.LEASE_TIMEOUT_S, boot, pidns,
+            _own_start(), datetime.fromtimestamp(now, UTC).isoformat(),
         )  # fmt: skip
 
     @classmethod
@@ -117,7 +116,7 @@ class Holder:
             doc = json.loads(raw)
             return cls(
                 str(doc["host"]), int(doc["pid"]), str(doc["token"]), float(doc["renewed_unix"]),
-                float(doc.get("timeout_s", TIMEOUT_S)), str(doc.get("boot_id", "")),
+                float(doc.get("timeout_s", knobs.LEASE_TIMEOUT_S)), str(doc.get("boot_id", "")),
                 str(doc.get("pid_namespace", "")),
                 None if doc.get("start_ticks") is None else int(doc["start_ticks"]),
                 str(doc.get("acquired", "")),

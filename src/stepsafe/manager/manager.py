@@ -9,7 +9,8 @@ Old checkpoints are deleted only after a newer one is committed.
 
 A manager that saves holds the run directory's lease (lease.py) from its start to ``close``:
 a second one on the same run is refused. Managers that only read (an evaluator) pass
-``enable_checkpointing=False`` and take none.
+``enable_checkpointing=False`` and take none. Its options are options.py's; what it does with
+the steps already there, existing_steps.py's; how it resumes, resume.py's.
 """
 
 from __future__ import annotations
@@ -17,70 +18,69 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 from stepsafe.arrays import StagingBuffers
-from stepsafe.checkpoint import committed_steps, restore, snapshot, write
-from stepsafe.checkpoint.locate import CHECKPOINTS_DIR
+from stepsafe.checkpoint import committed_steps, snapshot, write
+from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, step_name
 from stepsafe.checkpoint.save import json_metadata
-from stepsafe.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    StepsafeError,
-)
-from stepsafe.format import delete_checkpoint
 from stepsafe.manager.async_writer import AsyncWriter
-from stepsafe.manager.gc import plan_retention, remove_half_deleted
-from stepsafe.manager.inventory import (
-    COMPLETE,
-    DAMAGED,
-    INCOMPLETE,
-    UNREADABLE,
-    StepEntry,
-    scan_step,
-    scan_steps,
-)
-from stepsafe.manager.iterator_state import (
-    CheckpointableIterator,
-    iterator_files,
-    restore_iterator,
-)
+from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
+from stepsafe.manager.gc import remove_half_deleted
+from stepsafe.manager.inventory import COMPLETE, INCOMPLETE, scan_steps
+from stepsafe.manager.iterator_state import CheckpointableIterator, iterator_files
 from stepsafe.manager.lease import Lease, primary_process
-from stepsafe.storage import remove_stale_temporaries, set_concurrent_bytes, storage_for
+from stepsafe.manager.options import ManagerOptions
+from stepsafe.manager.resume import restore_newest, restore_step
+from stepsafe.storage import remove_stale_temporaries, storage_for
 
 log = logging.getLogger("stepsafe")
 
 
 def run_checkpoint_dir(base_output_directory: str, run_name: str) -> str:
+    """``<base_output_directory>/<run_name>/checkpoints``: where MaxText keeps a run's steps."""
     storage, base = storage_for(str(base_output_directory))
     return storage.join(base, run_name, CHECKPOINTS_DIR)
 
 
-@dataclass(frozen=True)
-class ManagerOptions:
-    enable_checkpointing: bool = True
-    async_save: bool = True
-    save_interval_steps: int = 10000
-    max_to_keep: int = 0  # 0: keep all
-    data_file_size_bytes: int | None = None  # None: the storage's default
-    concurrent_bytes: int | None = None  # bytes in flight to/from buckets, per process
-
-    def __post_init__(self) -> None:
-        if self.save_interval_steps < 1:
-            raise ValueError(f"checkpoint_period must be >= 1, got {self.save_interval_steps}")
-        if self.max_to_keep < 0:
-            raise ValueError(f"max_num_checkpoints_to_keep must be >= 0, got {self.max_to_keep}")
-        if self.concurrent_bytes is not None and self.concurrent_bytes < 1:
-            raise ValueError(f"concurrent_bytes must be >= 1, got {self.concurrent_bytes}")
-
-
 class CheckpointManager:
+    """A training run's checkpoints: saves every ``save_interval_steps``, in the background,
+    keeps the newest ``max_to_keep``, and resumes from the newest step that restores.
+
+    Starting a manager that saves takes the run's lease and removes the leftovers of saves and
+    deletions that a killed process interrupted (never a committed step); damaged, linked and
+    foreign steps are logged and left in place. Use it as a context manager, or call ``close``.
+
+    Args:
+        directory (`str`): the run's ``checkpoints`` directory (``run_checkpoint_dir``), local
+            or an ``s3://`` / ``gs://`` URL; a saving manager creates it (for its lease).
+        options (`ManagerOptions`, *optional*): when and how to save; None: the defaults.
+
+    Raises:
+        RunInUseError: another live manager holds this run's lease (only when saving is
+            enabled, on the primary process).
+        CredentialsError: a bucket URL and no credentials for it.
+
+    Example:
+
+    ```python
+    from stepsafe import CheckpointManager, ManagerOptions
+
+    options = ManagerOptions(save_interval_steps=100, max_to_keep=3)
+    with CheckpointManager("outputs/run1/checkpoints", options) as manager:
+        start = 0
+        if manager.latest_step() is not None:
+            start, state = manager.restore_newest(abstract_state)
+        for step in range(start + 1, 1001):
+            state = train_step(state)
+            manager.save(step, state)  # steps 100, 200, ... are saved in the background
+    ```
+    """
+
     def __init__(self, directory: str, options: ManagerOptions | None = None) -> None:
-        self.storage, self.directory = storage_for(str(directory))
         self.options = options or ManagerOptions()
-        if self.options.concurrent_bytes is not None:
-            set_concurrent_bytes(self.options.concurrent_bytes)
+        # The run's storage, with its own transfer budget when the options give one.
+        self.storage, self.directory = storage_for(str(directory), self.options.concurrent_bytes)
         # One writing manager per run, taken before anything below may delete leftovers.
         self._lease = (
             Lease.acquire(self.storage, self.directory)
@@ -88,11 +88,10 @@ class CheckpointManager:
             else None
         )
         self._release = weakref.finalize(self, self._lease.release) if self._lease else None
-        self._damaged: set[int] = set()  # steps a restore found damaged (left in place)
+        self._passed = PassedSteps()  # damaged, linked, foreign steps: left in place, said once
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()  # async snapshots reuse last save's host buffers
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
-        self._reported: set[str] = set()  # steps retention kept and logged why, once each
         if self._lease is not None and self.storage.is_dir(self.directory):
             # Only the run's writer cleans up: a reader must not delete what it did not write.
             for path in remove_stale_temporaries(self.directory):
@@ -101,36 +100,30 @@ class CheckpointManager:
                 log.info("Removed the leftovers of an interrupted deletion: %s", path)
             for entry in scan_steps(self.storage, self.directory, sizes=False):
                 if entry.status not in (COMPLETE, INCOMPLETE):
-                    self._report(entry)
-
-    def _report(self, entry: StepEntry) -> None:
-        """Say once, loudly, that a step is passed by (damaged, a link, another tool's): a run
-        that silently resumed from an older step would look like lost work."""
-        if entry.name in self._reported:
-            return
-        self._reported.add(entry.name)
-        if entry.status == DAMAGED:
-            self._damaged.add(entry.step)
-        level = logging.ERROR if entry.status in (DAMAGED, UNREADABLE) else logging.WARNING
-        log.log(
-            level, "Step %s (%s) is %s: %s; it is left in place, and resumes and retention "
-            "pass it by", entry.name, entry.path, entry.status, entry.detail,
-        )  # fmt: skip
+                    self._passed.report(entry)
 
     # -- what exists -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
-        """Committed steps, oldest first (in-flight and interrupted saves are not listed)."""
+        """Committed steps, oldest first (in-flight and interrupted saves are not listed).
+
+        Returns:
+            `list[int]`: e.g. ``[100, 200, 300]``; damaged committed steps are listed too.
+        """
         return committed_steps(self.storage, self.directory)
 
     def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none (``all_steps()[-1]``)."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def step_path(self, step: int) -> str:
-        return self.storage.join(self.directory, str(step))
+        """Where ``step`` lives: ``<directory>/<step>``, a path ``stepsafe.restore`` takes."""
+        return self.storage.join(self.directory, step_name(step))
 
     # -- saving ------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` saves: checkpointing is enabled and ``step`` is a
+        multiple of ``save_interval_steps``."""
         return self.options.enable_checkpointing and step % self.options.save_interval_steps == 0
 
     def save(
@@ -142,41 +135,52 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         force: bool = False,
     ) -> bool:
-        """Save ``state`` as ``step`` if the period says so (or ``force``); True if started.
+        """Save ``state`` as ``step`` if the period says so (or ``force``).
 
-        ``metadata``: a JSON-serialisable dict, stored with the step (copied now: the caller
-        may change its dict while the save runs in the background).
+        With ``async_save`` the call returns once ``state`` is captured (a copy: the caller may
+        change or donate its buffers at once) and the write runs in the background; the
+        previous background save is waited for first. A step that already exists, committed,
+        damaged or another tool's, is never overwritten: it is logged and not saved.
+
+        Args:
+            step (`int`): the training step; the checkpoint goes to ``step_path(step)``.
+            state (`Any`): the pytree to save (as ``stepsafe.save`` takes it).
+            data_iterator (`CheckpointableIterator`, *optional*): an object with
+                ``get_state()``; its state (bytes or JSON) is saved under ``<step>/iter/``.
+            metadata (`dict`, *optional*): a JSON-serialisable dict stored with the step
+                (copied now: the caller may change its dict while the save runs).
+            force (`bool`, defaults to `False`): save even if ``step`` is not on the period
+                (the final step, or on a stop request); never when checkpointing is disabled.
+
+        Returns:
+            `bool`: True if a save was started (with ``async_save``) or committed (without).
 
         Raises:
-            UnsupportedLeafError: ``metadata`` is not JSON-serialisable (checked at every call,
-                before anything is captured).
+            UnsupportedLeafError: ``metadata`` or the iterator's state is not JSON-serialisable,
+                or ``state`` holds a leaf that cannot be saved (checked before anything is
+                written).
             BackgroundSaveError: the previous background save failed (raised once).
             RunInUseError: another manager has taken this run's lease over.
+            MultiProcessSaveError: this is one of several JAX processes.
+
+        Example:
+
+        ```python
+        for step in range(1, 1001):
+            state = train_step(state)
+            manager.save(step, state, data_iterator=data, metadata={"loss": float(loss)})
+        manager.save(step, state, force=True)  # the last step, whatever the period
+        ```
         """
         metadata = json_metadata(metadata)
+        step_name(step)  # refuses a step no listing would count
+        step = int(step)  # a numpy integer too: the step is stored as JSON
         if not self.options.enable_checkpointing or not (force or self.should_save(step)):
             return False
         if self._lease is not None:  # first: a forked child's writer thread does not exist
             self._lease.check()
         self._writer.wait()
-        if step in self.all_steps():
-            if step in self._damaged:
-                log.error(
-                    "Checkpoint at step %d exists but is damaged; it is not overwritten, so this "
-                    "step is not saved again (move %s aside to save it)",
-                    step, self.step_path(step),
-                )  # fmt: skip
-            else:
-                log.info("Checkpoint at step %d already exists; not saving it again", step)
-            return False
-        occupied = self._occupied(step)
-        if occupied is not None:
-            self._report(occupied)
-            log.error(
-                "Step %d is not saved: %s holds something that is not a committed checkpoint "
-                "(%s); stepsafe never overwrites it: move it aside to save this step",
-                step, occupied.path, occupied.status,
-            )  # fmt: skip
+        if save_is_blocked(self.storage, self.directory, step, self._passed):
             return False
         t0 = time.perf_counter()
         snap = snapshot(
@@ -193,6 +197,7 @@ class CheckpointManager:
                 step=step,
                 extra_files=extra,
                 data_file_size_bytes=self.options.data_file_size_bytes,
+                storage=self.storage,
             )
             total = time.perf_counter() - t0
             log.info(
@@ -200,7 +205,7 @@ class CheckpointManager:
                 step, snap.nbytes / 1e6, blocked[0], total,
             )  # fmt: skip
             self.last_save_seconds = (blocked[0], total)
-            self._apply_retention()
+            apply_retention(self.storage, self.directory, self.options.max_to_keep, self._passed)
 
         if self.options.async_save:
             self._writer.submit(f"step {step}", job)
@@ -209,50 +214,26 @@ class CheckpointManager:
             job()
         return True
 
-    def _occupied(self, step: int) -> StepEntry | None:
-        """What blocks a save of ``step``: a damaged, linked or foreign entry under its name
-        (an unfinished save of ours is no block: a bucket save writes beside it, and a local
-        one into a temporary of its own)."""
-        path = self.step_path(step)
-        if not (self.storage.exists(path) or self.storage.is_link(path)):
-            return None
-        entry = scan_step(self.storage, path, str(step), step, sizes=False)
-        return None if entry.status in (COMPLETE, INCOMPLETE) else entry
-
-    def _apply_retention(self) -> None:
-        """Delete committed steps beyond the newest ``max_to_keep`` intact ones (``plan_gc``'s
-        rules: damaged, linked and foreign steps are kept and not counted). Runs after a save
-        committed, so nothing here may fail that save: a step another deleter (``stepsafe gc``)
-        removed first is gone as wanted, and a deletion the storage refuses is logged."""
-        keep = self.options.max_to_keep
-        if keep <= 0 or len(self.all_steps()) <= keep:
-            return
-        plan = plan_retention(self.storage, self.directory, keep, self._damaged)
-        for a in plan.attention:
-            if a.entry.name not in self._reported:
-                self._reported.add(a.entry.name)
-                level = logging.ERROR if a.entry.status == DAMAGED else logging.WARNING
-                log.log(level, "Kept checkpoint %s: %s", a.entry.path, a.reason)
-        for a in plan.delete:
-            try:
-                delete_checkpoint(self.storage, a.entry.path)
-            except (OSError, StepsafeError) as e:
-                log.error("Could not delete old checkpoint %s: %s", a.entry.path, e)
-                continue
-            log.info("Deleted old checkpoint at step %d (keeping %d)", a.entry.step, keep)
-
     def wait_until_finished(self) -> None:
         """Block until the in-flight save is committed; raise if it failed.
 
         Interrupted (Ctrl+C), the save keeps running: call this again to wait for it and learn
         its outcome; the interpreter also waits for it before exiting.
+
+        Raises:
+            BackgroundSaveError: the background save failed (raised once; its cause is the
+                original error); the step was not committed, earlier ones are intact.
         """
         self._writer.wait()
 
     def close(self) -> None:
         """Wait for the in-flight save, then release the run's lease (kept while a save still
         runs, e.g. when this wait is interrupted: it is then released once the save is over,
-        at garbage collection or at exit)."""
+        at garbage collection or at exit). ``with CheckpointManager(...)`` calls it.
+
+        Raises:
+            BackgroundSaveError: as ``wait_until_finished`` (the lease is released anyway).
+        """
         try:
             self.wait_until_finished()
         finally:
@@ -273,17 +254,35 @@ class CheckpointManager:
         *,
         data_iterator: CheckpointableIterator | None = None,
     ) -> Any:
-        """Restore ``step`` and the data iterator's position; ``step=None``: the newest
-        committed step that restores (see ``restore_newest``).
+        """Restore ``step`` and the data iterator's position.
+
+        Args:
+            step (`int`, *optional*): the step to restore; None: the newest committed step
+                that restores (see ``restore_newest``).
+            target (`Any`, *optional*): what to restore onto, as ``stepsafe.restore`` takes it
+                (e.g. ``jax.eval_shape`` of the initial state, for dtypes and shardings).
+            data_iterator (`CheckpointableIterator`, *optional*): its ``set_state`` is called
+                with the state saved with the step.
+
+        Returns:
+            `Any`: the state, as ``stepsafe.restore`` returns it.
 
         Raises:
-            CheckpointNotFoundError: there is no committed step.
+            CheckpointNotFoundError: ``step`` (or, for None, any committed step) is not there.
             CorruptCheckpointError: ``step`` (or, for None, every committed step) is damaged.
+            TargetMismatchError: ``target`` does not fit the checkpoint.
+            StepsafeError: ``data_iterator`` given, and the step holds no iterator state.
+
+        Example:
+
+        ```python
+        state = manager.restore(300, abstract_state, data_iterator=data)
+        ```
         """
         if step is None:
             return self.restore_newest(target, data_iterator=data_iterator)[1]
         self._writer.wait()
-        return self._restore_step(step, target, data_iterator)
+        return restore_step(self.storage, self.step_path(step), step, target, data_iterator)
 
     def restore_newest(
         self, target: Any = None, *, data_iterator: CheckpointableIterator | None = None
@@ -294,46 +293,27 @@ class CheckpointManager:
         an older one is intact: the damaged step is logged at ERROR and skipped, and left in
         place, untouched, for the user to inspect (``stepsafe verify``); nothing is deleted.
 
+        Args:
+            target (`Any`, *optional*): what to restore onto (see ``restore``).
+            data_iterator (`CheckpointableIterator`, *optional*): restored with the step.
+
+        Returns:
+            `tuple[int, Any]`: the step restored and its state.
+
         Raises:
             CheckpointNotFoundError: there is no committed step.
             CorruptCheckpointError: every committed step is damaged.
+            TargetMismatchError: ``target`` does not fit the newest intact step.
+
+        Example:
+
+        ```python
+        if manager.latest_step() is not None:
+            step, state = manager.restore_newest(abstract_state, data_iterator=data)
+        ```
         """
         self._writer.wait()
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {self.directory}")
-        errors: list[tuple[int, CorruptCheckpointError]] = []
-        for step in reversed(steps):
-            try:
-                state = self._restore_step(step, target, data_iterator)
-            except CorruptCheckpointError as e:
-                errors.append((step, e))
-                self._damaged.add(step)
-                log.error(
-                    "Checkpoint at step %d cannot be restored, it is damaged (%s: %s); it was "
-                    "left in place (check it with `stepsafe verify %s`); trying the step before",
-                    step, type(e).__name__, e, self.step_path(step),
-                )  # fmt: skip
-                continue
-            if errors:
-                log.error(
-                    "Resumed from step %d, not from the newest step %d, which is damaged and "
-                    "was left in place (damaged: %s)",
-                    step, errors[0][0], ", ".join(str(s) for s, _ in errors),
-                )  # fmt: skip
-            return step, state
-        raise CorruptCheckpointError(
-            f"every committed checkpoint under {self.directory} is damaged (steps "
-            f"{', '.join(str(s) for s, _ in errors)}); nothing was deleted: check them with "
-            "`stepsafe verify`, or move them aside to start from scratch"
-        ) from errors[0][1]
-
-    def _restore_step(
-        self, step: int, target: Any, data_iterator: CheckpointableIterator | None
-    ) -> Any:
-        path = self.step_path(step)
-        state = restore(path, target)
-        if data_iterator is not None:
-            restore_iterator(self.storage, path, data_iterator)
-        log.info("Restored step %d from %s", step, path)
-        return state
+        return restore_newest(
+            self.storage, self.directory, self.all_steps(), target, data_iterator,
+            self._passed.damaged,
+        )  # fmt: skip

@@ -4,20 +4,17 @@ Knows nothing of trees."""
 from __future__ import annotations
 
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
-from stepsafe.storage.budget import IN_FLIGHT, set_concurrent_bytes
+from stepsafe.storage.budget import IN_FLIGHT, ByteBudget
 from stepsafe.storage.dispatch import remote_storage, storage_for
-from stepsafe.storage.local import (
-    LocalStorage,
-    is_temporary,
-    remove_stale_temporaries,
-    stale_temporaries,
-)
+from stepsafe.storage.local import LocalStorage
 from stepsafe.storage.ranges import RangeRead
 from stepsafe.storage.remote import COMMIT_MARKER, RemoteStorage
+from stepsafe.storage.temporaries import remove_stale_temporaries, stale_temporaries
 from stepsafe.storage.threads import io_pool, run_all
 
 __all__ = [
     "COMMIT_MARKER",
+    "ByteBudget",
     "IN_FLIGHT",
     "LocalStorage",
     "RangeRead",
@@ -26,11 +23,9 @@ __all__ = [
     "Storage",
     "Transaction",
     "io_pool",
-    "is_temporary",
     "remove_stale_temporaries",
     "remote_storage",
     "run_all",
-    "set_concurrent_bytes",
     "stale_temporaries",
     "storage_for",
 ]

@@ -12,10 +12,9 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
+from stepsafe import knobs
 from stepsafe.storage.ranges import RangeRead
 from stepsafe.storage.threads import run_all
-
-PARALLEL_BYTES = 32 << 20  # below this, threads cost more than they save
 
 
 class Transaction(ABC):
@@ -102,7 +101,7 @@ class Storage(ABC):
                     raise
 
             order = sorted(range(len(reads)), key=lambda i: -reads[i].buf.nbytes)
-            if sum(r.buf.nbytes for r in reads) < PARALLEL_BYTES:
+            if sum(r.buf.nbytes for r in reads) < knobs.PARALLEL_BYTES:  # threads cost more
                 for i in order:
                     one(i)
             else:
@@ -163,6 +162,32 @@ class Storage(ABC):
 
     @abstractmethod
     def delete_tree(self, path: str) -> None: ...
+
+    # -- what an interrupted write leaves ----------------------------------------------------
+    # A transaction that writes into a temporary sibling and renames it on commit (local disk)
+    # leaves that temporary behind when its process dies. These hooks let a listing tell such
+    # an entry from the user's files without knowing how this storage names it. Storages that
+    # write in place and commit with a marker (buckets) have no temporaries: an uncommitted
+    # directory there is one without its marker. These defaults say so.
+
+    def temporary_target(self, name: str) -> str | None:
+        """The name that the entry ``name`` takes when its transaction commits (``"300"`` for a
+        local ``"300.stepsafe-tmp-<host>-<pid>-<random>"``); None when ``name`` is not one of
+        this storage's temporaries (a user's file named alike is not: the name must be exactly
+        this storage's)."""
+        return None
+
+    def writer_alive(self, path: str) -> bool | None:
+        """Whether the process writing the temporary ``path`` still runs: True or False when
+        this host can tell (it ran here), None when it cannot (another host, or ``path`` is no
+        temporary of this storage)."""
+        return None
+
+    def stale_entries(self, directory: str, *, min_age_s: float = 0.0) -> list[str]:
+        """Paths of the temporaries directly under ``directory`` whose writes can never
+        finish: at once when their process of this host is gone, else once older than
+        ``min_age_s`` seconds (only with ``min_age_s > 0``: another host's may still run)."""
+        return []
 
     def unfinished_uploads(self, prefix: str) -> list[tuple[str, str]]:
         """Uploads under ``prefix`` that were started and never completed nor aborted, as

@@ -2,9 +2,13 @@
 
 One client per scheme and configuration per process, made on first use: a bucket client holds
 connection pools and an event loop worth reusing across saves, and the configuration is read
-from the environment (see s3.py and gcs.py) when it is made. Making one walks the client's
-credential chain: no credentials is a ``CredentialsError`` naming the URL and what to set,
-within seconds, and nothing is cached, so setting them and trying again works.
+from the environment (see s3.py and gcs.py, each the one home of its settings) when it is made.
+Making one walks the client's credential chain: no credentials is a ``CredentialsError``
+naming the URL and what to set, within seconds, and nothing is cached, so setting them and
+trying again works.
+
+A storage asked for with its own bytes-in-flight budget shares the cached client but is a
+storage of its own, never cached: other users of the same URL keep the process default budget.
 """
 
 from __future__ import annotations
@@ -15,28 +19,10 @@ from collections.abc import Callable
 
 from stepsafe.errors import CredentialsError, StepsafeError
 from stepsafe.storage.base import Storage
+from stepsafe.storage.budget import ByteBudget
 from stepsafe.storage.local import LocalStorage
 from stepsafe.storage.remote import RemoteStorage
 
-_ENV_KEYS = (
-    "STEPSAFE_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_PROFILE",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "STEPSAFE_S3_ANON",
-    "STEPSAFE_S3_MAX_ATTEMPTS",
-    "STEPSAFE_S3_READ_TIMEOUT",
-    "STEPSAFE_GCS_ENDPOINT_URL",
-    "STORAGE_EMULATOR_HOST",
-    "STEPSAFE_GCS_TOKEN",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "GOOGLE_CLOUD_PROJECT",
-)
 _cache: dict[tuple, RemoteStorage] = {}  # keyed by pid too: a forked child makes its own
 _lock = threading.Lock()
 
@@ -50,29 +36,35 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
-def _make_s3() -> RemoteStorage:
-    from stepsafe.storage.s3 import S3Storage, s3_filesystem
+def _s3() -> tuple[tuple, Callable[[], RemoteStorage]]:
+    from stepsafe.storage import s3
 
-    return S3Storage(s3_filesystem())
-
-
-def _make_gcs() -> RemoteStorage:
-    from stepsafe.storage.gcs import GCSStorage, gcs_filesystem
-
-    return GCSStorage(gcs_filesystem())
+    return s3.config_key(), lambda: s3.S3Storage(s3.s3_filesystem())
 
 
-def _make_memory() -> RemoteStorage:
+def _gcs() -> tuple[tuple, Callable[[], RemoteStorage]]:
+    from stepsafe.storage import gcs
+
+    def make() -> RemoteStorage:
+        fs = gcs.gcs_filesystem()
+        return gcs.GCSStorage(fs, endpoint=gcs.gcs_endpoint())
+
+    return gcs.config_key(), make
+
+
+def _memory() -> tuple[tuple, Callable[[], RemoteStorage]]:
     from stepsafe.storage.memory import MemoryStorage, memory_filesystem
 
-    return MemoryStorage(memory_filesystem())
+    return (), lambda: MemoryStorage(memory_filesystem())
 
 
-_BACKENDS: dict[str, tuple[Callable[[], RemoteStorage], str, tuple[str, ...]]] = {
-    "s3": (_make_s3, "s3", ("fsspec", "s3fs")),
-    "gs": (_make_gcs, "gcs", ("fsspec", "gcsfs")),
-    "gcs": (_make_gcs, "gcs", ("fsspec", "gcsfs")),
-    "memory": (_make_memory, "s3", ("fsspec",)),
+Backend = Callable[[], tuple[tuple, Callable[[], RemoteStorage]]]  # -> (configuration, maker)
+# scheme -> (its backend, the pip extra, the modules that extra brings)
+_BACKENDS: dict[str, tuple[Backend, str, tuple[str, ...]]] = {
+    "s3": (_s3, "s3", ("fsspec", "s3fs")),
+    "gs": (_gcs, "gcs", ("fsspec", "gcsfs")),
+    "gcs": (_gcs, "gcs", ("fsspec", "gcsfs")),
+    "memory": (_memory, "s3", ("fsspec",)),
 }
 
 
@@ -83,8 +75,9 @@ def remote_storage(scheme: str) -> RemoteStorage:
         raise StepsafeError(
             f"{scheme}:// paths are not supported: use a local path, gs://, s3:// or memory://"
         )
-    make, extra, modules = _BACKENDS[scheme]
-    key = (scheme, os.getpid(), *(os.environ.get(k) for k in _ENV_KEYS))
+    backend, extra, modules = _BACKENDS[scheme]
+    config, make = backend()
+    key = (scheme, os.getpid(), *config)
     with _lock:
         storage = _cache.get(key)
         if storage is None:
@@ -99,18 +92,28 @@ def remote_storage(scheme: str) -> RemoteStorage:
         return storage
 
 
-def storage_for(path: str) -> tuple[Storage, str]:
+def storage_for(path: str, concurrent_bytes: int | None = None) -> tuple[Storage, str]:
     """The storage that holds ``path`` and the path in that storage's syntax.
+
+    Args:
+        path: a local path, ``file://...``, or a bucket URL (``s3://``, ``gs://``,
+            ``memory://``).
+        concurrent_bytes: for a bucket, a bytes-in-flight budget of this size for the
+            returned storage alone (budget.py); None shares the process default. Local
+            storage needs none and ignores it.
 
     Raises:
         CredentialsError: ``path`` is a bucket URL and its client found no credentials.
+        ConfigError: ``concurrent_bytes`` is below 1.
         StepsafeError: an unknown scheme, or its client library is not installed.
     """
+    budget = ByteBudget(concurrent_bytes) if concurrent_bytes is not None else None
     if "://" in path and not path.startswith("file://"):
         scheme = path.split("://", 1)[0].lower()
         try:
-            return remote_storage(scheme), path
+            storage = remote_storage(scheme)
         except CredentialsError as e:
             raise CredentialsError(f"cannot access {path}: {e}") from None
+        return (storage if budget is None else storage.with_budget(budget)), path
     local = path[len("file://") :] if path.startswith("file://") else path
     return LocalStorage(), local

@@ -1,6 +1,7 @@
-"""Google Cloud Storage (and fake-gcs-server) through gcsfs.
+"""Google Cloud Storage (and fake-gcs-server) through gcsfs's public API.
 
-Configuration, from the environment:
+Connection settings, read from the environment when the client is made (the one place they
+are documented):
 
 - endpoint: ``STEPSAFE_GCS_ENDPOINT_URL``, else ``STORAGE_EMULATOR_HOST`` (the variable Google's
   own clients read), else Google.
@@ -24,15 +25,17 @@ answer; ``GCE_METADATA_IP`` moves it and ``NO_GCE_CHECK=true`` skips it, as for 
 (tests point it at a loopback port).
 
 Commit marker: gcsfs ``pipe_file(mode="create")``, a one-shot multipart upload with
-``ifGenerationMatch=0``; GCS answers 412 when the object exists (fake-gcs-server enforces the
-precondition for multipart uploads, which is why the marker never goes up resumably).
+``ifGenerationMatch=0``; GCS answers 412 when the object exists, which gcsfs raises as
+``FileExistsError`` (fake-gcs-server enforces the precondition for multipart uploads, which is
+why the marker never goes up resumably).
 
 Retries: gcsfs retries every request up to 6 times with exponential backoff and jitter on
 408/429/5xx and connection errors.
 
-Uploads: a data file of up to ``SINGLE_UPLOAD_MAX`` goes up in one media POST; a bigger
-one as a resumable upload in ``PART_SIZE`` pieces, which GCS accepts only in order, so they are
-sequential (files are written concurrently).
+Uploads: a data file of up to ``knobs.SINGLE_UPLOAD_MAX`` goes up in one media POST (gcsfs'
+``call``, to the upload URL of the endpoint configured here); a bigger one as a resumable
+upload (gcsfs' ``open(..., "wb")``) in ``knobs.PART_SIZE`` pieces, which GCS accepts only in
+order, so they are sequential (files are written concurrently).
 """
 
 from __future__ import annotations
@@ -43,8 +46,17 @@ from pathlib import Path
 from typing import Any
 
 from stepsafe.errors import CredentialsError
+from stepsafe.storage.budget import ByteBudget
 from stepsafe.storage.remote import RemoteStorage
 
+GOOGLE = "https://storage.googleapis.com"  # the endpoint when none is configured
+ENV_KEYS = (  # what the client is made from (storage.dispatch makes one per configuration)
+    "STEPSAFE_GCS_ENDPOINT_URL",
+    "STORAGE_EMULATOR_HOST",
+    "STEPSAFE_GCS_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT",
+)
 SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"  # gcsfs' default access
 METADATA_IP = "169.254.169.254"  # google-auth's default; GCE_METADATA_IP overrides it
 NO_CREDENTIALS = (
@@ -55,15 +67,27 @@ NO_CREDENTIALS = (
 )
 
 
-def gcs_filesystem() -> Any:
-    """A ``GCSFileSystem`` configured from the environment (see the module docstring)."""
+def config_key() -> tuple:
+    """What the client is made from: a different value needs a different client."""
+    return tuple(os.environ.get(k) for k in ENV_KEYS)
+
+
+def gcs_endpoint() -> str | None:
+    """The endpoint configured in the environment (see the module docstring), with its
+    scheme; None for Google's own."""
     endpoint = os.environ.get("STEPSAFE_GCS_ENDPOINT_URL") or os.environ.get(
         "STORAGE_EMULATOR_HOST"
     )
+    if not endpoint:
+        return None
+    return endpoint if "://" in endpoint else f"http://{endpoint}"
+
+
+def gcs_filesystem() -> Any:
+    """A ``GCSFileSystem`` configured from the environment (see the module docstring)."""
+    endpoint = gcs_endpoint()
     if endpoint:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        if "://" not in endpoint:
-            endpoint = f"http://{endpoint}"
     import gcsfs  # imported here: an optional extra
 
     token: Any = os.environ.get("STEPSAFE_GCS_TOKEN") or ("anon" if endpoint else None)
@@ -153,20 +177,30 @@ def _metadata_server_answers() -> bool:
 
 
 class GCSStorage(RemoteStorage):
+    """Args (besides RemoteStorage's): ``endpoint``, the one ``fs`` was made for (default:
+    the environment's, as ``gcs_filesystem`` reads it); uploads are addressed to it."""
+
     scheme = "gs"
 
+    def __init__(
+        self, fs: Any, budget: ByteBudget | None = None, endpoint: str | None = None
+    ) -> None:
+        super().__init__(fs, budget)
+        self.endpoint = (endpoint or gcs_endpoint() or GOOGLE).rstrip("/")
+
     def create_exclusive(self, path: str, data: bytes) -> None:
-        self.fs.pipe_file(path, data, mode="create")  # 412 -> FileExistsError
+        self.fs.pipe_file(path, data, mode="create")  # gcsfs: 412 -> FileExistsError
 
     def put_whole(self, path: str, body: bytes) -> None:
         """A media upload: the bytes as the request's body, without the multipart envelope
         that gcsfs' ``pipe_file`` wraps them in (which costs a copy on each side). Measured on
         fake-gcs-server, nine 128 MiB files on 8 threads: 141-159 MB/s and half the client
-        CPU, against 100-105 MB/s through ``pipe_file``. Retried like every gcsfs request."""
+        CPU, against 100-105 MB/s through ``pipe_file``. Sent through gcsfs' ``call`` (its
+        credentials, its retries), to the JSON API's upload URL of our own endpoint."""
         bucket, key, _ = self.fs.split_path(path)
         self.fs.call(
             "POST",
-            f"{self.fs._location}/upload/storage/v1/b/{{}}/o",
+            f"{self.endpoint}/upload/storage/v1/b/{{}}/o",
             bucket,
             uploadType="media",
             name=key,

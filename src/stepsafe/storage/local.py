@@ -3,7 +3,8 @@
 A transaction writes into ``<parent>/<name>.stepsafe-tmp-<host>-<pid>-<random>``, fsyncs every
 file and directory in it, renames it to ``<name>`` and fsyncs the parent. A crash at any moment
 leaves either nothing under ``<name>`` or the whole committed directory; what it leaves behind is
-a temporary whose name says which process wrote it, so it can be recognised and removed.
+a temporary whose name says which process wrote it, so it can be recognised and removed
+(temporaries.py: the storage hooks ``temporary_target``, ``writer_alive``, ``stale_entries``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import errno
 import os
 import secrets
 import shutil
-import socket
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from stepsafe import knobs
 from stepsafe.errors import (
     CheckpointExistsError,
     StorageError,
@@ -25,17 +25,16 @@ from stepsafe.errors import (
 )
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
 from stepsafe.storage.regular_files import open_regular, read_whole
+from stepsafe.storage.temporaries import (
+    stale_temporaries,
+    temporary_name,
+    temporary_target,
+    writer_alive_here,
+)
 from stepsafe.storage.threads import run_all
 
-TMP_MARK = ".stepsafe-tmp-"
 _MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under
-_SYNC_NOW = 1 << 20  # files at least this big are fsynced as soon as written
-_KICK_BYTES = 8 << 20  # start writeback after every this many bytes
 _SYNC_FILE_RANGE_WRITE = 2
-
-
-def is_temporary(name: str) -> bool:
-    return TMP_MARK in name
 
 
 def _fsync(path: str | Path) -> None:
@@ -86,7 +85,7 @@ def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> int:
             n = os.write(fd, view[:_MAX_WRITE])
             view = view[n:]
             total += n
-        if _start_writeback is not None and total - kicked >= _KICK_BYTES:
+        if _start_writeback is not None and total - kicked >= knobs.WRITEBACK_KICK_BYTES:
             _start_writeback(fd, kicked, total - kicked)
             kicked = total
     return total
@@ -107,8 +106,7 @@ class LocalTransaction(Transaction):
                     f"{final} already exists: stepsafe never overwrites a checkpoint; "
                     "save to a new path or delete the old one first"
                 )
-            tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-            self.tmp = final.parent / f"{final.name}{TMP_MARK}{tag}"
+            self.tmp = final.parent / temporary_name(final.name)
             self.tmp.mkdir()
         except CheckpointExistsError:
             raise
@@ -139,7 +137,7 @@ class LocalTransaction(Transaction):
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 size = write_all(fd, chunks)
-                if size >= _SYNC_NOW:  # the disk works while other threads still write
+                if size >= knobs.SYNC_NOW_BYTES:  # the disk works while other threads still write
                     os.fsync(fd)
                 else:
                     self._unsynced.append(target)
@@ -275,59 +273,13 @@ class LocalStorage(Storage):
     def delete_tree(self, path: str) -> None:
         shutil.rmtree(path)
 
+    # -- the temporaries of saves (temporaries.py) ---------------------------------------------
 
-def temporary_writer(name: str) -> tuple[str, int | None]:
-    """(host, pid) of the process that made the temporary ``name``
-    (``<name>.stepsafe-tmp-<host>-<pid>-<random>``); pid None when the name holds none."""
-    host, _, pid = name.split(TMP_MARK, 1)[1].rpartition("-")[0].rpartition("-")
-    return host, int(pid) if pid.isascii() and pid.isdigit() else None
+    def temporary_target(self, name: str) -> str | None:
+        return temporary_target(name)
 
+    def writer_alive(self, path: str) -> bool | None:
+        return writer_alive_here(os.path.basename(path.rstrip("/")))
 
-def writer_alive_here(name: str) -> bool | None:
-    """Whether the process that made the temporary ``name`` is alive; None when it ran on
-    another host (or the name says nothing), where this host cannot tell."""
-    host, pid = temporary_writer(name)
-    if host != socket.gethostname() or pid is None:
-        return None
-    return pid_alive(pid)
-
-
-def stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
-    """Temporaries under ``directory`` left by saves that can no longer finish.
-
-    One written on this host by a process that is gone is stale at once; any other only once
-    it is older than ``min_age_s`` (another host's save may still be running).
-    """
-    now = time.time()
-    out = []
-    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-        if not is_temporary(name):
-            continue
-        path = os.path.join(directory, name)
-        dead_here = writer_alive_here(name) is False
-        try:
-            old = now - os.stat(path).st_mtime >= min_age_s
-        except FileNotFoundError:
-            continue
-        if dead_here or (old and min_age_s > 0):
-            out.append(path)
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this host (one we may not signal counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: str, *, min_age_s: float = 0.0) -> list[str]:
-    """Delete what ``stale_temporaries`` finds; returns the removed paths."""
-    removed = stale_temporaries(directory, min_age_s=min_age_s)
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+    def stale_entries(self, directory: str, *, min_age_s: float = 0.0) -> list[str]:
+        return stale_temporaries(directory, min_age_s=min_age_s)

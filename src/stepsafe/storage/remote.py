@@ -1,56 +1,35 @@
-"""Object stores through fsspec: a checkpoint committed by a marker, not by a rename.
+"""Object stores through fsspec: bytes at URLs, transfers bounded by a budget.
 
-Buckets have no atomic rename of a prefix, so a transaction writes every file directly under
-its final name and makes the step visible by creating one object last, the commit marker
-``_CHECKPOINT_METADATA``, with a *conditional create* (S3 ``If-None-Match: *``, GCS
-``ifGenerationMatch=0``): of two writers racing for one step exactly one creates it. Readers
-(``format.is_committed``, ``checkpoint.locate``) already treat a step without the marker as
-incomplete, so a save killed at any moment leaves nothing that looks complete.
-
-The transaction holds the marker's bytes back when the writer hands them over and creates the
-object only in ``commit()``; it refuses to start when the step already has a marker. Every
-other file is written with a plain PUT under a name the format makes unique per save, so two
-racing saves never write the same object: the loser's files are its own, and it deletes them.
+A checkpoint on a bucket is committed by a marker, not by a rename (remote_transaction.py).
 Backends (s3.py, gcs.py, memory.py) supply the client, the conditional create and, where the
-protocol allows, uploads in parallel parts.
+protocol allows, uploads in parallel parts; everything here uses fsspec's public filesystem
+methods only (``pipe_file``, ``open``, ``cat_file``, ``ls``, ``size``, ``rm``...).
+
+Transfer sizes are knobs (``knobs.SINGLE_UPLOAD_MAX``, ``PART_SIZE``, ``READ_SPAN``,
+``READ_GAP``, ``BUCKET_FILE_SIZE``), read at each transfer, and shrink to fit the storage's
+bytes-in-flight budget (budget.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
-from stepsafe.errors import (
-    CheckpointExistsError,
-    CorruptCheckpointError,
-    StepsafeError,
-    TruncatedDataError,
-)
-from stepsafe.storage.base import Storage, Transaction
-from stepsafe.storage.budget import IN_FLIGHT
+from stepsafe import knobs
+from stepsafe.errors import CorruptCheckpointError, StepsafeError, TruncatedDataError
+from stepsafe.storage.base import Storage
+from stepsafe.storage.budget import IN_FLIGHT, ByteBudget
 from stepsafe.storage.ranges import RangeRead, Span, byte_view, plan_spans
+from stepsafe.storage.remote_transaction import COMMIT_MARKER, RemoteTransaction
 from stepsafe.storage.threads import run_all
 
-# Must equal stepsafe.format.layout.METADATA_FILE (a test checks): storage sits above format
-# in the layer order and cannot import it, but it has to know which file commits.
-COMMIT_MARKER = "_CHECKPOINT_METADATA"
-FILE_SIZE = 128 << 20  # default data file size on buckets: each goes up in one request
-SINGLE_UPLOAD_MAX = 256 << 20  # files up to this size go up in one request
-PART_SIZE = 64 << 20  # larger files: multipart parts / resumable pieces of this size
-MIN_PART = 8 << 20  # S3 needs >= 5 MiB, GCS multiples of 256 KiB
-READ_SPAN = 64 << 20  # ranged reads: neighbouring ranges merged into requests this big
-READ_GAP = 1 << 20  # ranges closer than this share a request
+__all__ = ["COMMIT_MARKER", "RemoteStorage", "RemoteTransaction", "gather_parts"]
 
-
-def transfer_sizes() -> tuple[int, int, int]:
-    """(largest one-request upload, part size, largest ranged read) under the bytes-in-flight
-    budget: a small budget gets smaller transfers, so that two fit in it at once."""
-    half = IN_FLIGHT.limit // 2
-    part = max(MIN_PART, min(PART_SIZE, half) >> 18 << 18)
-    return min(SINGLE_UPLOAD_MAX, IN_FLIGHT.limit), part, max(1 << 20, min(READ_SPAN, half))
+MIN_PART = 8 << 20  # a protocol rule: S3 needs >= 5 MiB parts, GCS multiples of 256 KiB
 
 
 def gather_parts(chunks: Iterable[memoryview | bytes], part_size: int) -> Iterator[bytes]:
@@ -89,13 +68,37 @@ def small_enough(
 
 
 class RemoteStorage(Storage):
-    """Bytes at URLs of one fsspec filesystem. Paths keep their scheme (``s3://b/k``)."""
+    """Bytes at URLs of one fsspec filesystem. Paths keep their scheme (``s3://b/k``).
+
+    Args:
+        fs: the fsspec filesystem (one per scheme and configuration, shared: it holds the
+            connection pools).
+        budget: bounds this storage's bytes in flight; None shares the process default.
+    """
 
     scheme = ""
-    default_file_size = FILE_SIZE
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, fs: Any, budget: ByteBudget | None = None) -> None:
         self.fs = fs
+        self.budget = budget if budget is not None else IN_FLIGHT
+
+    @property
+    def default_file_size(self) -> int:  # type: ignore[override]
+        return knobs.BUCKET_FILE_SIZE
+
+    def with_budget(self, budget: ByteBudget) -> RemoteStorage:
+        """This storage (the same client) under its own budget; this one is unchanged."""
+        other = copy.copy(self)
+        other.budget = budget
+        return other
+
+    def transfer_sizes(self) -> tuple[int, int, int]:
+        """(largest one-request upload, part size, largest ranged read) under the budget: a
+        small budget gets smaller transfers, so that two fit in it at once."""
+        limit = self.budget.limit
+        half = limit // 2
+        part = max(MIN_PART, min(knobs.PART_SIZE, half) >> 18 << 18)
+        return min(knobs.SINGLE_UPLOAD_MAX, limit), part, max(1 << 20, min(knobs.READ_SPAN, half))
 
     # -- hooks for backends ------------------------------------------------------------------
     def create_exclusive(self, path: str, data: bytes) -> None:
@@ -111,7 +114,7 @@ class RemoteStorage(Storage):
         """Write ``path`` (overwriting) from a stream too big for one request, ``part`` bytes
         at a time, one after the other (two parts' worth of memory: ours and the client's
         buffer). Backends may send parts in parallel."""
-        with IN_FLIGHT.hold(2 * part), self.fs.open(path, "wb", block_size=part) as f:
+        with self.budget.hold(2 * part), self.fs.open(path, "wb", block_size=part) as f:
             for piece in gather_parts(chunks, part):
                 f.write(piece)
 
@@ -119,12 +122,12 @@ class RemoteStorage(Storage):
         """One request per file where the file is small enough: a request is a round trip,
         and servers do work per request (a multipart upload is reassembled at the end; a
         resumable one is rehashed per piece by fake-gcs-server). Bigger files go in parts."""
-        single_max, part, _ = transfer_sizes()
+        single_max, part, _ = self.transfer_sizes()
         head, rest = small_enough(chunks, single_max)
         if head is None:
             self.put_parts(path, rest, part)
             return
-        with IN_FLIGHT.hold(max(sum(memoryview(c).nbytes for c in head), 1)):
+        with self.budget.hold(max(sum(memoryview(c).nbytes for c in head), 1)):
             self.put_whole(path, b"".join(head))  # the one copy, within the budget
 
     # -- Storage -----------------------------------------------------------------------------
@@ -143,11 +146,11 @@ class RemoteStorage(Storage):
     def read_ranges(
         self, reads: Sequence[RangeRead], done: Callable[[int], None] = lambda i: None
     ) -> None:
-        """Neighbouring ranges merged into ranged GETs of up to ``READ_SPAN`` bytes, several
+        """Neighbouring ranges merged into ranged GETs of up to ``knobs.READ_SPAN`` bytes, several
         in flight on the I/O threads within the bytes-in-flight budget; each reply is copied
         straight into the buffers it covers (no other staging copy)."""
-        _, _, span_max = transfer_sizes()
-        spans = plan_spans(reads, span_max, READ_GAP)
+        _, _, span_max = self.transfer_sizes()
+        spans = plan_spans(reads, span_max, knobs.READ_GAP)
         waiting = [0] * len(reads)
         for span in spans:
             for i, *_ in span.pieces:
@@ -155,7 +158,7 @@ class RemoteStorage(Storage):
         lock = threading.Lock()
 
         def fetch(span: Span) -> None:
-            with IN_FLIGHT.hold(span.end - span.start):
+            with self.budget.hold(span.end - span.start):
                 data = memoryview(self._fetch(span.path, span.start, span.end))
                 for i, at, pos, n in span.pieces:
                     byte_view(reads[i].buf)[at : at + n] = data[pos : pos + n]
@@ -233,8 +236,9 @@ class RemoteStorage(Storage):
             entries = self.fs.ls(path, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        base = self.fs._strip_protocol(path).rstrip("/")
-        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base}
+        # fsspec lists "bucket/key" (memory://: "/bucket/key"); a file lists as itself
+        base = path.split("://", 1)[-1].strip("/")
+        names = {e.strip("/").rsplit("/", 1)[-1] for e in entries if e.strip("/") != base}
         return sorted(n for n in names if n)
 
     def delete_file(self, path: str) -> None:
@@ -243,84 +247,3 @@ class RemoteStorage(Storage):
     def delete_tree(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
-
-
-class RemoteTransaction(Transaction):
-    """Files written in place; visible when ``commit`` creates the marker exclusively."""
-
-    def __init__(self, storage: RemoteStorage, path: str) -> None:
-        self.storage = storage
-        self.path = path
-        self.marker_path = storage.join(path, COMMIT_MARKER)
-        if storage.exists(self.marker_path):
-            raise CheckpointExistsError(
-                f"{path} already holds a committed checkpoint: stepsafe never overwrites one; "
-                "save to a new path or delete the old one first"
-            )
-        self._written: list[str] = []
-        self._lock = threading.Lock()
-        self._marker: bytes | None = None
-        self._done = False
-
-    def write_file(self, relpath: str, chunks: Iterable[memoryview | bytes]) -> None:
-        if relpath.strip("/") == COMMIT_MARKER:
-            self._marker = b"".join(bytes(c) for c in chunks)  # created by commit()
-            return
-        target = self.storage.join(self.path, relpath)
-        with self._lock:
-            self._written.append(target)  # before the upload: a failed one may leave bytes
-        self.storage.upload(target, chunks)
-
-    def commit(self) -> None:
-        if self._marker is None:
-            raise StepsafeError(
-                f"nothing to commit at {self.path}: on object stores a transaction becomes "
-                f"visible through its {COMMIT_MARKER} file, and none was written"
-            )
-        try:
-            self.storage.create_exclusive(self.marker_path, self._marker)
-        except FileExistsError as e:
-            owner = self._marker_owner()
-            if owner == "ours":  # a retried create whose first try succeeded
-                self._done = True
-                return
-            if owner == "other":
-                self._delete_written()
-            self._done = True  # "unknown": leaving files is safe, deleting might not be
-            raise CheckpointExistsError(
-                f"{self.path} was committed by another writer while this save ran; "
-                "this save was discarded"
-            ) from e
-        except Exception:
-            if self._marker_owner() == "ours":  # created, but the reply was lost
-                self._done = True
-                return
-            raise
-        self._done = True
-
-    def _marker_owner(self) -> str:
-        """Whose marker is at the step: "ours" (it holds our bytes, which include our save id
-        and nanosecond timestamps), "other", "none", or "unknown" when it cannot be read."""
-        try:
-            raw = self.storage.read_bytes(self.marker_path)
-        except FileNotFoundError:
-            return "none"
-        except Exception:
-            return "unknown"
-        return "ours" if raw == self._marker else "other"
-
-    def abort(self) -> None:
-        """Delete what this save wrote, unless its marker may have been created (a commit
-        whose reply was lost): no other save writes these names, so no one else is hurt."""
-        if self._done:
-            return
-        if self._marker is not None and self._marker_owner() in ("ours", "unknown"):
-            self._done = True
-            return
-        self._delete_written()
-
-    def _delete_written(self) -> None:
-        self._done = True
-        for target in self._written:
-            with contextlib.suppress(Exception):
-                self.storage.delete_file(target)

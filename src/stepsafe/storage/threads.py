@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-IO_THREADS = 8
+from stepsafe import knobs
+
 _pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
@@ -26,7 +27,9 @@ def io_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="stepsafe-io")
+            _pool = ThreadPoolExecutor(
+                max_workers=knobs.IO_THREADS, thread_name_prefix="stepsafe-io"
+            )
         return _pool
 
 

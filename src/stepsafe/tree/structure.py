@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from stepsafe.errors import TargetMismatchError
+from stepsafe.errors import ManifestError, TargetMismatchError
 from stepsafe.tree import keypath
 from stepsafe.tree.flatten import MAX_DEPTH, Structure
 
@@ -18,28 +18,32 @@ _ARITY = {"leaf": 1, "list": 2, "tuple": 2, "dict": 3, "namedtuple": 4, "node": 
 
 
 def check_structure(structure: Any) -> None:
-    """Raise ValueError unless ``structure`` is a well-formed JSON structure (it comes from a
-    file: checked iteratively, with a depth limit, before anything recurses over it)."""
+    """Refuse a JSON structure that is not well-formed (it comes from a file: checked
+    iteratively, with a depth limit, before anything recurses over it).
+
+    Raises:
+        ManifestError: a node is malformed, or nesting is deeper than ``MAX_DEPTH``.
+    """
     stack = [(structure, 0)]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise ValueError(f"structure nested deeper than {MAX_DEPTH}")
+            raise ManifestError(f"structure nested deeper than {MAX_DEPTH}")
         if not isinstance(node, list) or not node or _ARITY.get(node[0]) != len(node):
-            raise ValueError(f"malformed structure node {str(node)[:80]!r}")
+            raise ManifestError(f"malformed structure node {str(node)[:80]!r}")
         kind = node[0]
         if kind == "leaf":
             continue
         children = node[-1]
         keys = node[1] if kind == "dict" else node[2] if kind != "list" and kind != "tuple" else []
         if not isinstance(children, list) or not isinstance(keys, list):
-            raise ValueError(f"malformed {kind} node")
+            raise ManifestError(f"malformed {kind} node")
         if kind in ("namedtuple", "node") and not isinstance(node[1], str):
-            raise ValueError(f"{kind} node without a type name")
+            raise ManifestError(f"{kind} node without a type name")
         if kind != "list" and kind != "tuple":
             ok = (str, int) if kind == "dict" else (str,)
             if len(keys) != len(children) or any(type(k) not in ok for k in keys):
-                raise ValueError(f"{kind} node with bad keys")
+                raise ManifestError(f"{kind} node with bad keys")
         stack.extend((c, depth + 1) for c in children)
 
 
@@ -60,7 +64,7 @@ def _children(node: Structure) -> list[tuple[str, Structure]]:
         return list(zip(node[2], node[3]))
     if kind == "leaf":
         return []
-    raise ValueError(f"unknown structure node {kind!r}")
+    raise ManifestError(f"unknown structure node {kind!r}")
 
 
 def _walk_structure(node: Structure, path: str, on_leaf: Callable[[str], None]) -> None:

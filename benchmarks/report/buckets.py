@@ -1,50 +1,42 @@
-"""Bucket run JSON -> ``RESULTS-buckets.md``: per-server tables and issue #5's targets.
+"""A bucket run -> ``RESULTS-buckets.md``: per-server tables and issue #5's targets.
 
 Every cell is the median over the repeats with the minimum beside it; MB/s is the state's
 bytes (1 MB = 10^6 bytes) over the median time. The one-object baseline is, per server and
 per direction, the variant with the best median. Re-render a stored run with
-``python -m benchmarks.bucket_report benchmarks/out/buckets-<stamp>.json``.
+``python -m benchmarks.report benchmarks/out/buckets-<stamp>.json``.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks import states
-from benchmarks.bucket_plan import LABELS, VARIANTS
+from benchmarks.methods import REGISTRY
+from benchmarks.plan import VARIANTS
+from benchmarks.report.runs import Runs
+from benchmarks.storages import NAMES as SERVER_NAMES
 
 TARGETS = {"one-object": 0.8, "orbax": 1.0}  # stepsafe MB/s over the peer's, at least
 PHASES = ("save", "restore")
 BORDERLINE = 0.1  # about the spread between whole runs here: closer verdicts may flip
-SERVER_NAMES = {"s3": "S3 (moto_server)", "gcs": "GCS (fake-gcs-server)"}
+LABELS = {
+    "stepsafe": REGISTRY["stepsafe"].label,
+    "orbax": "Orbax (sync Checkpointer, OCDBT via tensorstore)",
+}
 
 
-class Runs:
-    """The seconds of one (server, method, variant, phase) over the repeats, errors apart."""
+class BucketRuns(Runs):
+    """Cells by (server, method, phase, variant); disturbed cases are left out (``Runs``)."""
 
     def __init__(self, run: dict[str, Any]) -> None:
-        self.records: list[dict[str, Any]] = run["records"]
-        self.cores = int(run["machine"].get("cores") or 1)
+        super().__init__(run, skip_disturbed=True)
 
     def seconds(
         self, server: str, method: str, phase: str, variant: str | None, field: str = "seconds"
     ) -> list[float]:
-        """``field`` of the cell's good records in repeat order; disturbed ones (see
-        ``disturbed``) are left out while at least one undisturbed repeat remains."""
-        rs = [
-            r
-            for r in sorted(self.records, key=lambda r: r["repeat"])
-            if (r["server"], r["method"], r["phase"], r.get("variant"))
-            == (server, method, phase, variant)
-            and "error" not in r
-            and r.get(field) is not None
-        ]
-        quiet = [r for r in rs if not self.is_disturbed(r)]
-        return [r[field] for r in (quiet or rs)]
+        return self.values(field, storage=server, method=method, phase=phase, variant=variant)
 
     def cpu(self, server: str, method: str, variant: str | None) -> str:
         """Median CPU seconds, client / server, of each direction measured: who is busy."""
@@ -58,7 +50,9 @@ class Runs:
                 )
         return "; ".join(parts) or "—"
 
-    def median(self, server: str, method: str, phase: str, variant: str | None) -> float | None:
+    def cell_median(
+        self, server: str, method: str, phase: str, variant: str | None
+    ) -> float | None:
         vals = self.seconds(server, method, phase, variant)
         return statistics.median(vals) if vals else None
 
@@ -67,7 +61,8 @@ class Runs:
         timed = [
             (t, v.name)
             for v in VARIANTS
-            if v.op == phase and (t := self.median(server, "one-object", phase, v.name)) is not None
+            if v.op == phase
+            and (t := self.cell_median(server, "one-object", phase, v.name)) is not None
         ]
         return min(timed)[1] if timed else None
 
@@ -76,27 +71,15 @@ class Runs:
         found = {
             r["variant"]
             for r in self.records
-            if r["server"] == server and r["method"] == "stepsafe" and r.get("variant")
+            if r["storage"] == server and r["method"] == "stepsafe" and r.get("variant")
         }
         return sorted(found)
-
-    def is_disturbed(self, r: dict[str, Any], share: float = 0.1) -> bool:
-        """Other processes, or the hypervisor (steal), took more than ``share`` of the
-        machine's cores during the case: its time is suspect."""
-        taken = r.get("other_cpu_s", 0) + r.get("steal_s", 0)
-        return bool(r.get("case_wall_s")) and taken > share * self.cores * r["case_wall_s"]
-
-    def disturbed(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if self.is_disturbed(r)]
-
-    def problems(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "error" in r or r.get("roundtrip_ok") is False]
 
     def roundtrip(self, server: str, method: str, variant: str | None) -> str:
         rs = [
             r
             for r in self.records
-            if (r["server"], r["method"], r["phase"], r.get("variant"))
+            if (r["storage"], r["method"], r["phase"], r.get("variant"))
             == (server, method, "restore", variant)
         ]
         if not rs:
@@ -118,7 +101,7 @@ def _cell(vals: list[float], nbytes: int) -> str:
     return f"**{_rate(nbytes, med)} MB/s** ({med:.3g} s{extra})"
 
 
-def _server_table(runs: Runs, server: str, nbytes: int) -> list[str]:
+def _server_table(runs: BucketRuns, server: str, nbytes: int) -> list[str]:
     cpu = any("cpu_s" in r for r in runs.records)  # runs before it was recorded have none
     lines = [
         f"### {SERVER_NAMES[server]}",
@@ -139,7 +122,7 @@ def _server_table(runs: Runs, server: str, nbytes: int) -> list[str]:
         cells += [runs.cpu(server, method, variant)] if cpu else []
         lines.append(f"| {label} | {' | '.join(cells)} |")
     for v in VARIANTS:
-        if server not in v.servers:
+        if server not in v.storages:
             continue
         vals = runs.seconds(server, "one-object", v.op, v.name)
         cell = _cell(vals, nbytes) + (" ← best" if best[v.op] == v.name else "")
@@ -151,7 +134,7 @@ def _server_table(runs: Runs, server: str, nbytes: int) -> list[str]:
     return [*lines, ""]
 
 
-def _targets(runs: Runs, servers: list[str], nbytes: int) -> tuple[list[str], bool]:
+def _targets(runs: BucketRuns, servers: list[str], nbytes: int) -> tuple[list[str], bool]:
     lines = [
         "| server | direction | stepsafe | peer | peer MB/s | stepsafe / peer | target | |",
         "|---|---|---|---|---|---|---|---|",
@@ -159,10 +142,10 @@ def _targets(runs: Runs, servers: list[str], nbytes: int) -> tuple[list[str], bo
     all_pass = True
     for server in servers:
         for phase in PHASES:
-            mine = runs.median(server, "stepsafe", phase, None)
+            mine = runs.cell_median(server, "stepsafe", phase, None)
             for peer, need in TARGETS.items():
                 variant = runs.best_variant(server, phase) if peer == "one-object" else None
-                theirs = runs.median(server, peer, phase, variant)
+                theirs = runs.cell_median(server, peer, phase, variant)
                 name = f"one object (`{variant}`)" if peer == "one-object" else "Orbax"
                 if mine is None or theirs is None:
                     verdict, ratio, rate = "no data", "—", "—"
@@ -209,17 +192,17 @@ NOTES = """\
   tensorstore's `s3` kvstore with the loopback `endpoint`), and asks for the commit-file scheme
   Orbax uses on GCS, because its default on S3, renaming the temporary directory through
   epath/s3fs, fails with `FileNotFoundError`. Everything else is Orbax's code and defaults
-  (`benchmarks/bucket_methods.py`, `_orbax_s3`).
+  (`benchmarks/methods/orbax_s3.py`).
 """
 
 
 def render(run: dict[str, Any], json_path: Path | str) -> str:
-    runs = Runs(run)
-    state = run["state"]
+    runs = BucketRuns(run)
+    state = run["states"][0]
     nbytes = states.nbytes(state)
     m, v = run["machine"], run["versions"]
     src = run["stepsafe_source"]
-    targets, all_pass = _targets(runs, run["servers"], nbytes)
+    targets, all_pass = _targets(runs, run["storages"], nbytes)
     out = [
         "# Bucket benchmark: stepsafe vs one large object vs Orbax (issue #5)",
         "",
@@ -227,7 +210,7 @@ def render(run: dict[str, Any], json_path: Path | str) -> str:
         f"+ step. {run['repeats']} repeat(s); every case a fresh process; a fresh server "
         "(a child process on 127.0.0.1; fake-gcs-server's memory backend, moto's spooled "
         "temporary files) for each method and repeat. "
-        "Written by `benchmarks/run-buckets`; method in `benchmarks/buckets.py`.",
+        "Written by `benchmarks/run-buckets`; method in `benchmarks/README.md`.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, kernel {m['kernel']}. "
         "Servers and clients share the cores: these are ratios on this machine, not a "
@@ -258,7 +241,7 @@ def render(run: dict[str, Any], json_path: Path | str) -> str:
         "process (all threads) and of the server process during the case.",
         "",
     ]
-    for server in run["servers"]:
+    for server in run["storages"]:
         out += _server_table(runs, server, nbytes)
     disturbed = runs.disturbed()
     if disturbed:
@@ -271,7 +254,7 @@ def render(run: dict[str, Any], json_path: Path | str) -> str:
             "",
         ]
         for r in disturbed:
-            name = f"{r['server']} {r['method']} {r.get('variant') or ''} {r['phase']}"
+            name = f"{r['storage']} {r['method']} {r.get('variant') or ''} {r['phase']}"
             steal = f", {r['steal_s']:.1f} s stolen" if "steal_s" in r else ""
             out.append(
                 f"- {name} #{r['repeat'] + 1}: {r['other_cpu_s']:.1f} CPU s of other "
@@ -284,20 +267,9 @@ def render(run: dict[str, Any], json_path: Path | str) -> str:
         out += ["## Errors and mismatches", ""]
         for r in problems:
             what = r.get("error", "restored values differ from the saved ones")
-            name = f"{r['server']} {r['method']} {r.get('variant') or ''} {r['phase']}"
+            name = f"{r['storage']} {r['method']} {r.get('variant') or ''} {r['phase']}"
             out.append(f"- {name} #{r['repeat'] + 1}: {what[:300]}")
         out.append("")
     elapsed = run.get("elapsed_s", 0)
     out += [f"Raw records: `{json_path}` (git-ignored), {elapsed:.0f} s in all.", ""]
     return "\n".join(out)
-
-
-def main() -> None:
-    path = Path(sys.argv[1])
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "RESULTS-buckets.md"
-    out.write_text(render(json.loads(path.read_text()), path))
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""The GPU check's parts (``benchmarks.gpu_staging`` runs them), one idea per module."""

@@ -1,0 +1,130 @@
+"""Plan one process's data files: which byte ranges of which shards go where, before any write.
+
+Every shard's bytes are cut into pieces (at most ``MAX_CHUNK`` bytes each, the checksum
+granularity) packed one after another into data files, each piece starting on an ``ALIGN``
+boundary; a file is closed once it reaches the target size. Pieces are views of the caller's
+memory: planning copies nothing. Each piece has a number, by which the record of what was
+written (``written.py``) names it, so that the manifest can be built from that record alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stepsafe.errors import ManifestError
+from stepsafe.format.layout import data_file_name
+from stepsafe.format.manifest import MAX_CHUNK, Box
+
+ALIGN = 64
+
+
+@dataclass
+class HostArray:
+    """An array ready to write: its global description and its shards. A shard is a host
+    array, or anything ``np.asarray`` turns into one (a device copy awaiting its transfer)."""
+
+    path: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    shards: list[tuple[Box, Any]]
+
+
+@dataclass(slots=True)
+class Piece:
+    """Bytes ``view`` of array ``key``, to be written at ``offset`` of its file; ``id`` is its
+    number in the plan."""
+
+    id: int
+    key: str
+    offset: int
+    view: memoryview
+
+
+@dataclass
+class FilePlan:
+    """One data file: its name, its pieces in file order, its size (the end of its last)."""
+
+    name: str
+    pieces: list[Piece] = field(default_factory=list)
+    size: int = 0
+
+
+@dataclass(slots=True)
+class PlannedShard:
+    """Shard ``index`` of array ``key`` is pieces ``pieces`` (their ids, in byte order)."""
+
+    key: str
+    index: Box
+    pieces: range
+
+
+@dataclass
+class WritePlan:
+    """Everything one process writes: its data files, and per shard which pieces hold it;
+    pieces are numbered 0 to ``num_pieces - 1``."""
+
+    files: list[FilePlan]
+    shards: list[PlannedShard]
+    num_pieces: int
+
+
+def plan_files(
+    arrays: list[HostArray], file_size: int, process_index: int, save_id: str
+) -> WritePlan:
+    """Pack the shards of ``arrays``, in order, into data files of about ``file_size`` bytes
+    named for ``process_index`` and ``save_id``. Each shard is made a host array here (a
+    device copy's transfer is waited for), so the plan is ready to stream.
+
+    Raises:
+        ManifestError: a shard outside its array's shape, or whose bytes do not fill its box
+            (nothing is written then).
+    """
+    files = [FilePlan(data_file_name(process_index, 0, save_id))]
+    shards: list[PlannedShard] = []
+    next_id = 0
+    for arr in arrays:
+        for index, data in arr.shards:
+            check_box(arr.path, arr.shape, index)
+            view = _as_bytes(data)
+            expected = math.prod(hi - lo for lo, hi in index) * np.dtype(arr.dtype).itemsize
+            if len(view) != expected:
+                raise ManifestError(
+                    f"array {arr.path!r}: shard {index} holds {len(view)} bytes, its box "
+                    f"{expected}: nothing was committed"
+                )
+            first = next_id
+            pos = 0
+            while pos < len(view):
+                f = files[-1]
+                start = -(-f.size // ALIGN) * ALIGN
+                room = file_size - start
+                if room <= 0 and f.size > 0:
+                    files.append(FilePlan(data_file_name(process_index, len(files), save_id)))
+                    continue
+                n = min(len(view) - pos, MAX_CHUNK, max(room, 1))
+                f.pieces.append(Piece(next_id, arr.path, start, view[pos : pos + n]))
+                next_id += 1
+                f.size = start + n
+                pos += n
+            shards.append(PlannedShard(arr.path, tuple(map(tuple, index)), range(first, next_id)))
+    return WritePlan([f for f in files if f.size > 0], shards, next_id)
+
+
+def check_box(key: str, shape: tuple[int, ...], index: Box) -> None:
+    """Refuse a shard box that does not lie inside its array's shape.
+
+    Raises:
+        ManifestError: naming the array, the box and the shape.
+    """
+    if len(index) != len(shape) or any(not 0 <= lo <= hi <= n for (lo, hi), n in zip(index, shape)):
+        raise ManifestError(
+            f"array {key!r}: shard {index} lies outside its shape {shape}: nothing was committed"
+        )
+
+
+def _as_bytes(a: Any) -> memoryview:
+    return memoryview(np.ascontiguousarray(np.asarray(a)).reshape(-1).view(np.uint8))

@@ -1,0 +1,115 @@
+"""Write one process's planned data files and return the record of what was written.
+
+The record (a ``WrittenPart``) is the only source of the manifest's chunks: a data file's
+writer returns what it wrote (its name, its size, each piece's chunk with its checksum) only
+once the storage read its stream to the end, and the part is assembled from those records and
+the plan, checking that every planned piece was written exactly once. A storage that stops
+reading a stream early therefore fails the save instead of committing a manifest that points
+at bytes that were never written.
+
+Bytes go from the caller's buffers straight to ``write(2)`` (no copy); each piece's checksum
+is taken just before it is handed over, while its bytes are hot in cache; runs of small pieces
+are gathered into one buffer (one syscall instead of hundreds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from stepsafe import knobs
+from stepsafe.errors import ManifestError
+from stepsafe.format.checksum import checksum
+from stepsafe.format.layout import ITEMS_DIR
+from stepsafe.format.manifest import Chunk, Shard
+from stepsafe.format.plan import FilePlan, WritePlan
+from stepsafe.storage import Transaction, run_all
+
+
+@dataclass
+class WrittenFile:
+    """One data file as it was written: ``chunks`` holds (piece id, its chunk) in file order."""
+
+    name: str
+    size: int
+    chunks: list[tuple[int, Chunk]]
+
+
+@dataclass
+class WrittenPart:
+    """What one process wrote: its data files (name -> size, in order) and, per array, the
+    shards it holds (each a box and its chunks). Process 0 merges every process's part into
+    the manifest (``merge.merge_parts``)."""
+
+    files: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, list[Shard]] = field(default_factory=dict)
+
+
+def write_files(txn: Transaction, plan: WritePlan) -> WrittenPart:
+    """Write every data file of ``plan`` into ``txn`` (files in parallel on the I/O threads)
+    and return what was written.
+
+    Raises:
+        ManifestError: a file's stream was not read to its end, or a planned piece was not
+            written exactly once; nothing is committed then.
+        StorageError: as the storage raised it.
+    """
+    written = run_all(lambda f: _write_file(txn, f), plan.files)
+    found: list[Chunk | None] = [None] * plan.num_pieces
+    for w in written:
+        for piece, chunk in w.chunks:
+            if found[piece] is not None:
+                raise ManifestError(f"piece {piece} was written twice: nothing was committed")
+            found[piece] = chunk
+    part = WrittenPart({w.name: w.size for w in written})
+    complete = sum(len(w.chunks) for w in written) == len(found)  # none twice: each once
+    for s in plan.shards:
+        chunks = tuple(found[s.pieces.start : s.pieces.stop])
+        if not complete and any(c is None for c in chunks):
+            raise ManifestError(
+                f"array {s.key!r}: shard {s.index} was not written in full: nothing was committed"
+            )
+        part.shards.setdefault(s.key, []).append(Shard(s.index, chunks))  # type: ignore[arg-type]
+    return part
+
+
+def _write_file(txn: Transaction, f: FilePlan) -> WrittenFile:
+    """Stream ``f`` into ``txn``; its record only if the storage read the stream to its end."""
+    record = WrittenFile(f.name, -1, [])
+
+    def stream() -> Iterator[memoryview | bytes]:
+        """The file's bytes in order: big pieces as views of the caller's memory (no copy),
+        runs of small pieces and padding gathered into one buffer."""
+        gather = knobs.GATHER_BYTES
+        pos = 0
+        small = bytearray()
+        for p in f.pieces:
+            record.chunks.append((p.id, Chunk(f.name, p.offset, len(p.view), checksum(p.view))))
+            if len(p.view) >= gather:
+                if small:
+                    yield bytes(small)
+                    small.clear()
+                if p.offset > pos:
+                    yield bytes(p.offset - pos)
+                yield p.view
+            else:
+                small += bytes(p.offset - pos)
+                small += p.view
+                if len(small) >= gather:
+                    yield bytes(small)
+                    small.clear()
+            pos = p.offset + len(p.view)
+        if small:
+            yield bytes(small)
+        record.size = pos  # reached only once every byte was handed over
+
+    txn.write_file(f"{ITEMS_DIR}/{f.name}", stream())
+    if record.size != f.size:
+        keys = list(dict.fromkeys(p.key for p in f.pieces))
+        names = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+        raise ManifestError(
+            f"array{'s' if len(keys) > 1 else ''} {names} {'were' if len(keys) > 1 else 'was'} "
+            f"not written in full: the storage stopped reading data file {f.name} early; "
+            "nothing was committed"
+        )
+    return record

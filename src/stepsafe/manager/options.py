@@ -1,0 +1,81 @@
+"""``ManagerOptions``: how a ``CheckpointManager`` saves, one field per MaxText checkpoint flag.
+
+The fields keep Python names of their own (a manager is a library object, usable without any
+MaxText config); ``FLAGS`` says which MaxText flag sets each one, and every error names both, so
+that a user who only ever wrote the flag still recognises the value that was refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stepsafe.errors import ConfigError
+from stepsafe.format.writer import ALIGN
+
+FLAGS = {
+    "enable_checkpointing": "enable_checkpointing",
+    "async_save": "async_checkpointing",
+    "save_interval_steps": "checkpoint_period",
+    "max_to_keep": "max_num_checkpoints_to_keep",
+    "data_file_size_bytes": "checkpoint_storage_target_data_file_size_bytes",
+    "concurrent_bytes": "checkpoint_storage_concurrent_gb",
+}
+"""``ManagerOptions`` field -> the MaxText flag that sets it (``stepsafe train`` maps them)."""
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    """How a ``CheckpointManager`` saves: when, how many to keep, in the background or not.
+
+    Args:
+        enable_checkpointing (`bool`, defaults to `True`): save at all (flag
+            ``enable_checkpointing``). A manager that only restores (an evaluator) passes False:
+            it then takes no lease on the run and never deletes anything.
+        async_save (`bool`, defaults to `True`): capture the state and write it in the
+            background, one save at a time (flag ``async_checkpointing``).
+        save_interval_steps (`int`, defaults to `10000`): ``save`` saves steps that are a
+            multiple of this (flag ``checkpoint_period``).
+        max_to_keep (`int`, defaults to `0`): keep the newest this many intact steps and delete
+            older ones after each commit; 0 keeps all (flag ``max_num_checkpoints_to_keep``).
+        data_file_size_bytes (`int`, *optional*): where data files are split; None: the
+            storage's default, 2 GiB on a local disk, 128 MiB on buckets (flag
+            ``checkpoint_storage_target_data_file_size_bytes``).
+        concurrent_bytes (`int`, *optional*): bytes in flight to and from buckets at once, for
+            this manager's saves and restores; None: the process default shared by every
+            storage made without one (flag ``checkpoint_storage_concurrent_gb``, in GB).
+
+    Raises:
+        ConfigError: a value out of range; the message names the field and its flag, e.g.
+            "ManagerOptions.save_interval_steps must be >= 1 (flag checkpoint_period), got 0".
+
+    Example:
+
+    ```python
+    from stepsafe import CheckpointManager, ManagerOptions
+
+    options = ManagerOptions(save_interval_steps=100, max_to_keep=3)
+    manager = CheckpointManager("outputs/run1/checkpoints", options)
+    ```
+    """
+
+    enable_checkpointing: bool = True
+    async_save: bool = True
+    save_interval_steps: int = 10000
+    max_to_keep: int = 0  # 0: keep all
+    data_file_size_bytes: int | None = None  # None: the storage's default
+    concurrent_bytes: int | None = None  # bytes in flight to/from buckets, this manager's
+
+    def __post_init__(self) -> None:
+        if self.save_interval_steps < 1:
+            raise _error("save_interval_steps", "must be >= 1", self.save_interval_steps)
+        if self.max_to_keep < 0:
+            raise _error("max_to_keep", "must be >= 0 (0 keeps all)", self.max_to_keep)
+        if self.concurrent_bytes is not None and self.concurrent_bytes < 1:
+            raise _error("concurrent_bytes", "must be >= 1", self.concurrent_bytes)
+        size = self.data_file_size_bytes
+        if size is not None and size < ALIGN:  # what the writer can split at
+            raise _error("data_file_size_bytes", f"must be >= {ALIGN} bytes", size)
+
+
+def _error(field: str, rule: str, value: object) -> ConfigError:
+    return ConfigError(f"ManagerOptions.{field} {rule} (flag {FLAGS[field]}), got {value!r}")
