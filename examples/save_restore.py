@@ -20,7 +20,7 @@ state = {
 }
 path = os.path.join(base, str(int(time.time())))
 t = time.perf_counter()
-stepsafe.save(path, state, metadata={"note": "example"})
+stepsafe.save(path, state, custom_metadata={"note": "example"})
 print(f"saved {path} in {time.perf_counter() - t:.3f} s")
 print("metadata:", stepsafe.metadata(path)["params"]["layer_0"])
 t = time.perf_counter()

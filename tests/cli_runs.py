@@ -34,7 +34,7 @@ def build_base(base: Path) -> Path:
     d = base / "run1" / "checkpoints"
     with CheckpointManager(str(d), ManagerOptions(save_interval_steps=10, async_save=False)) as m:
         for step in (10, 20, 30):
-            m.save(step, state_at(step), metadata={"loss": step / 10})
+            m.save(step, state_at(step), custom_metadata={"loss": step / 10})
     shutil.copytree(d / "10", d / "15")
     (d / "15" / "_CHECKPOINT_METADATA").unlink()
     (d / "5.stepsafe-tmp-elsewhere-1-abcd").mkdir()

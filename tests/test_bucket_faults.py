@@ -16,7 +16,7 @@ from trees import assert_bit_exact
 import stepsafe
 from stepsafe import knobs
 from stepsafe.checkpoint import committed_steps
-from stepsafe.format import METADATA_FILE
+from stepsafe.format import COMMIT_FILE
 from stepsafe.storage import storage_for
 
 
@@ -61,7 +61,7 @@ def test_lost_reply_to_the_marker_create_is_still_a_commit(bucket_url, proxied):
         rate=1.0,
         max_faults=1,
         faults=("reset_after",),
-        only=lambda method, path: method == "PUT" and path.split("?")[0].endswith(METADATA_FILE),
+        only=lambda method, path: method == "PUT" and path.split("?")[0].endswith(COMMIT_FILE),
     )
     state = make_state(9)
     stepsafe.save(f"{bucket_url}/9", state)

@@ -28,7 +28,7 @@ from stepsafe import (
     knobs,
 )
 from stepsafe.checkpoint import committed_steps
-from stepsafe.format import METADATA_FILE, CheckpointReader
+from stepsafe.format import COMMIT_FILE, CheckpointReader
 from stepsafe.manager import CheckpointManager, ManagerOptions
 from stepsafe.manager.gc import gc
 from stepsafe.storage import COMMIT_MARKER, IN_FLIGHT, storage_for
@@ -57,7 +57,7 @@ def data_files(url: str) -> list[str]:
 
 
 def test_marker_is_the_formats_metadata_file():
-    assert COMMIT_MARKER == METADATA_FILE
+    assert COMMIT_MARKER == COMMIT_FILE
 
 
 def test_unknown_scheme_is_refused_clearly():
@@ -85,7 +85,7 @@ def test_missing_extra_names_it(monkeypatch):
 def test_round_trip_metadata_and_select(bucket_url):
     state = make_state(7)
     path = f"{bucket_url}/checkpoints/7"
-    stepsafe.save(path, state, metadata={"loss": 2.5}, data_file_size_bytes=4096)
+    stepsafe.save(path, state, custom_metadata={"loss": 2.5}, data_file_size_bytes=4096)
     assert len(data_files(path)) > 3  # spread over several objects
     assert_bit_exact(stepsafe.restore(path), state)
     assert_bit_exact(stepsafe.restore(bucket_url), state)  # run dir -> latest step
@@ -123,7 +123,7 @@ def test_missing_marker_is_incomplete(bucket_url):
     path = f"{bucket_url}/checkpoints/4"
     stepsafe.save(path, make_state(4))
     storage, _ = storage_for(path)
-    storage.delete_file(storage.join(path, METADATA_FILE))
+    storage.delete_file(storage.join(path, COMMIT_FILE))
     with pytest.raises(IncompleteCheckpointError):
         stepsafe.restore(path)
     with pytest.raises(IncompleteCheckpointError):
@@ -212,8 +212,8 @@ def test_abort_removes_only_this_saves_files(bucket_url):
     storage.fs.pipe_file(rival, b"the rival's bytes")
     txn = storage.transaction(f"{bucket_url}/2")
     txn.write_file("items/mine.data", [b"mine"])
-    txn.write_file(METADATA_FILE, [b"{}"])
-    storage.fs.pipe_file(storage.join(bucket_url, "2", METADATA_FILE), b"a rival's marker")
+    txn.write_file(COMMIT_FILE, [b"{}"])
+    storage.fs.pipe_file(storage.join(bucket_url, "2", COMMIT_FILE), b"a rival's marker")
     with pytest.raises(CheckpointExistsError, match="another writer"):
         txn.commit()
     txn.abort()

@@ -120,7 +120,7 @@ def test_inspect_json_and_param_only(tmp_path, capsys):
             "layers_1": {"w": np.ones((4, 4), np.float32)},
         }
     }
-    stepsafe.save(tmp_path / "p", params, metadata={"note": "export"})
+    stepsafe.save(tmp_path / "p", params, custom_metadata={"note": "export"})
     code, out, _ = run(capsys, "inspect", tmp_path / "p", "--json")
     assert code == 0
     doc = json.loads(out)

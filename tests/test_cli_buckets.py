@@ -9,7 +9,7 @@ from cli_runs import state_at
 from conftest import BUCKET_KINDS
 
 from stepsafe.cli.main import main
-from stepsafe.format import METADATA_FILE
+from stepsafe.format import COMMIT_FILE
 from stepsafe.manager import CheckpointManager, ManagerOptions
 from stepsafe.storage import storage_for
 
@@ -64,7 +64,7 @@ def test_operator_commands_on_a_bucket_run(bucket_url, capsys):
     code, out, _ = run(capsys, "gc", f"{bucket_url}/run1", "--keep", "1", "--json")
     assert code == 0 and json.loads(out)["deleted"] is True
     assert m.all_steps() == [30]
-    assert not storage.exists(storage.join(ckpts, "10", METADATA_FILE))
+    assert not storage.exists(storage.join(ckpts, "10", COMMIT_FILE))
 
 
 def stepsafe_save_then_drop_marker(storage, ckpts: str) -> None:
@@ -72,4 +72,4 @@ def stepsafe_save_then_drop_marker(storage, ckpts: str) -> None:
     import stepsafe
 
     stepsafe.save(storage.join(ckpts, "25"), state_at(25))
-    storage.delete_file(storage.join(ckpts, "25", METADATA_FILE))
+    storage.delete_file(storage.join(ckpts, "25", COMMIT_FILE))

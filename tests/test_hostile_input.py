@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 
 import stepsafe
 from stepsafe import CorruptCheckpointError, ManifestError
-from stepsafe.format import CheckpointMetadata, read_extra, write_checkpoint
+from stepsafe.format import CommitRecord, read_extra, write_checkpoint
 from stepsafe.format.checksum import checksum
-from stepsafe.format.layout import METADATA_MAX_BYTES
+from stepsafe.format.layout import COMMIT_RECORD_MAX_BYTES
 from stepsafe.format.manifest import (
     MANIFEST_MAX_BYTES,
     MAX_CHUNK,
@@ -64,8 +64,8 @@ def make_run(root: Path) -> tuple[Path, Path]:
     return run, run / "checkpoints" / "2"
 
 
-def metadata_of(step_dir: Path) -> CheckpointMetadata:
-    return CheckpointMetadata.from_json((step_dir / METADATA).read_bytes(), "")
+def metadata_of(step_dir: Path) -> CommitRecord:
+    return CommitRecord.from_json((step_dir / METADATA).read_bytes(), "")
 
 
 def manifest_of(step_dir: Path) -> Path:
@@ -257,8 +257,8 @@ def test_real_cli_on_a_fifo_metadata_prints_one_line(tmp_path):
 def test_extra_file_behind_a_linked_directory_is_refused(tmp_path):
     """Directories on the way to any file of a step are checked, not only ``items/``."""
     step = tmp_path / "ckpt" / "1"
-    meta = CheckpointMetadata(step=1)
-    write_checkpoint(LocalStorage(), str(step), ["dict", [], []], [], {}, metadata=meta,
+    meta = CommitRecord(step=1)
+    write_checkpoint(LocalStorage(), str(step), ["dict", [], []], [], {}, record=meta,
                      extra_files={"iter/process_0.json": b"{}"})  # fmt: skip
     storage = LocalStorage()
     assert read_extra(storage, str(step), "iter/process_0.json") == b"{}"
@@ -283,7 +283,7 @@ def test_buckets_read_small_files_with_a_limit(bucket_url):
 
 def test_metadata_and_manifest_limits_fit_what_writers_write():
     """A writer refuses to write what readers refuse to read."""
-    huge = CheckpointMetadata(step=1, custom_metadata={"x": "y" * METADATA_MAX_BYTES})
+    huge = CommitRecord(step=1, custom_metadata={"x": "y" * COMMIT_RECORD_MAX_BYTES})
     with pytest.raises(stepsafe.UnsupportedLeafError, match="metadata"):
         huge.to_json()
 

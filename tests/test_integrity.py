@@ -47,7 +47,7 @@ from stepsafe import (
     UnsupportedFormatError,
     UnsupportedLeafError,
 )
-from stepsafe.format import CheckpointMetadata
+from stepsafe.format import CommitRecord
 from stepsafe.format.checksum import checksum
 from stepsafe.storage.local import LocalStorage
 
@@ -99,7 +99,7 @@ def get(tree: Any, path: tuple) -> Any:
 
 def manifest_file(ckpt: Path) -> Path:
     """The manifest's name carries the save id recorded in the metadata."""
-    return ckpt / CheckpointMetadata.from_json((ckpt / METADATA).read_bytes(), "").manifest_path
+    return ckpt / CommitRecord.from_json((ckpt / METADATA).read_bytes(), "").manifest_path
 
 
 def read_manifest(ckpt: Path) -> dict:
@@ -111,8 +111,8 @@ def rewrite_metadata(ckpt: Path, **changes: Any) -> None:
     fields it carries are recomputed (changes naming fields it does not have are dropped)."""
     doc = json.loads((ckpt / METADATA).read_bytes())
     doc.update(changes)
-    names = {f.name for f in dataclasses.fields(CheckpointMetadata)}
-    meta = CheckpointMetadata(**{k: v for k, v in doc.items() if k in names})
+    names = {f.name for f in dataclasses.fields(CommitRecord)}
+    meta = CommitRecord(**{k: v for k, v in doc.items() if k in names})
     (ckpt / METADATA).write_bytes(meta.to_json())
 
 
@@ -590,7 +590,7 @@ def test_deeply_nested_checkpoint_metadata(ckpt):
 def json_ckpt(tmp_path_factory) -> tuple[Path, Any, Any]:
     """A checkpoint with inline values and user metadata, its restored tree and its info."""
     path = tmp_path_factory.mktemp("json") / "1"
-    stepsafe.save(path, make_state(), metadata={"loss": 2.5, "tag": "abc"})
+    stepsafe.save(path, make_state(), custom_metadata={"loss": 2.5, "tag": "abc"})
     return path, stepsafe.restore(path), stepsafe.info(path)
 
 
@@ -901,7 +901,7 @@ def test_unsupported_dict_keys(tmp_path, tree, needle):
 
 def test_unserialisable_metadata_leaves_nothing(tmp_path):
     with pytest.raises(UnsupportedLeafError, match="metadata"):
-        stepsafe.save(tmp_path / "ckpt" / "1", {"a": np.ones(2)}, metadata={"x": object()})
+        stepsafe.save(tmp_path / "ckpt" / "1", {"a": np.ones(2)}, custom_metadata={"x": object()})
     assert not (tmp_path / "ckpt" / "1").exists()
     assert not list((tmp_path / "ckpt").glob("*stepsafe-tmp*"))
 

@@ -441,11 +441,11 @@ def test_metadata_that_is_not_json_fails_at_the_call(tmp_path, bad):
     opts = ManagerOptions(save_interval_steps=1, async_save=True)
     with CheckpointManager(str(tmp_path), opts) as m:
         with pytest.raises(UnsupportedLeafError, match="metadata must be"):
-            m.save(1, state_at(1), metadata=bad)
+            m.save(1, state_at(1), custom_metadata=bad)
         m.wait_until_finished()  # nothing failed in the background
         assert m.all_steps() == [] and os.listdir(tmp_path) == [LEASE_FILE]
         meta = {"lr": 0.1}
-        m.save(1, state_at(1), metadata=meta)
+        m.save(1, state_at(1), custom_metadata=meta)
         meta["lr"] = "changed after the call"
     stored = json.loads((tmp_path / "1" / "_CHECKPOINT_METADATA").read_text())
     assert stored["custom_metadata"] == {"lr": 0.1}

@@ -18,7 +18,7 @@ from trees import assert_bit_exact
 import stepsafe
 from stepsafe import knobs
 from stepsafe.errors import ConfigError, ManifestError
-from stepsafe.format import CheckpointMetadata, CheckpointReader, HostArray, write_checkpoint
+from stepsafe.format import CheckpointReader, CommitRecord, HostArray, write_checkpoint
 from stepsafe.format.manifest import Chunk, Shard
 from stepsafe.format.merge import merge_parts
 from stepsafe.format.plan import FilePlan, Piece, PlannedShard, WritePlan, plan_files
@@ -73,7 +73,7 @@ def _write(storage, path: Path, arrays: list[HostArray], **kwargs) -> None:
         _structure([a.path for a in arrays]),
         arrays,
         {},
-        metadata=CheckpointMetadata(step=1, save_id=SAVE_ID),
+        record=CommitRecord(step=1, save_id=SAVE_ID),
         **kwargs,
     )
 
@@ -182,7 +182,7 @@ def _merge_and_commit(path: Path, parts_boxes: list[list]) -> None:
     with LocalStorage().transaction(str(path)) as txn:
         parts = [_part_of(txn, p, boxes) for p, boxes in enumerate(parts_boxes)]
         manifest = merge_parts(_structure(["w", "n"]), arrays, {"n": 3}, parts)
-        commit_manifest(txn, manifest, CheckpointMetadata(step=5, save_id=SAVE_ID))
+        commit_manifest(txn, manifest, CommitRecord(step=5, save_id=SAVE_ID))
 
 
 def test_parts_of_two_processes_merge_into_one_checkpoint(tmp_path):

@@ -23,7 +23,7 @@ from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe.errors import StepsafeError
-from stepsafe.format import METADATA_FILE, delete_checkpoint
+from stepsafe.format import COMMIT_FILE, delete_checkpoint
 from stepsafe.manager import CheckpointManager, ManagerOptions, load_initial_state
 from stepsafe.storage.local import LocalStorage, LocalTransaction
 from stepsafe.storage.temporaries import TMP_MARK
@@ -216,7 +216,7 @@ def test_manager_start_removes_a_dead_save_s_temporary_and_keeps_a_live_one(tmp_
         m.save(1, state_at(1), force=True)
     subprocess.run([sys.executable, "-c", DIE_BEFORE_RENAME, str(d / "2")], check=True)
     (dead,) = [p for p in os.listdir(d) if TMP_MARK in p]
-    assert dead.startswith("2" + TMP_MARK) and (d / dead / METADATA_FILE).is_file()
+    assert dead.startswith("2" + TMP_MARK) and (d / dead / COMMIT_FILE).is_file()
     live = LocalStorage().transaction(str(d / "3"))  # a save of this (live) process, unfinished
     live.write_file("items/x.data", [b"x" * 100])
     try:
@@ -289,7 +289,7 @@ class DeletionLog:
             real = getattr(storage_cls, name)
 
             def record(self_, path, _real=real, _name=name):
-                self.calls.append((_name, path, self_.exists(self_.join(path, METADATA_FILE))))
+                self.calls.append((_name, path, self_.exists(self_.join(path, COMMIT_FILE))))
                 return _real(self_, path)
 
             monkeypatch.setattr(storage_cls, name, record)
@@ -298,7 +298,7 @@ class DeletionLog:
 def _marker_went_first(calls: list[tuple[str, str, bool]], step_dir: str) -> None:
     mine = [c for c in calls if c[1] == step_dir or c[1].startswith(step_dir.rstrip("/") + "/")]
     assert mine, calls
-    marker = step_dir.rstrip("/") + "/" + METADATA_FILE
+    marker = step_dir.rstrip("/") + "/" + COMMIT_FILE
     first = mine[0]
     assert first[0] == "delete_file" and first[1].replace(os.sep, "/") == marker.replace(
         os.sep, "/"
@@ -316,7 +316,7 @@ def test_retention_deletes_the_marker_before_the_rest(tmp_path, monkeypatch):
         if dir_fd is not None:
             full = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), full)
         if full.startswith(step1 + os.sep):
-            unlinked.append((full, os.path.exists(os.path.join(step1, METADATA_FILE))))
+            unlinked.append((full, os.path.exists(os.path.join(step1, COMMIT_FILE))))
         return real_unlink(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "unlink", unlink)
@@ -327,7 +327,7 @@ def test_retention_deletes_the_marker_before_the_rest(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert m.all_steps() == [2] and not os.path.exists(step1)
     _marker_went_first(log.calls, step1)
-    others = [(p, present) for p, present in unlinked if not p.endswith(METADATA_FILE)]
+    others = [(p, present) for p, present in unlinked if not p.endswith(COMMIT_FILE)]
     assert len(others) >= 4, unlinked  # data files, manifest, iterator state
     assert not any(present for _, present in others), unlinked
 

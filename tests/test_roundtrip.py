@@ -122,7 +122,7 @@ def test_containers_round_trip_exactly_with_target(tmp_path):
 
 def test_metadata_reads_manifest_only(tmp_path):
     tree = {"w": np.zeros((4, 5), ml_dtypes.bfloat16), "step": 3}
-    stepsafe.save(tmp_path / "c", tree, metadata={"loss": 1.5})
+    stepsafe.save(tmp_path / "c", tree, custom_metadata={"loss": 1.5})
     for f in (tmp_path / "c" / "items").glob("*.data"):
         f.unlink()  # metadata must not need them
     meta = stepsafe.metadata(tmp_path / "c")

@@ -15,7 +15,7 @@ from trees import assert_bit_exact
 
 import stepsafe
 from stepsafe.errors import ManifestError, TargetMismatchError, UnsupportedLeafError
-from stepsafe.format import CheckpointMetadata, HostArray, write_checkpoint
+from stepsafe.format import CommitRecord, HostArray, write_checkpoint
 from stepsafe.storage.local import LocalStorage, LocalTransaction
 from stepsafe.tree.structure import MAX_DEPTH
 
@@ -30,7 +30,7 @@ def _write(path: Path, arrays: list[HostArray], storage=None) -> None:
         structure,
         arrays,
         {},
-        metadata=CheckpointMetadata(step=1),
+        record=CommitRecord(step=1),
     )
 
 

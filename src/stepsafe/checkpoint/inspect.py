@@ -117,7 +117,7 @@ def info(path: str) -> CheckpointInfo:
     ```
     """
     reader = open_checkpoint(path)
-    m, man = reader.metadata, reader.manifest
+    m, man = reader.record, reader.manifest
     return CheckpointInfo(
         path=reader.path,
         step=m.step,

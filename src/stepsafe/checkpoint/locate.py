@@ -12,7 +12,7 @@ import posixpath
 
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, is_step_name, step_number, step_path
 from stepsafe.errors import CheckpointNotFoundError, IncompleteCheckpointError
-from stepsafe.format import ITEMS_DIR, METADATA_FILE, is_committed
+from stepsafe.format import COMMIT_FILE, ITEMS_DIR, is_committed
 from stepsafe.storage import Storage
 
 
@@ -57,9 +57,9 @@ def locate(storage: Storage, path: str) -> str:
             f"{path} is the temporary directory of a save that never committed; it is not a "
             "checkpoint (`stepsafe gc` removes it once its writer is gone)"
         )
-    if storage.exists(storage.join(p, METADATA_FILE)) or storage.is_dir(storage.join(p, ITEMS_DIR)):
+    if storage.exists(storage.join(p, COMMIT_FILE)) or storage.is_dir(storage.join(p, ITEMS_DIR)):
         return p
-    if base == ITEMS_DIR and storage.exists(storage.join(parent, METADATA_FILE)):
+    if base == ITEMS_DIR and storage.exists(storage.join(parent, COMMIT_FILE)):
         return parent
     for d in (storage.join(p, CHECKPOINTS_DIR), p):
         steps = committed_steps(storage, d)
@@ -74,5 +74,5 @@ def locate(storage: Storage, path: str) -> str:
         )
     raise CheckpointNotFoundError(
         f"{path} holds no stepsafe checkpoint: expected a step directory (with "
-        f"{METADATA_FILE}), its {ITEMS_DIR}/, or a run directory with {CHECKPOINTS_DIR}/<step>/"
+        f"{COMMIT_FILE}), its {ITEMS_DIR}/, or a run directory with {CHECKPOINTS_DIR}/<step>/"
     )

@@ -212,7 +212,6 @@ def restore(
     select: str | Sequence[Any] | None = None,
     verify: bool = True,
     allow_cast: bool = False,
-    storage: Storage | None = None,
 ) -> Any:
     """Read a committed checkpoint back as a tree.
 
@@ -236,9 +235,6 @@ def restore(
             float64; an inline Python int counts as the smallest integer dtype that holds it.
             Casting float32 parameters to bfloat16 on purpose (as MaxText does) needs
             ``allow_cast=True``.
-        storage (`Storage`, *optional*): the storage that holds ``path`` (``path`` in its
-            syntax); by default the one ``path`` names. A ``CheckpointManager`` passes its
-            own, with its transfer budget.
 
     Returns:
         `Any`: the tree; with ``select``, only that subtree.
@@ -264,13 +260,20 @@ def restore(
     w = stepsafe.restore("ckpt/1000", {"w": np.zeros((4, 4), np.float32)}, select="params")
     ```
     """
-    with open_checkpoint(path, storage) as reader:
-        return _restore_from(reader, target, select, verify, allow_cast)
+    with open_checkpoint(path) as reader:
+        return restore_from(reader, target, select, verify, allow_cast)
 
 
-def _restore_from(
-    reader: CheckpointReader, target: Any, select: Any, verify: bool, allow_cast: bool = False
+def restore_from(
+    reader: CheckpointReader,
+    target: Any,
+    select: Any = None,
+    verify: bool = True,
+    allow_cast: bool = False,
 ) -> Any:
+    """``restore`` from an open reader: for callers that hold their own storage (a
+    ``CheckpointManager``, with its transfer budget), so that the public ``restore`` takes
+    paths only."""
     prefix = select_prefix(select)
     try:
         node = subtree(reader.manifest.structure, prefix)

@@ -22,7 +22,7 @@ from stepsafe.arrays import (
     to_host,
 )
 from stepsafe.errors import ConfigError, MultiProcessSaveError, UnsupportedLeafError
-from stepsafe.format import CheckpointMetadata, HostArray, write_checkpoint
+from stepsafe.format import CommitRecord, HostArray, write_checkpoint
 from stepsafe.format.writer import ALIGN
 from stepsafe.storage import Storage, run_all, storage_for
 from stepsafe.tree import Structure, flatten
@@ -109,24 +109,25 @@ def _check_data_file_size(size: int | None) -> None:
         raise ConfigError(f"data_file_size_bytes must be >= {ALIGN} bytes, got {size}")
 
 
-def json_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``metadata`` as it will be stored (a JSON round trip), or a clear error now, in the
-    caller's thread: found only by the background write, it would fail a later call instead."""
-    if metadata is None:
+def check_custom_metadata(custom: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``custom`` (a user's ``custom_metadata``) as it will be stored (a JSON round trip), or
+    a clear error now, in the caller's thread: found only by the background write, it would
+    fail a later call instead."""
+    if custom is None:
         return None
-    if not isinstance(metadata, dict):
-        raise UnsupportedLeafError(f"metadata must be a dict, got {type(metadata).__name__}")
+    if not isinstance(custom, dict):
+        raise UnsupportedLeafError(f"custom_metadata must be a dict, got {type(custom).__name__}")
     try:
-        return json.loads(json.dumps(metadata))
+        return json.loads(json.dumps(custom))
     except (TypeError, ValueError, RecursionError) as e:
-        raise UnsupportedLeafError(f"metadata must be JSON-serialisable: {e}") from e
+        raise UnsupportedLeafError(f"custom_metadata must be JSON-serialisable: {e}") from e
 
 
 def write(
     path: str,
     snap: Snapshot,
     *,
-    metadata: dict[str, Any] | None = None,
+    custom_metadata: dict[str, Any] | None = None,
     step: int | None = None,
     extra_files: dict[str, bytes] | None = None,
     data_file_size_bytes: int | None = None,
@@ -137,7 +138,7 @@ def write(
     in its syntax; by default ``storage_for(path)``'s."""
     _check_data_file_size(data_file_size_bytes)
     check_single_process(path)
-    metadata = json_metadata(metadata)
+    custom_metadata = check_custom_metadata(custom_metadata)
     start_host_transfers(snap.arrays)
     storage, local = storage_for(path) if storage is None else (storage, path)
     write_checkpoint(
@@ -146,7 +147,7 @@ def write(
         snap.structure,
         snap.arrays,
         snap.values,
-        metadata=CheckpointMetadata(step=step, custom_metadata=dict(metadata or {})),
+        record=CommitRecord(step=step, custom_metadata=dict(custom_metadata or {})),
         extra_files=extra_files,
         file_size=data_file_size_bytes,
     )
@@ -156,7 +157,7 @@ def save(
     path: str,
     tree: Any,
     *,
-    metadata: dict[str, Any] | None = None,
+    custom_metadata: dict[str, Any] | None = None,
     data_file_size_bytes: int | None = None,
 ) -> None:
     """Write ``tree`` as a committed checkpoint at ``path``; durable when this returns.
@@ -170,7 +171,7 @@ def save(
             It must not hold a committed checkpoint yet: a checkpoint is never overwritten.
         tree (`Any`): a pytree (dicts, lists, tuples, NamedTuples, JAX-registered nodes) of
             numpy / JAX arrays and Python scalars, strings or None.
-        metadata (`dict`, *optional*): any JSON-serialisable dict, stored in
+        custom_metadata (`dict`, *optional*): any JSON-serialisable dict, stored in
             ``_CHECKPOINT_METADATA`` as ``custom_metadata`` (``info(path).custom_metadata``).
         data_file_size_bytes (`int`, *optional*): where data files are split; None: 2 GiB on
             a local disk, 128 MiB on buckets (each file goes up in one request, several at
@@ -182,7 +183,7 @@ def save(
     Raises:
         CheckpointExistsError: a committed checkpoint already lives at ``path``.
         UnsupportedLeafError: a leaf, key or nesting depth that ``restore`` could not read
-            back, or ``metadata`` that is not a JSON-serialisable dict.
+            back, or ``custom_metadata`` that is not a JSON-serialisable dict.
         ConfigError: ``data_file_size_bytes`` is too small to split at.
         MultiProcessSaveError: this is one of several JAX processes (nothing is written).
         StorageError: the storage refused (disk full, read-only, no permission).
@@ -195,8 +196,13 @@ def save(
     import stepsafe
 
     state = {"params": {"w": np.ones((4, 4), np.float32)}, "step": 1000}
-    stepsafe.save("ckpt/1000", state, metadata={"loss": 1.5})
+    stepsafe.save("ckpt/1000", state, custom_metadata={"loss": 1.5})
     ```
     """
     snap = snapshot(tree, path=str(path))
-    write(str(path), snap, metadata=metadata, data_file_size_bytes=data_file_size_bytes)
+    write(
+        str(path),
+        snap,
+        custom_metadata=custom_metadata,
+        data_file_size_bytes=data_file_size_bytes,
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from stepsafe.checkpoint.locate import locate
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, is_step_name, step_number, step_path
-from stepsafe.format import METADATA_FILE
+from stepsafe.format import COMMIT_FILE
 from stepsafe.format.check import Problem, Progress, VerifyReport, check_checkpoint
 from stepsafe.storage import storage_for
 
@@ -26,7 +26,7 @@ def verify_targets(path: str) -> list[str]:
         steps = sorted(
             step_number(n)
             for n in names
-            if is_step_name(n) and storage.exists(storage.join(d, n, METADATA_FILE))
+            if is_step_name(n) and storage.exists(storage.join(d, n, COMMIT_FILE))
         )
         if steps:
             return [step_path(storage, d, s) for s in steps]

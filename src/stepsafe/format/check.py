@@ -21,9 +21,9 @@ from stepsafe.errors import (
     IncompleteCheckpointError,
     UnsupportedFormatError,
 )
-from stepsafe.format.layout import METADATA_FILE
+from stepsafe.format.layout import COMMIT_FILE
 from stepsafe.format.manifest import Chunk
-from stepsafe.format.reader import CheckpointReader, read_extra, read_metadata
+from stepsafe.format.reader import CheckpointReader, read_commit_record, read_extra
 from stepsafe.storage import Storage
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -62,7 +62,7 @@ class VerifyReport:
 def check_checkpoint(
     storage: Storage, step_dir: str, progress: Progress | None = None
 ) -> VerifyReport:
-    """Check the checkpoint at ``step_dir``: its metadata and manifest, its extra files, the
+    """Check the checkpoint at ``step_dir``: its record and manifest, its extra files, the
     size of every data file and the checksum of every chunk, collecting every problem.
 
     Raises:
@@ -70,10 +70,10 @@ def check_checkpoint(
         StorageError: the storage failed in a way that is not about this checkpoint.
     """
     report = VerifyReport(step_dir)
-    where = storage.join(step_dir, METADATA_FILE)
+    where = storage.join(step_dir, COMMIT_FILE)
     try:
-        metadata = read_metadata(storage, step_dir)
-        where = storage.join(step_dir, metadata.manifest_path)
+        record = read_commit_record(storage, step_dir)
+        where = storage.join(step_dir, record.manifest_path)
         reader = CheckpointReader(storage, step_dir)
     except UnsupportedFormatError:
         raise
@@ -83,15 +83,15 @@ def check_checkpoint(
     except IncompleteCheckpointError as e:
         report.problems.append(Problem("incomplete", str(e), where))
         return report
-    for name in metadata.extra_files:
+    for name in record.extra_files:
         try:
-            read_extra(storage, step_dir, name, metadata)
+            read_extra(storage, step_dir, name, record)
         except (CorruptCheckpointError, OSError) as e:
             kind = "checksum" if isinstance(e, ChecksumMismatchError) else "missing"
-            file = storage.join(step_dir, metadata.extra_path(name))
+            file = storage.join(step_dir, record.extra_path(name))
             report.problems.append(Problem(kind, str(e), file))
     manifest = reader.manifest
-    report.step = reader.metadata.step
+    report.step = reader.record.step
     report.num_arrays = len(manifest.arrays)
     report.num_files = len(manifest.files)
     missing = _check_files(reader, report)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from stepsafe.errors import DeletionError, ManifestError
 from stepsafe.format.layout import (
+    COMMIT_FILE,
     ITEMS_DIR,
-    METADATA_FILE,
-    CheckpointMetadata,
+    CommitRecord,
     check_extra_name,
 )
 from stepsafe.format.reader import CheckpointReader
@@ -58,7 +58,7 @@ def extra_save_id(relpath: str) -> str | None:
     return m["id"]
 
 
-def foreign_files(walked: StepFiles, meta: CheckpointMetadata | None) -> list[str]:
+def foreign_files(walked: StepFiles, meta: CommitRecord | None) -> list[str]:
     """Entries of a step that stepsafe did not write: every link, and every file but these.
 
     In a committed step (``meta``, its parsed metadata): the marker, the extra files the commit
@@ -75,7 +75,7 @@ def foreign_files(walked: StepFiles, meta: CheckpointMetadata | None) -> list[st
     ours = {f for f in walked.files if extra_save_id(f) in items_ids}
     if meta is not None:
         ours.update(meta.extra_path(name) for name in meta.extra_files)
-    ours.add(METADATA_FILE)
+    ours.add(COMMIT_FILE)
     files = [f for f in walked.files if f not in ours and items_save_id(f) is None]
     return sorted(walked.links + files)
 
@@ -90,7 +90,7 @@ def named_like_ours(relpath: str) -> bool:
     """Whether ``relpath`` is named as this format names files: enough only inside a
     directory whose own name is stepsafe's (a save's temporary)."""
     return (
-        relpath == METADATA_FILE
+        relpath == COMMIT_FILE
         or items_save_id(relpath) is not None
         or extra_save_id(relpath) is not None
     )
@@ -149,7 +149,7 @@ def delete_checkpoint(storage: Storage, path: str) -> None:
             "itself if it is no longer needed"
         )
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        storage.delete_file(storage.join(path, METADATA_FILE))
+        storage.delete_file(storage.join(path, COMMIT_FILE))
     for f in walk_step(storage, path).files:
         if not f.startswith(f"{ITEMS_DIR}/"):
             with contextlib.suppress(NotADirectoryError):
@@ -209,7 +209,7 @@ def stray_files(storage: Storage, path: str, walked: StepFiles | None = None) ->
         StepsafeError: the step is not a committed, intact checkpoint (nothing is a stray then).
     """
     with CheckpointReader(storage, path) as reader:
-        meta = reader.metadata
+        meta = reader.record
         named = {f"{ITEMS_DIR}/{name}" for name in reader.manifest.files}
     walked = walked if walked is not None else walk_step(storage, path)
     items = [f for f in walked.files if items_save_id(f) not in (None, meta.save_id)]

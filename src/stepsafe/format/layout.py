@@ -1,4 +1,4 @@
-"""Names inside one checkpoint directory, and its ``_CHECKPOINT_METADATA`` document.
+"""Names inside one checkpoint directory, and its commit record (``_CHECKPOINT_METADATA``).
 
     <step dir>/_CHECKPOINT_METADATA                JSON, Orbax-compatible keys plus stepsafe's own
     <step dir>/items/manifest.<save id>.json       the tree (see manifest.py)
@@ -7,9 +7,9 @@
 
 ``_CHECKPOINT_METADATA`` carries a commit timestamp and is written last, so it doubles as the
 commit marker on storage without atomic rename. Every other file's name carries the id of the
-save that wrote it, recorded in the metadata: on a bucket two saves racing for one step write
+save that wrote it, kept in the commit record: on a bucket two saves racing for one step write
 disjoint files, and the one whose marker is created wins without the loser touching a byte of
-it. Extra files' checksums live in the metadata too, so every byte of a step is covered.
+it. Extra files' checksums live in the record too, so every byte of a step is covered.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from stepsafe.errors import (
 from stepsafe.format.checksum import checksum
 from stepsafe.format.manifest import FORMAT, FORMAT_VERSION
 
-METADATA_FILE = "_CHECKPOINT_METADATA"
+COMMIT_FILE = "_CHECKPOINT_METADATA"
 ITEMS_DIR = "items"
 # Readers refuse bigger files unread (a link to /dev/zero must not become an endless read), and
 # writers refuse to write them: save and restore agree on every limit.
-METADATA_MAX_BYTES = 16 << 20  # mostly the user's custom metadata
+COMMIT_RECORD_MAX_BYTES = 16 << 20  # mostly the user's custom metadata
 EXTRA_FILE_MAX_BYTES = 1 << 30  # e.g. a data iterator's state, per process
 _SAVE_ID = re.compile(r"^[0-9a-f]{8,32}$")
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}"
@@ -67,7 +67,7 @@ def check_extra_name(name: str, where: str) -> str:
         not isinstance(name, str)
         or not _EXTRA_NAME.match(name)
         or ".." in name.split("/")
-        or name.split("/")[0] in (ITEMS_DIR, METADATA_FILE)
+        or name.split("/")[0] in (ITEMS_DIR, COMMIT_FILE)
     ):
         raise ManifestError(f"{where} names an unsafe extra file {name!r}")
     return name
@@ -78,8 +78,11 @@ def _canonical(doc: dict[str, Any]) -> bytes:
 
 
 @dataclass
-class CheckpointMetadata:
-    """The contents of ``_CHECKPOINT_METADATA``.
+class CommitRecord:
+    """The commit record: the contents of ``_CHECKPOINT_METADATA`` (the file keeps Orbax's
+    name). Four things are called "metadata" around a checkpoint, each with its own name here:
+    this record; the user's ``custom_metadata`` dict inside it; ``stepsafe.metadata(path)``, the
+    tree of array shapes and dtypes (Orbax's name for it); a cloud's instance metadata service.
 
     It carries the manifest's checksum and one over its own other fields, so that not a byte of
     a checkpoint (step, user metadata, inline values in the manifest) can change unnoticed.
@@ -119,16 +122,16 @@ class CheckpointMetadata:
         }
         doc["checksum"] = checksum(_canonical(doc))
         raw = json.dumps(doc, indent=1).encode()
-        if len(raw) > METADATA_MAX_BYTES:
+        if len(raw) > COMMIT_RECORD_MAX_BYTES:
             raise UnsupportedLeafError(
                 f"the checkpoint's metadata would be {len(raw)} bytes of JSON, more than the "
-                f"{METADATA_MAX_BYTES} that readers accept: keep custom metadata small (save "
+                f"{COMMIT_RECORD_MAX_BYTES} that readers accept: keep custom metadata small (save "
                 "big things in the tree)"
             )
         return raw
 
     @classmethod
-    def from_json(cls, raw: bytes, where: str) -> CheckpointMetadata:
+    def from_json(cls, raw: bytes, where: str) -> CommitRecord:
         try:
             doc = json.loads(raw)
             if not isinstance(doc, dict) or doc.get("format") != FORMAT:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stepsafe.format.layout import METADATA_FILE
+from stepsafe.format.layout import COMMIT_FILE
 from stepsafe.format.manifest import FORMAT
 from stepsafe.storage import Storage
 
@@ -33,7 +33,7 @@ def is_orbax_step(storage: Storage, path: str, metadata: Any = None) -> bool:
             is read here, when small and not a link).
     """
     if metadata is None:
-        metadata = _read_metadata_doc(storage, storage.join(path, METADATA_FILE))
+        metadata = _read_metadata_doc(storage, storage.join(path, COMMIT_FILE))
     if (
         isinstance(metadata, dict)
         and metadata.get("format") != FORMAT

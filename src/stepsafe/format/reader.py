@@ -1,4 +1,4 @@
-"""Read one committed checkpoint: its metadata, its manifest, and array bytes by range.
+"""Read one committed checkpoint: its record, its manifest, and array bytes by range.
 
 Arrays are read in two steps: plan which saved shards fill the wanted boxes (regions.py), then
 hand every chunk of many arrays to the storage as one batch of ranged reads straight into the
@@ -25,11 +25,11 @@ from stepsafe.errors import (
 )
 from stepsafe.format.checksum import checksum
 from stepsafe.format.layout import (
+    COMMIT_FILE,
+    COMMIT_RECORD_MAX_BYTES,
     EXTRA_FILE_MAX_BYTES,
     ITEMS_DIR,
-    METADATA_FILE,
-    METADATA_MAX_BYTES,
-    CheckpointMetadata,
+    CommitRecord,
 )
 from stepsafe.format.manifest import MANIFEST_MAX_BYTES, ArrayEntry, Chunk, Manifest
 from stepsafe.format.regions import ArrayRead, Box, plan_array_read
@@ -70,47 +70,47 @@ def read_step_file(storage: Storage, step: str, rel: str, limit: int) -> bytes:
 
 
 def is_committed(storage: Storage, path: str) -> bool:
-    """True when ``path`` holds a committed checkpoint (metadata with a commit timestamp);
-    False when its metadata is missing, unreadable (a link, FIFO or device, huge, no
+    """True when ``path`` holds a committed checkpoint (record with a commit timestamp);
+    False when its record is missing, unreadable (a link, FIFO or device, huge, no
     permission) or not stepsafe's: one bad step must not stop a listing or a resume, which
-    pass it by. ``stepsafe ls`` shows it as Damaged, and ``read_metadata`` says what is wrong.
+    pass it by. ``stepsafe ls`` shows it as Damaged, and ``read_commit_record`` says what is wrong.
     """
     try:
-        raw = read_step_file(storage, path, METADATA_FILE, METADATA_MAX_BYTES)
+        raw = read_step_file(storage, path, COMMIT_FILE, COMMIT_RECORD_MAX_BYTES)
     except (OSError, StepsafeError):
         return False
     try:
-        return CheckpointMetadata.from_json(raw, path).commit_timestamp_nsecs is not None
+        return CommitRecord.from_json(raw, path).commit_timestamp_nsecs is not None
     except Exception:
         return False
 
 
-def read_metadata(storage: Storage, path: str) -> CheckpointMetadata:
-    """The metadata of the committed checkpoint at ``path``; IncompleteCheckpointError if the
+def read_commit_record(storage: Storage, path: str) -> CommitRecord:
+    """The record of the committed checkpoint at ``path``; IncompleteCheckpointError if the
     save that wrote it never finished."""
     try:
-        raw = read_step_file(storage, path, METADATA_FILE, METADATA_MAX_BYTES)
+        raw = read_step_file(storage, path, COMMIT_FILE, COMMIT_RECORD_MAX_BYTES)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         raise IncompleteCheckpointError(
-            f"{path} is not a committed checkpoint (no {METADATA_FILE} file): the save that "
+            f"{path} is not a committed checkpoint (no {COMMIT_FILE} file): the save that "
             "wrote it did not finish; delete it or restore an earlier step"
         ) from e
-    metadata = CheckpointMetadata.from_json(raw, storage.join(path, METADATA_FILE))
-    if metadata.commit_timestamp_nsecs is None:
+    record = CommitRecord.from_json(raw, storage.join(path, COMMIT_FILE))
+    if record.commit_timestamp_nsecs is None:
         raise IncompleteCheckpointError(f"{path} was never committed")
-    return metadata
+    return record
 
 
 def read_extra(
-    storage: Storage, path: str, name: str, metadata: CheckpointMetadata | None = None
+    storage: Storage, path: str, name: str, record: CommitRecord | None = None
 ) -> bytes | None:
     """Extra file ``name`` (as its writer named it) of the checkpoint at ``path``, checked
     against the checksum in its metadata; None when the save wrote no such file."""
-    metadata = metadata or read_metadata(storage, path)
-    want = metadata.extra_files.get(name)
+    record = record or read_commit_record(storage, path)
+    want = record.extra_files.get(name)
     if want is None:
         return None
-    rel = metadata.extra_path(name)
+    rel = record.extra_path(name)
     where = storage.join(path, rel)
     try:
         raw = read_step_file(storage, path, rel, EXTRA_FILE_MAX_BYTES)
@@ -118,7 +118,7 @@ def read_extra(
         raise TruncatedDataError(f"{where} is missing: the checkpoint is damaged") from e
     if checksum(raw) != want:
         raise ChecksumMismatchError(
-            f"{where} does not match the checksum in {METADATA_FILE}: it is corrupt"
+            f"{where} does not match the checksum in {COMMIT_FILE}: it is corrupt"
         )
     return raw
 
@@ -129,17 +129,17 @@ class CheckpointReader:
     def __init__(self, storage: Storage, path: str) -> None:
         self.storage = storage
         self.path = path
-        self.metadata = read_metadata(storage, path)
-        manifest_path = storage.join(path, self.metadata.manifest_path)
+        self.record = read_commit_record(storage, path)
+        manifest_path = storage.join(path, self.record.manifest_path)
         try:
-            raw = read_step_file(storage, path, self.metadata.manifest_path, MANIFEST_MAX_BYTES)
+            raw = read_step_file(storage, path, self.record.manifest_path, MANIFEST_MAX_BYTES)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
             raise TruncatedDataError(
                 f"{manifest_path} is missing: the checkpoint is damaged"
             ) from e
-        if checksum(raw) != self.metadata.manifest_checksum:
+        if checksum(raw) != self.record.manifest_checksum:
             raise ChecksumMismatchError(
-                f"{manifest_path} does not match the checksum in {METADATA_FILE}: the manifest is "
+                f"{manifest_path} does not match the checksum in {COMMIT_FILE}: the manifest is "
                 "corrupt; restore an earlier step"
             )
         self.manifest = Manifest.from_json(raw, manifest_path)

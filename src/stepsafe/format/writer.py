@@ -5,7 +5,7 @@ Data files are split at a target size so that big states spread over files that 
 and read in parallel (``plan.py``); each file's writer returns the record of what it wrote
 (``written.py``); the manifest is assembled from those records only, and refused unless every
 array is covered exactly (``merge.py``). The manifest, any extra files, and
-``_CHECKPOINT_METADATA`` follow the data, the metadata last, and only then does the transaction
+``_CHECKPOINT_METADATA`` follow the data, the record last, and only then does the transaction
 commit.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from stepsafe.errors import ConfigError
 from stepsafe.format.checksum import checksum
-from stepsafe.format.layout import METADATA_FILE, CheckpointMetadata, check_extra_name
+from stepsafe.format.layout import COMMIT_FILE, CommitRecord, check_extra_name
 from stepsafe.format.manifest import Manifest
 from stepsafe.format.merge import merge_parts
 from stepsafe.format.plan import ALIGN, HostArray, plan_files
@@ -34,7 +34,7 @@ def write_checkpoint(
     arrays: list[HostArray],
     values: dict[str, Any],
     *,
-    metadata: CheckpointMetadata,
+    record: CommitRecord,
     extra_files: dict[str, bytes] | None = None,
     file_size: int | None = None,
     process_index: int = 0,
@@ -45,7 +45,7 @@ def write_checkpoint(
         structure: the tree's structure, as ``tree.flatten`` gives it.
         arrays: every array of the tree, with every one of its shards.
         values: the non-array leaves, stored inline in the manifest.
-        metadata: written last, as ``_CHECKPOINT_METADATA``; its checksums are filled in here.
+        record: written last, as ``_CHECKPOINT_METADATA``; its checksums are filled in here.
         extra_files: small files stored beside the state (name -> bytes).
         file_size: where data files are split; None for the storage's default (big files on
             a local disk, smaller ones on buckets, where each goes up in one request).
@@ -60,21 +60,21 @@ def write_checkpoint(
     file_size = storage.default_file_size if file_size is None else file_size
     if file_size < ALIGN:
         raise ConfigError(f"data_file_size_bytes must be at least {ALIGN}, got {file_size}")
-    plan = plan_files(arrays, file_size, process_index, metadata.save_id)
+    plan = plan_files(arrays, file_size, process_index, record.save_id)
     with storage.transaction(path) as txn:
         part = write_files(txn, plan)
         manifest = merge_parts(structure, arrays, values, [part])
-        commit_manifest(txn, manifest, metadata, extra_files)
+        commit_manifest(txn, manifest, record, extra_files)
     return manifest
 
 
 def commit_manifest(
     txn: Transaction,
     manifest: Manifest,
-    metadata: CheckpointMetadata,
+    record: CommitRecord,
     extra_files: dict[str, bytes] | None = None,
 ) -> None:
-    """Write the manifest, the extra files and the metadata (last) into ``txn`` and commit it;
+    """Write the manifest, the extra files and the record (last) into ``txn`` and commit it;
     the data files must be in ``txn`` already.
 
     Raises:
@@ -82,12 +82,12 @@ def commit_manifest(
         StorageError, CheckpointExistsError: as the storage raised them.
     """
     raw = manifest.to_json()
-    txn.write_file(metadata.manifest_path, [raw])
+    txn.write_file(record.manifest_path, [raw])
     for name, content in (extra_files or {}).items():
         check_extra_name(name, "extra_files")
-        txn.write_file(metadata.extra_path(name), [content])
-        metadata.extra_files[name] = checksum(content)
-    metadata.manifest_checksum = checksum(raw)
-    metadata.commit_timestamp_nsecs = time.time_ns()
-    txn.write_file(METADATA_FILE, [metadata.to_json()])
+        txn.write_file(record.extra_path(name), [content])
+        record.extra_files[name] = checksum(content)
+    record.manifest_checksum = checksum(raw)
+    record.commit_timestamp_nsecs = time.time_ns()
+    txn.write_file(COMMIT_FILE, [record.to_json()])
     txn.commit()

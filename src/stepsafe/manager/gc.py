@@ -37,7 +37,7 @@ from stepsafe.checkpoint.run_layout import (
     step_under,
 )
 from stepsafe.errors import CheckpointNotFoundError, ConfigError, DeletionError, StepsafeError
-from stepsafe.format import read_metadata
+from stepsafe.format import read_commit_record
 from stepsafe.format.deletion import (
     StepFiles,
     delete_checkpoint,
@@ -174,7 +174,7 @@ def _plan_strays(plan: GcPlan, storage: Storage) -> None:
 
 
 def _save_id(storage: Storage, path: str) -> str:
-    return read_metadata(storage, path).save_id
+    return read_commit_record(storage, path).save_id
 
 
 def gc(path: str, keep: int, *, dry_run: bool = False) -> GcPlan:

@@ -30,7 +30,7 @@ from stepsafe.errors import (
     StepsafeError,
     UnsupportedFormatError,
 )
-from stepsafe.format import METADATA_FILE, CheckpointReader
+from stepsafe.format import COMMIT_FILE, CheckpointReader
 from stepsafe.format.deletion import (
     StepFiles,
     foreign_files,
@@ -38,7 +38,7 @@ from stepsafe.format.deletion import (
     named_like_ours,
     walk_step,
 )
-from stepsafe.format.layout import METADATA_MAX_BYTES, CheckpointMetadata
+from stepsafe.format.layout import COMMIT_RECORD_MAX_BYTES, CommitRecord
 from stepsafe.format.manifest import FORMAT
 from stepsafe.format.orbax_layout import is_orbax_step
 from stepsafe.format.reader import read_step_file
@@ -168,7 +168,7 @@ def scan_step(
         walked: StepFiles | None,
         detail: str = "",
         created: Any = None,
-        meta: CheckpointMetadata | None = None,
+        meta: CommitRecord | None = None,
     ) -> StepEntry:
         walked = walked or StepFiles()
         size = _size(storage, path, walked.files) if sizes else 0
@@ -200,9 +200,9 @@ def scan_step(
     if isinstance(doc, dict) and doc.get("format") == FORMAT:
         status, detail, meta = _open(storage, path)
         return entry(status, walked, detail, created, meta)
-    marker = METADATA_FILE in walked.files
+    marker = COMMIT_FILE in walked.files
     if marker and doc is None and has_items(walked):
-        return entry(DAMAGED, walked, f"its {METADATA_FILE} cannot be read or parsed")
+        return entry(DAMAGED, walked, f"its {COMMIT_FILE} cannot be read or parsed")
     if not marker and has_items(walked):
         return entry(INCOMPLETE, walked, "never committed, or half deleted")
     if not walked.files and not walked.links:
@@ -212,7 +212,7 @@ def scan_step(
     return entry(FOREIGN, walked, "not written by stepsafe: left alone")
 
 
-def _open(storage: Storage, path: str) -> tuple[str, str, CheckpointMetadata | None]:
+def _open(storage: Storage, path: str) -> tuple[str, str, CommitRecord | None]:
     """Status of a step whose marker says stepsafe wrote it: open it as restore would (the
     marker and the manifest, checked against their checksums) and check every data file's
     size (no array bytes are read: a flipped bit is found by ``stepsafe verify``). With it, the
@@ -220,13 +220,13 @@ def _open(storage: Storage, path: str) -> tuple[str, str, CheckpointMetadata | N
     try:
         with CheckpointReader(storage, path) as reader:
             reader.check_files()
-            return COMPLETE, "", reader.metadata
+            return COMPLETE, "", reader.record
     except IncompleteCheckpointError:
         return INCOMPLETE, "never committed", None
     except UnsupportedFormatError as e:
         return UNREADABLE, f"unreadable: {e}", None
     except CorruptCheckpointError as e:
-        if not storage.exists(storage.join(path, METADATA_FILE)):  # being deleted right now
+        if not storage.exists(storage.join(path, COMMIT_FILE)):  # being deleted right now
             return INCOMPLETE, "being deleted", None
         return DAMAGED, str(e), None
     except (StepsafeError, OSError) as e:
@@ -236,10 +236,10 @@ def _open(storage: Storage, path: str) -> tuple[str, str, CheckpointMetadata | N
 def _metadata_doc(storage: Storage, path: str, walked: StepFiles) -> Any:
     """The step's ``_CHECKPOINT_METADATA`` as JSON, or None when there is none (or it is not a
     small plain file holding JSON)."""
-    if METADATA_FILE not in walked.files:
+    if COMMIT_FILE not in walked.files:
         return None
     try:
-        return json.loads(read_step_file(storage, path, METADATA_FILE, METADATA_MAX_BYTES))
+        return json.loads(read_step_file(storage, path, COMMIT_FILE, COMMIT_RECORD_MAX_BYTES))
     except (OSError, StepsafeError, ValueError, RecursionError):
         return None
 

@@ -3,7 +3,7 @@
 Any object with ``get_state()`` / ``set_state(state)`` works (Grain's protocol). A state that
 is ``bytes`` is stored as is (``.bin``); anything else must be JSON (``.json``). Never pickle.
 The files are extra files of the checkpoint: the format names them per save and checks them
-against checksums in the step's metadata.
+against checksums in the step's record.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from typing import Any, Protocol
 
 from stepsafe.errors import StepsafeError, TruncatedDataError, UnsupportedLeafError
-from stepsafe.format import read_extra, read_metadata
+from stepsafe.format import read_commit_record, read_extra
 from stepsafe.storage import Storage
 
 ITER_DIR = "iter"
@@ -41,12 +41,12 @@ def restore_iterator(
     storage: Storage, step_dir: str, iterator: CheckpointableIterator, process_index: int = 0
 ) -> None:
     name = f"{ITER_DIR}/process_{process_index}"
-    metadata = read_metadata(storage, step_dir)
-    raw = read_extra(storage, step_dir, f"{name}.bin", metadata)
+    record = read_commit_record(storage, step_dir)
+    raw = read_extra(storage, step_dir, f"{name}.bin", record)
     if raw is not None:
         iterator.set_state(raw)
         return
-    raw = read_extra(storage, step_dir, f"{name}.json", metadata)
+    raw = read_extra(storage, step_dir, f"{name}.json", record)
     if raw is not None:
         try:
             state = json.loads(raw)

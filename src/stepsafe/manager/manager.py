@@ -23,7 +23,7 @@ from typing import Any
 from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint import committed_steps, snapshot, write
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, step_name
-from stepsafe.checkpoint.save import json_metadata
+from stepsafe.checkpoint.save import check_custom_metadata
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
 from stepsafe.manager.gc import remove_half_deleted
@@ -132,7 +132,7 @@ class CheckpointManager:
         state: Any,
         *,
         data_iterator: CheckpointableIterator | None = None,
-        metadata: dict[str, Any] | None = None,
+        custom_metadata: dict[str, Any] | None = None,
         force: bool = False,
     ) -> bool:
         """Save ``state`` as ``step`` if the period says so (or ``force``).
@@ -147,7 +147,7 @@ class CheckpointManager:
             state (`Any`): the pytree to save (as ``stepsafe.save`` takes it).
             data_iterator (`CheckpointableIterator`, *optional*): an object with
                 ``get_state()``; its state (bytes or JSON) is saved under ``<step>/iter/``.
-            metadata (`dict`, *optional*): a JSON-serialisable dict stored with the step
+            custom_metadata (`dict`, *optional*): a JSON-serialisable dict stored with the step
                 (copied now: the caller may change its dict while the save runs).
             force (`bool`, defaults to `False`): save even if ``step`` is not on the period
                 (the final step, or on a stop request); never when checkpointing is disabled.
@@ -156,9 +156,9 @@ class CheckpointManager:
             `bool`: True if a save was started (with ``async_save``) or committed (without).
 
         Raises:
-            UnsupportedLeafError: ``metadata`` or the iterator's state is not JSON-serialisable,
-                or ``state`` holds a leaf that cannot be saved (checked before anything is
-                written).
+            UnsupportedLeafError: ``custom_metadata`` or the iterator's state is not
+                JSON-serialisable, or ``state`` holds a leaf that cannot be saved (checked
+                before anything is written).
             BackgroundSaveError: the previous background save failed (raised once).
             RunInUseError: another manager has taken this run's lease over.
             MultiProcessSaveError: this is one of several JAX processes.
@@ -168,11 +168,11 @@ class CheckpointManager:
         ```python
         for step in range(1, 1001):
             state = train_step(state)
-            manager.save(step, state, data_iterator=data, metadata={"loss": float(loss)})
+            manager.save(step, state, data_iterator=data, custom_metadata={"loss": float(loss)})
         manager.save(step, state, force=True)  # the last step, whatever the period
         ```
         """
-        metadata = json_metadata(metadata)
+        custom_metadata = check_custom_metadata(custom_metadata)
         step_name(step)  # refuses a step no listing would count
         step = int(step)  # a numpy integer too: the step is stored as JSON
         if not self.options.enable_checkpointing or not (force or self.should_save(step)):
@@ -193,7 +193,7 @@ class CheckpointManager:
             write(
                 self.step_path(step),
                 snap,
-                metadata=metadata,
+                custom_metadata=custom_metadata,
                 step=step,
                 extra_files=extra,
                 data_file_size_bytes=self.options.data_file_size_bytes,

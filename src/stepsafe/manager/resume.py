@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stepsafe.checkpoint import restore
+from stepsafe.checkpoint.restore import open_checkpoint, restore_from
 from stepsafe.errors import CheckpointNotFoundError, CorruptCheckpointError
 from stepsafe.manager.iterator_state import CheckpointableIterator, restore_iterator
 from stepsafe.storage import Storage
@@ -26,7 +26,8 @@ def restore_step(
     data_iterator: CheckpointableIterator | None,
 ) -> Any:
     """The state at ``path`` (step ``step``), and the data iterator's position set."""
-    state = restore(path, target, storage=storage)
+    with open_checkpoint(path, storage) as reader:
+        state = restore_from(reader, target)
     if data_iterator is not None:
         restore_iterator(storage, path, data_iterator)
     log.info("Restored step %d from %s", step, path)

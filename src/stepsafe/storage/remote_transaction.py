@@ -26,7 +26,7 @@ from stepsafe.storage.base import Transaction
 if TYPE_CHECKING:
     from stepsafe.storage.remote import RemoteStorage
 
-# Must equal stepsafe.format.layout.METADATA_FILE (a test checks): storage sits above format
+# Must equal stepsafe.format.layout.COMMIT_FILE (a test checks): storage sits above format
 # in the layer order and cannot import it, but it has to know which file commits.
 COMMIT_MARKER = "_CHECKPOINT_METADATA"
 
