@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from stepsafe import knobs
 from stepsafe.arrays import is_leaf
+from stepsafe.checkpoint.casting import check_cast, target_dtype, value_dtype
 from stepsafe.checkpoint.locate import locate
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
@@ -53,59 +53,11 @@ def is_target_leaf(x: Any) -> bool:
     )
 
 
-_PYTHON_DTYPES = {bool: np.dtype(np.bool_), int: np.dtype(np.int64), float: np.dtype(np.float64)}
-
-
-def _target_dtype(target: Any, saved: np.dtype) -> np.dtype:
-    """The dtype a target leaf asks for. A Python ``int`` holds any integer exactly."""
-    kind = type(target)
-    if kind is int and saved.kind in "biu":
-        return saved
-    return _PYTHON_DTYPES[kind] if kind in _PYTHON_DTYPES else np.dtype(target.dtype)
-
-
-def _value_dtype(value: Any) -> np.dtype:
-    """An inline Python value's dtype for the cast rule: the smallest integer dtype that holds
-    an int (object for one beyond 64 bits), float64 for a float, bool for a bool."""
-    return np.min_scalar_type(value) if type(value) is int else np.asarray(value).dtype
-
-
-def lossless(saved: np.dtype, wanted: np.dtype) -> bool:
-    """Whether every value of ``saved`` survives a cast to ``wanted``: numpy's "safe" casts,
-    less the integer-to-float ones it calls safe though the float's mantissa is shorter than
-    the integer (int64 -> float64 turns 2**53 + 1 into 2**53)."""
-    if not np.can_cast(saved, wanted, casting="safe"):
-        return False
-    if saved.kind in "iu" and wanted.kind in "fc":
-        bits = saved.itemsize * 8 - (saved.kind == "i")
-        try:
-            mantissa = np.finfo(wanted).nmant + 1
-        except ValueError:  # ml_dtypes' floats (bfloat16, float8): numpy has no finfo for them
-            mantissa = ml_dtypes.finfo(wanted).nmant + 1
-        return bits <= mantissa
-    return True
-
-
-def check_cast(key: str, saved: np.dtype, target: Any, allow_cast: bool) -> None:
-    """Refuse a cast that could change values unless ``allow_cast`` (see ``restore``).
-
-    Raises:
-        TargetMismatchError: the cast is not ``lossless``.
-    """
-    wanted = _target_dtype(target, saved)
-    if allow_cast or saved == wanted or lossless(saved, wanted):
-        return
-    raise TargetMismatchError(
-        f"{key!r}: the checkpoint holds {saved}, the target wants {wanted}, and that cast can "
-        "change values: pass allow_cast=True to restore() to cast on purpose"
-    )
-
-
 def _restore_value(key: str, value: Any, target: Any, allow_cast: bool) -> Any:
     if target is None or type(target) is type(value):
         return value
     if isinstance(target, (bool, int, float)) and isinstance(value, (bool, int, float)):
-        check_cast(key, _value_dtype(value), target, allow_cast)
+        check_cast(key, value_dtype(value), target, allow_cast)
         return _converted(key, value, lambda: type(target)(value))
     if hasattr(target, "shape") and hasattr(target, "dtype"):
         if isinstance(value, str) or tuple(target.shape) != ():
@@ -113,7 +65,7 @@ def _restore_value(key: str, value: Any, target: Any, allow_cast: bool) -> Any:
                 f"{key!r}: the checkpoint holds the {type(value).__name__} {value!r}, the target "
                 f"an array of shape {tuple(target.shape)}"
             )
-        check_cast(key, _value_dtype(value), target, allow_cast)
+        check_cast(key, value_dtype(value), target, allow_cast)
         return _converted(key, value, lambda: _restore_array_host(key, np.asarray(value), target))
     raise TargetMismatchError(
         f"{key!r}: the checkpoint holds a {type(value).__name__}, "
@@ -135,7 +87,7 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
             raise TargetMismatchError(
                 f"{key!r}: target is a scalar, checkpoint has shape {arr.shape}"
             )
-        return type(target)(arr.astype(_target_dtype(target, arr.dtype)).item())
+        return type(target)(arr.astype(target_dtype(target, arr.dtype)).item())
     if isinstance(target, np.generic):
         return arr.astype(target.dtype)[()]
     if isinstance(target, np.ndarray) or not _wants_jax(target):

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe.errors import ConfigError
+
 
 class SyntheticData:
     """Grain-style iterator: ``next()``, ``get_state()``, ``set_state()``."""
@@ -38,7 +40,8 @@ class SyntheticData:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.seed:
-            raise ValueError(
-                f"data iterator state is for seed {state.get('seed')}, this run uses {self.seed}"
+            raise ConfigError(
+                f"the checkpoint's data iterator state is for data seed {state.get('seed')}, this "
+                f"run uses {self.seed}: resume with the same seed, or start a new run_name"
             )
         self.position = int(state["position"])

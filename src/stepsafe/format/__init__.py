@@ -3,7 +3,8 @@
 from stepsafe.format.deletion import delete_checkpoint, stray_files
 from stepsafe.format.layout import COMMIT_FILE, ITEMS_DIR, CommitRecord
 from stepsafe.format.manifest import FORMAT_VERSION, ArrayEntry, Manifest
-from stepsafe.format.reader import CheckpointReader, is_committed, read_commit_record, read_extra
+from stepsafe.format.reader import CheckpointReader
+from stepsafe.format.step_files import is_committed, read_commit_record, read_extra
 from stepsafe.format.writer import HostArray, write_checkpoint
 
 __all__ = [

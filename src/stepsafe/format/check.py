@@ -23,7 +23,8 @@ from stepsafe.errors import (
 )
 from stepsafe.format.layout import COMMIT_FILE
 from stepsafe.format.manifest import Chunk
-from stepsafe.format.reader import CheckpointReader, read_commit_record, read_extra
+from stepsafe.format.reader import CheckpointReader
+from stepsafe.format.step_files import read_commit_record, read_extra
 from stepsafe.storage import Storage
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)

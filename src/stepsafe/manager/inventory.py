@@ -41,7 +41,7 @@ from stepsafe.format.deletion import (
 from stepsafe.format.layout import COMMIT_RECORD_MAX_BYTES, CommitRecord
 from stepsafe.format.manifest import FORMAT
 from stepsafe.format.orbax_layout import is_orbax_step
-from stepsafe.format.reader import read_step_file
+from stepsafe.format.step_files import read_step_file
 from stepsafe.storage import Storage, storage_for
 
 COMPLETE = "Complete"
