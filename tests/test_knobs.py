@@ -43,18 +43,47 @@ def test_environment_overrides_a_knob():
     ],
 )
 def test_a_bad_override_names_the_variable(var, value, words):
-    p = _knob({var: value}, "IO_THREADS")
+    p = _knob({var: value}, var.removeprefix("STEPSAFE_"))
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
     assert "ConfigError" in last and var in last and words in last, last
 
 
 def test_every_knob_is_documented():
-    text = (SRC / "knobs.py").read_text()
-    names = re.findall(r"^([A-Z][A-Z0-9_]+) = _(?:int|seconds)\(", text, re.M)
-    assert len(names) >= 15
-    for name in names:
-        assert re.search(rf"^{name} = .*\n\"\"\"", text, re.M), f"{name} has no docstring"
+    from stepsafe import knobs
+
+    assert len(knobs.KNOBS) >= 15
+    for knob in knobs.KNOBS.values():
+        assert len(knob.doc) > 30 and knob.unit in ("bytes", "count", "elements", "seconds")
+        assert knob.variable.startswith("STEPSAFE_"), knob
+        assert getattr(knobs, knob.name) == knob.default  # no variable set in the tests
+
+
+def test_a_bad_setting_fails_where_it_is_used_not_at_import(tmp_path):
+    """A bad S3 setting must not stop a local save; a setting made after import counts."""
+    code = (
+        "import os, numpy as np, stepsafe\n"
+        "from stepsafe import knobs\n"
+        f"stepsafe.save({str(tmp_path / 'c')!r}, {{'w': np.ones(3)}})\n"
+        "os.environ['STEPSAFE_S3_READ_TIMEOUT'] = '7'\n"
+        "print(knobs.S3_READ_TIMEOUT_S)\n"
+        "knobs.S3_READ_TIMEOUT_S = 3.0\n"
+        "print(knobs.S3_READ_TIMEOUT_S)\n"
+        "del knobs.S3_READ_TIMEOUT_S\n"
+        "print(knobs.S3_READ_TIMEOUT_S)\n"
+        "knobs.S3_MAX_ATTEMPTS\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "STEPSAFE_S3_MAX_ATTEMPTS": "many"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.stdout.split() == ["7.0", "3.0", "7.0"], p.stderr
+    assert (tmp_path / "c" / "_CHECKPOINT_METADATA").exists()
+    last = p.stderr.strip().splitlines()[-1]
+    assert "ConfigError" in last and "STEPSAFE_S3_MAX_ATTEMPTS='many'" in last, last
 
 
 TUNABLES = re.compile(

@@ -206,8 +206,12 @@ def test_a_step_no_listing_would_count_is_refused_before_anything_is_written(tmp
         with pytest.raises(ConfigError, match="non-negative integer"):
             m.save(step, {"w": np.ones(2)}, force=True)
         assert m.save(np.int64(3), {"w": np.ones(2)}, force=True)
+        assert m.save(np.array(4), {"w": np.ones(2)})  # a 0-d integer array, as state.step
         m.wait_until_finished()
-        assert m.all_steps() == [3]
+        assert m.all_steps() == [3, 4]
+    with CheckpointManager(tmp_path / "off", ManagerOptions(enable_checkpointing=False)) as m:
+        assert m.save(step, {"w": np.ones(2)}, force=True) is False  # disabled: never refuses
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith("_")) == [
-        "3"
+        "3",
+        "4",
     ]

@@ -5,120 +5,144 @@ checkpoint saved under any setting reads back the same under any other. The form
 limits (``format.manifest.MAX_CHUNK``, the size limits in ``format.layout``) are rules of the
 format, not knobs, and live with it.
 
-Each knob is read once, when stepsafe is imported, from ``STEPSAFE_<NAME>`` if that is set
-(an integer, or for ``_S`` knobs a number of seconds), else its default. Code reads it as
-``knobs.NAME`` at the moment of use, so a test or a benchmark may assign a new value to the
-module attribute. A value that does not parse, or is out of range, is refused at import with
-the variable's name.
+Code reads a knob as ``knobs.NAME`` at the moment of use. Its value is ``STEPSAFE_<NAME>``
+from the environment when that is set (read at each use, so a variable set after import
+counts, as it always did for the S3 client's settings), else its default; a test or a benchmark
+may also assign ``knobs.NAME = value``, which wins until it is deleted. A value that does not
+parse or is out of range is a ``ConfigError`` naming the variable, raised where that knob is
+used, never at import (a bad S3 setting must not stop a local save).
 
 The bytes that may be in flight to and from buckets at once (MaxText's
-``checkpoint_storage_concurrent_gb``) is not a knob: it is a ``CheckpointManager`` option and
-a storage option (``storage.budget``), passed to what uses it.
+``checkpoint_storage_concurrent_gb``) is a ``CheckpointManager`` option and a storage option
+(``storage.budget``), passed to what uses it; ``CONCURRENT_BYTES`` is only its default.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from stepsafe.errors import ConfigError
 
 PREFIX = "STEPSAFE_"
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(PREFIX + name)
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: int | float
+    unit: str  # "bytes", "count", "elements" or "seconds"
+    doc: str
+    minimum: int | float = 1
+    env: str = ""  # the variable's name, when it is not PREFIX + name
+
+    @property
+    def variable(self) -> str:
+        return self.env or PREFIX + self.name
+
+    def parse(self, raw: str) -> int | float:
+        """The value ``raw`` (the variable's text) stands for.
+
+        Raises:
+            ConfigError: not a number (an integer unless the unit is seconds), or below the
+                knob's minimum.
+        """
+        seconds = self.unit == "seconds"
+        try:
+            number = float(raw.strip()) if seconds else int(raw.strip())
+        except ValueError:
+            kind = "a number of seconds" if seconds else "an integer"
+            raise ConfigError(f"{self.variable}={raw!r} is not {kind}: fix or unset it") from None
+        if seconds and not number > 0:
+            raise ConfigError(f"{self.variable}={number} must be a positive number of seconds")
+        if number < self.minimum:
+            raise ConfigError(f"{self.variable}={number} is below its minimum {self.minimum}")
+        return number
+
+
+KNOBS = {
+    k.name: k
+    for k in (
+        # -- threads and windows (every storage) --
+        Knob("IO_THREADS", 8, "count", "Threads of the process-wide I/O pool that writes and "
+             "reads data files (read when the pool is first made)."),
+        Knob("PARALLEL_BYTES", 32 << 20, "bytes", "Batches of ranged reads smaller than this run "
+             "on the calling thread (threads cost more than they save)."),
+        Knob("PARALLEL_COPY_BYTES", 32 << 20, "bytes", "A save's host snapshot copies leaves on "
+             "the I/O threads once they add up to this."),
+        Knob("WINDOW_BYTES", 256 << 20, "bytes", "Restore and verify read in windows of about "
+             "this size, each one batch of ranged reads; it bounds the host memory of device "
+             "arrays' staging on restore."),
+        Knob("GATHER_BYTES", 1 << 20, "bytes", "Pieces of a data file smaller than this are "
+             "copied together into one write."),
+        Knob("DIFF_BLOCK_ELEMENTS", 1 << 20, "elements", "``diff --values`` compares arrays in "
+             "blocks of this many (8 MiB of float64)."),
+        # -- local disk --
+        Knob("SYNC_NOW_BYTES", 1 << 20, "bytes", "A data file at least this big is fsynced as "
+             "soon as it is written, so the disk works while other threads still write; "
+             "smaller ones are fsynced together at commit."),
+        Knob("WRITEBACK_KICK_BYTES", 8 << 20, "bytes", "Writeback of a file being written is "
+             "started after every this many bytes (``sync_file_range``), so that the final "
+             "fsync finds little left to do."),
+        # -- buckets --
+        Knob("BUCKET_FILE_SIZE", 128 << 20, "bytes", "The default size at which data files are "
+             "split on buckets, so that each goes up in one request (on local disk the "
+             "default is MaxText's 2 GiB)."),
+        Knob("SINGLE_UPLOAD_MAX", 256 << 20, "bytes", "A file up to this size goes up in one "
+             "request; bigger ones in parts."),
+        Knob("PART_SIZE", 64 << 20, "bytes", "Parts of a multipart (S3) or resumable (GCS) "
+             "upload; S3 needs at least 5 MiB, GCS multiples of 256 KiB (sizes are rounded "
+             "down to one).", minimum=8 << 20),
+        Knob("READ_SPAN", 64 << 20, "bytes", "Neighbouring ranged reads are merged into "
+             "requests of up to this size."),
+        Knob("READ_GAP", 1 << 20, "bytes", "Ranged reads closer than this share one request "
+             "(the gap is read and dropped).", minimum=0),
+        Knob("S3_PARTS_IN_FLIGHT", 16, "count", "Multipart upload parts in flight per process "
+             "(16 x ``PART_SIZE`` = 1 GiB)."),
+        Knob("S3_PARTS_PER_FILE", 8, "count", "One file's parts in flight at once; files are "
+             "written concurrently too."),
+        Knob("S3_MAX_ATTEMPTS", 10, "count", "Attempts per S3 request (botocore's \"standard\" "
+             "retries, backoff with jitter)."),
+        Knob("S3_READ_TIMEOUT_S", 120.0, "seconds", "How long an S3 request waits for a reply "
+             "before it is retried.", env=PREFIX + "S3_READ_TIMEOUT"),
+        Knob("CONCURRENT_BYTES", 96 * 10**9, "bytes", "The default bytes-in-flight budget of a "
+             "storage made without one (MaxText's ``checkpoint_storage_concurrent_gb`` "
+             "default, 96 GB, as in Orbax)."),
+        # -- the run lease --
+        Knob("LEASE_RENEW_S", 10.0, "seconds", "Seconds between renewals of a live manager's "
+             "run lease."),
+        Knob("LEASE_TIMEOUT_S", 60.0, "seconds", "A lease not renewed for this long is stale, "
+             "and another manager may take it."),
+    )
+}  # fmt: skip
+
+_parsed: dict[str, tuple[str, int | float]] = {}  # name -> (the variable's text, its value)
+
+
+def value(name: str) -> int | float:
+    """The value of knob ``name`` now (an assigned ``knobs.NAME`` aside).
+
+    Raises:
+        ConfigError: its variable is set to something that does not parse or is out of range.
+    """
+    knob = KNOBS[name]
+    raw = os.environ.get(knob.variable)
     if raw is None:
-        return default
-    try:
-        value = int(raw.strip(), 0)
-    except ValueError:
-        raise ConfigError(f"{PREFIX}{name}={raw!r} is not an integer; unset it or fix it") from None
-    if value < minimum:
-        raise ConfigError(f"{PREFIX}{name}={value} is below its minimum {minimum}")
-    return value
+        return knob.default
+    cached = _parsed.get(name)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    parsed = knob.parse(raw)
+    _parsed[name] = (raw, parsed)
+    return parsed
 
 
-def _seconds(name: str, default: float) -> float:
-    raw = os.environ.get(PREFIX + name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{PREFIX}{name}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ConfigError(f"{PREFIX}{name}={value} must be a positive number of seconds")
-    return value
+def __getattr__(name: str) -> Any:  # knobs.NAME, unless a test assigned one
+    if name in KNOBS:
+        return value(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# -- threads and windows (every storage) ------------------------------------------------------
-IO_THREADS = _int("IO_THREADS", 8)
-"""Threads (count) of the process-wide I/O pool that writes and reads data files."""
-
-PARALLEL_BYTES = _int("PARALLEL_BYTES", 32 << 20)
-"""Bytes: batches of ranged reads smaller than this run on the calling thread (threads cost
-more than they save)."""
-
-PARALLEL_COPY_BYTES = _int("PARALLEL_COPY_BYTES", 32 << 20)
-"""Bytes: a save's host snapshot copies leaves on the I/O threads once they add up to this."""
-
-WINDOW_BYTES = _int("WINDOW_BYTES", 256 << 20)
-"""Bytes: restore and verify read in windows of about this size, each one batch of ranged
-reads; it bounds the host memory of device arrays' staging on restore."""
-
-GATHER_BYTES = _int("GATHER_BYTES", 1 << 20)
-"""Bytes: pieces of a data file smaller than this are copied together into one write."""
-
-DIFF_BLOCK_ELEMENTS = _int("DIFF_BLOCK_ELEMENTS", 1 << 20)
-"""Elements: ``diff --values`` compares arrays in blocks of this many (8 MiB of float64)."""
-
-# -- local disk ---------------------------------------------------------------------------------
-SYNC_NOW_BYTES = _int("SYNC_NOW_BYTES", 1 << 20)
-"""Bytes: a data file at least this big is fsynced as soon as it is written, so the disk
-works while other threads still write; smaller ones are fsynced together at commit."""
-
-WRITEBACK_KICK_BYTES = _int("WRITEBACK_KICK_BYTES", 8 << 20)
-"""Bytes: writeback of a file being written is started after every this many bytes
-(``sync_file_range``), so that the final fsync finds little left to do."""
-
-# -- buckets ----------------------------------------------------------------------------------
-BUCKET_FILE_SIZE = _int("BUCKET_FILE_SIZE", 128 << 20)
-"""Bytes: the default size at which data files are split on buckets, so that each goes up in
-one request (on local disk the default is MaxText's 2 GiB)."""
-
-SINGLE_UPLOAD_MAX = _int("SINGLE_UPLOAD_MAX", 256 << 20)
-"""Bytes: a file up to this size goes up in one request; bigger ones in parts."""
-
-PART_SIZE = _int("PART_SIZE", 64 << 20, minimum=8 << 20)
-"""Bytes: parts of a multipart (S3) or resumable (GCS) upload; S3 needs at least 5 MiB, GCS
-multiples of 256 KiB (sizes are rounded down to one)."""
-
-READ_SPAN = _int("READ_SPAN", 64 << 20)
-"""Bytes: neighbouring ranged reads are merged into requests of up to this size."""
-
-READ_GAP = _int("READ_GAP", 1 << 20, minimum=0)
-"""Bytes: ranged reads closer than this share one request (the gap is read and dropped)."""
-
-S3_PARTS_IN_FLIGHT = _int("S3_PARTS_IN_FLIGHT", 16)
-"""Count: multipart upload parts in flight per process (16 x ``PART_SIZE`` = 1 GiB)."""
-
-S3_PARTS_PER_FILE = _int("S3_PARTS_PER_FILE", 8)
-"""Count: one file's parts in flight at once; files are written concurrently too."""
-
-S3_MAX_ATTEMPTS = _int("S3_MAX_ATTEMPTS", 10)
-"""Count: attempts per S3 request (botocore's "standard" retries, backoff with jitter)."""
-
-S3_READ_TIMEOUT_S = _seconds("S3_READ_TIMEOUT", 120.0)
-"""Seconds: how long an S3 request waits for a reply before it is retried (variable
-``STEPSAFE_S3_READ_TIMEOUT``)."""
-
-CONCURRENT_BYTES = _int("CONCURRENT_BYTES", 96 * 10**9)
-"""Bytes: the default bytes-in-flight budget of a storage made without one (MaxText's
-``checkpoint_storage_concurrent_gb`` default, 96 GB, as in Orbax)."""
-
-# -- the run lease ------------------------------------------------------------------------------
-LEASE_RENEW_S = _seconds("LEASE_RENEW_S", 10.0)
-"""Seconds between renewals of a live manager's run lease."""
-
-LEASE_TIMEOUT_S = _seconds("LEASE_TIMEOUT_S", 60.0)
-"""Seconds: a lease not renewed for this long is stale, and another manager may take it."""
+def __dir__() -> list[str]:
+    return sorted([*globals(), *KNOBS])

@@ -17,7 +17,8 @@ other name under ``checkpoints/`` (the lease, a user's ``README``) is no step, a
 
 from __future__ import annotations
 
-import numbers
+import operator
+from typing import Any
 
 from stepsafe.errors import ConfigError
 from stepsafe.storage import Storage
@@ -43,19 +44,32 @@ def is_step_name(name: str) -> bool:
     return step_number(name) is not None
 
 
-def step_name(step: int) -> str:
-    """The directory name of ``step``: the inverse of ``step_number``.
+def check_step(step: Any) -> int:
+    """``step`` as the int a checkpoint is named by: a Python, numpy or JAX integer scalar.
 
     Raises:
-        ConfigError: ``step`` is not a non-negative integer (a save as step -5 or 2.0 would
-            write a directory that no listing counts as a step: invisible, never resumed).
+        ConfigError: not a non-negative integer (a save as step -5 or 2.0 would write a
+            directory that no listing counts as a step: invisible, never resumed).
     """
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+    try:
+        number = operator.index(step) if not isinstance(step, bool) else -1
+    except TypeError:
+        number = -1
+    if number < 0:
         raise ConfigError(
             f"step must be a non-negative integer, got {step!r}: a checkpoint's directory is "
             "named by its step"
         )
-    return str(int(step))
+    return number
+
+
+def step_name(step: int) -> str:
+    """The directory name of ``step``: the inverse of ``step_number``.
+
+    Raises:
+        ConfigError: see ``check_step``.
+    """
+    return str(check_step(step))
 
 
 def step_path(storage: Storage, checkpoints_dir: str, step: int) -> str:

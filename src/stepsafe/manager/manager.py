@@ -22,7 +22,7 @@ from typing import Any
 
 from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint import committed_steps, snapshot, write
-from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, step_name
+from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
 from stepsafe.checkpoint.save import check_custom_metadata
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
@@ -161,6 +161,7 @@ class CheckpointManager:
                 before anything is written).
             BackgroundSaveError: the previous background save failed (raised once).
             RunInUseError: another manager has taken this run's lease over.
+            ConfigError: ``step`` is not a non-negative integer (Python, numpy or JAX).
             MultiProcessSaveError: this is one of several JAX processes.
 
         Example:
@@ -173,9 +174,10 @@ class CheckpointManager:
         ```
         """
         custom_metadata = check_custom_metadata(custom_metadata)
-        step_name(step)  # refuses a step no listing would count
-        step = int(step)  # a numpy integer too: the step is stored as JSON
-        if not self.options.enable_checkpointing or not (force or self.should_save(step)):
+        if not self.options.enable_checkpointing:
+            return False
+        step = check_step(step)  # a numpy or JAX integer too; never one no listing counts
+        if not (force or self.should_save(step)):
             return False
         if self._lease is not None:  # first: a forked child's writer thread does not exist
             self._lease.check()
