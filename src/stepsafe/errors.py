@@ -77,6 +77,10 @@ class RunInUseError(StepsafeError):
     """Another manager holds (or has taken over) the run directory's lease."""
 
 
+class CoordinationError(StepsafeError):
+    """Processes of a jax.distributed job did not meet in time (one is slow, failed or gone)."""
+
+
 class BackgroundSaveError(StepsafeError):
     """A background save (``CheckpointManager`` with ``async_save``) failed; the checkpoint it
     was writing was not committed. The original failure is its ``__cause__``."""

@@ -109,6 +109,11 @@ KNOBS = {
         Knob("CONCURRENT_BYTES", 96 * 10**9, "bytes", "The default bytes-in-flight budget of a "
              "storage made without one (MaxText's ``checkpoint_storage_concurrent_gb`` "
              "default, 96 GB, as in Orbax)."),
+        # -- many processes --
+        Knob("COORDINATION_TIMEOUT_S", 300.0, "seconds", "How long a process waits for the "
+             "others of its jax.distributed job at a barrier or an exchange before it gives up "
+             "with a CoordinationError (Orbax's barrier timeout is 300 s too); keep it below "
+             "jax.distributed's heartbeat timeout so that the error, not JAX, ends the wait."),
         # -- the run lease --
         Knob("LEASE_RENEW_S", 10.0, "seconds", "Seconds between renewals of a live manager's "
              "run lease."),
