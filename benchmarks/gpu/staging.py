@@ -59,7 +59,7 @@ def variants(tree: Tree, repeats: int) -> dict[str, Any]:
     """Other ways to do the two halves of an async save on the same leaves, to judge stepsafe's:
     the device-side copy the caller waits for (stepsafe: one ``jnp.array(copy=True)`` per
     shard on the I/O threads) and the device->host transfer the writer waits for (stepsafe: one
-    blocking ``np.asarray`` per array, one after another, in ``format/writer.py:_plan``)."""
+    blocking ``np.asarray`` per array, one after another, in ``format/plan.py:plan_files``)."""
     from stepsafe.storage import run_all
 
     leaves = jax.tree.leaves(arrays_of(tree))

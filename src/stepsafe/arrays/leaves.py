@@ -15,7 +15,7 @@ import numpy as np
 from stepsafe.arrays.staging import StagingBuffers
 from stepsafe.errors import UnsupportedLeafError
 from stepsafe.format.dtypes import dtype_to_str
-from stepsafe.format.writer import HostArray
+from stepsafe.format.plan import HostArray
 
 VALUE_TYPES = (type(None), bool, int, float, str)
 
