@@ -1,7 +1,7 @@
 """Which process this is, at no cost when JAX is absent or ``jax.distributed`` is not set up.
 
 numpy users must never pay for importing JAX, so JAX is consulted only if the program already
-imported it (the same rule as ``manager.lease.primary_process``).
+imported it. Only process 0 of a job holds a run's lease (``manager.lease``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -54,17 +53,6 @@ log = logging.getLogger("stepsafe")
 _POLL_S = 1.0  # how often a lease whose holder cannot be looked at is read while watched
 _MAX_BYTES = 4096  # a lease is a few hundred bytes; never read more
 _TRIES = 5
-
-
-def primary_process() -> bool:
-    """False in JAX processes other than process 0 of an initialised ``jax.distributed`` job:
-    every process of one job makes a manager on the same run, and only one may hold its lease.
-    JAX is consulted only if the program imported it (as ``checkpoint.save`` does)."""
-    jax = sys.modules.get("jax")
-    is_initialized = getattr(getattr(jax, "distributed", None), "is_initialized", None)
-    if jax is None or is_initialized is None or not is_initialized():
-        return True
-    return jax.process_index() == 0
 
 
 # -- the file, on local disk or in a bucket --------------------------------------------------

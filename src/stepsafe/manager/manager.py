@@ -24,12 +24,13 @@ from stepsafe.arrays import StagingBuffers
 from stepsafe.checkpoint import committed_steps, snapshot, write
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
 from stepsafe.checkpoint.save import check_custom_metadata
+from stepsafe.distributed import process_index
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
 from stepsafe.manager.gc import remove_half_deleted
 from stepsafe.manager.inventory import COMPLETE, INCOMPLETE, scan_steps
 from stepsafe.manager.iterator_state import CheckpointableIterator, iterator_files
-from stepsafe.manager.lease import Lease, primary_process
+from stepsafe.manager.lease import Lease
 from stepsafe.manager.options import ManagerOptions
 from stepsafe.manager.resume import restore_newest, restore_step
 from stepsafe.storage import remove_stale_temporaries, storage_for
@@ -84,7 +85,7 @@ class CheckpointManager:
         # One writing manager per run, taken before anything below may delete leftovers.
         self._lease = (
             Lease.acquire(self.storage, self.directory)
-            if self.options.enable_checkpointing and primary_process()
+            if self.options.enable_checkpointing and process_index() == 0
             else None
         )
         self._release = weakref.finalize(self, self._lease.release) if self._lease else None
