@@ -1,6 +1,6 @@
 """The ``distributed`` layer with real jax.distributed processes on 127.0.0.1.
 
-Each multi-process test starts 2 processes (tests/multiprocess.py); every process runs several
+Each multi-process test starts 2 processes (tests/jax_processes.py); every process runs several
 checks and prints ``ok``-lines, and the test asserts on every process's lines.
 """
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import multiprocess
+import jax_processes
 import pytest
 
 from stepsafe.distributed import CoordinationError, coordinator, process_count, process_index
@@ -99,7 +99,7 @@ else:
 
 
 def test_set_get_barrier_broadcast_all_gather_between_two_processes() -> None:
-    results = multiprocess.run(EXCHANGES, timeout_s=90)
+    results = jax_processes.run(EXCHANGES, timeout_s=90)
     everything = "\n".join(r.describe() for r in reversed(results))  # the first to fail: often 1
     for r in results:
         assert r.returncode == 0, everything
@@ -107,7 +107,7 @@ def test_set_get_barrier_broadcast_all_gather_between_two_processes() -> None:
 
 
 def test_a_process_that_never_comes_or_dies_raises_coordination_error_within_the_timeout() -> None:
-    p0, p1 = multiprocess.run(ABSENT, timeout_s=90, heartbeat_s=60)
+    p0, p1 = jax_processes.run(ABSENT, timeout_s=90, heartbeat_s=60)
     assert p0.returncode == 0, p0.describe()
     assert p1.returncode == -9, p1.describe()
     barrier, gather = p0.stdout.splitlines()

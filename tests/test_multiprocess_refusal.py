@@ -7,13 +7,12 @@ process must fail with a clear error and nothing may be committed.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jax_processes
 import pytest
 
 pytest.importorskip("jax")
@@ -58,52 +57,17 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _loopback_host() -> bool:
-    """Whether this host's name resolves to a loopback address (where gloo listens)."""
-    try:
-        return socket.gethostbyname(socket.gethostname()).startswith("127.")
-    except OSError:
-        return False
-
-
 def test_save_from_two_jax_processes_is_refused_on_both_and_commits_nothing(tmp_path: Path):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    loopback = "1" if _loopback_host() else "0"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(port), str(i), str(tmp_path), loopback],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=60)
-            outputs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rc, out, err in outputs:
-        assert rc == 0, err[-3000:]
-        lines = out.splitlines()
-        assert len(lines) == 2, out + err[-3000:]
+    loopback = "1" if jax_processes.hostname_is_loopback() else "0"
+    results = jax_processes.run(
+        WORKER,
+        args=lambda i, port: [str(port), str(i), str(tmp_path), loopback],
+        initialize=False,  # the worker initialises, without gloo where the host is not loopback
+    )
+    for r in results:
+        assert r.returncode == 0, r.describe()
+        lines = r.stdout.splitlines()
+        assert len(lines) == 2, r.describe()
         for line in lines:
             assert "MultiProcessSaveError" in line, line
             assert "multi-host saves are not supported yet" in line, line
