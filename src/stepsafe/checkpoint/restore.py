@@ -261,9 +261,10 @@ def _restore_all(
     out: list[Any] = [None] * len(keys)
     window: list[int] = []
     size = 0
+    limit = knobs.WINDOW_BYTES  # once: a knob read costs microseconds, and this loops per leaf
     for i in [*sorted(range(len(keys)), key=position), None]:
         nbytes = plans[i].transient if i is not None else 0
-        if window and (i is None or size + nbytes > knobs.WINDOW_BYTES):
+        if window and (i is None or size + nbytes > limit):
             _read_window(reader, {j: plans[j] for j in window}, out, verify)
             window, size = [], 0
         if i is not None:

@@ -107,6 +107,7 @@ def check_checkpoint(
     reported_missing: set[tuple[str, str]] = set()
     window: list[tuple[str, Chunk]] = []
     window_bytes = 0
+    limit = knobs.WINDOW_BYTES  # once, not per chunk
     for i, (key, c) in enumerate(chunks):
         if c.file in missing:
             if (key, c.file) not in reported_missing:
@@ -119,7 +120,7 @@ def check_checkpoint(
             window.append((key, c))
             window_bytes += c.length
         last = i == len(chunks) - 1
-        if window and (last or window_bytes >= knobs.WINDOW_BYTES):
+        if window and (last or window_bytes >= limit):
             _check_window(reader, window, report)
             done += window_bytes
             window, window_bytes = [], 0
