@@ -10,7 +10,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "stepsafe"
 BASE = {"errors", "knobs"}  # every layer may use these; they use nothing of stepsafe but errors
 ORDER = [
-    "tree", "storage", "format", "arrays", "checkpoint", "distributed", "manager", "convert",
+    "tree", "storage", "format", "distributed", "arrays", "checkpoint", "manager", "convert",
     "config", "cli", "demo",
 ]  # fmt: skip
 PEERS = {"cli": {"demo"}, "demo": {"cli"}}  # the two faces may use each other
