@@ -54,7 +54,6 @@ def test_yaml_then_overrides_typed(tmp_path: Path):
         ("source_checkpoint_layout=safetensors", "safetensors"),
         ("checkpoint_storage_use_ocdbt=false", "packs"),
         ("checkpoint_storage_use_zarr3=false", "cannot write Zarr"),
-        ("enable_single_replica_ckpt_restoring=true", "multi-host"),
         ("lora_input_adapters_path=gs://x", "LoRA"),
         ("force_unroll=true", "conversion"),
         ("run_name=a/b", "run_name"),
@@ -64,6 +63,13 @@ def test_yaml_then_overrides_typed(tmp_path: Path):
 def test_bad_or_unsupported_values_are_refused_with_a_reason(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_single_replica_restoring_is_accepted():
+    c = load_config(None, ["enable_single_replica_ckpt_restoring=true", "replica_axis_index=1"])
+    assert c.enable_single_replica_ckpt_restoring and c.replica_axis_index == 1
+    with pytest.raises(ConfigError, match="replica_axis_index must be >= 0"):
+        load_config(None, ["replica_axis_index=-1"])
 
 
 def test_both_load_paths_is_an_error(tmp_path):

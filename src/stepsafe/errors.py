@@ -65,10 +65,6 @@ class StorageError(StepsafeError, OSError):
     the message names the path, and ``errno`` is the system's error number."""
 
 
-class MultiProcessSaveError(StepsafeError):
-    """A save was asked of one of several JAX processes: multi-host saves are not built yet."""
-
-
 class CredentialsError(StepsafeError):
     """A bucket URL, and no credentials for it: the message names what to set."""
 

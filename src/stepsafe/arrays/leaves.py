@@ -2,7 +2,8 @@
 
 The snapshot is what a save writes from: numpy arrays are used in place (``copy=False``) or
 copied (``copy=True``, for async saves: the caller may mutate or donate its buffers the moment
-``save`` returns); JAX arrays are brought to host shard by shard, each replica written once.
+``save`` returns); JAX arrays are brought to host shard by shard, each replica written once
+(under several processes split among the devices holding it), with their sharding.
 """
 
 from __future__ import annotations
@@ -82,11 +83,12 @@ def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = N
             "as two arrays"
         )
     if is_jax_array(x):
-        from stepsafe.arrays.jax_arrays import host_shards
+        from stepsafe.arrays.jax_arrays import describe_sharding, host_shards
 
         dtype = np.dtype(x.dtype)
         dtype_to_str(dtype, path)
-        return HostArray(path, dtype, tuple(x.shape), host_shards(x, path, copy, staging))
+        shards = host_shards(x, path, copy, staging)
+        return HostArray(path, dtype, tuple(x.shape), shards, describe_sharding(x.sharding))
     a = np.asarray(x)
     dtype_to_str(a.dtype, path)
     if copy and staging is not None:

@@ -14,12 +14,40 @@ from stepsafe.tree import build_plain, subtree
 
 
 @dataclass(frozen=True)
+class SavedSharding:
+    """How a JAX array lay on devices when it was saved: a mesh (axis names and sizes) and a
+    partition spec (per leading array axis: None, an axis name, or a tuple of names).
+    ``str()`` gives e.g. ``mesh (data=2, model=2) spec P('data', None)``."""
+
+    axis_names: tuple[str, ...]
+    mesh_shape: tuple[int, ...]
+    spec: tuple[str | tuple[str, ...] | None, ...]
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> SavedSharding | None:
+        """From the manifest's record (already validated by ``format.manifest``); None for
+        None."""
+        if record is None:
+            return None
+        mesh = record["mesh"]
+        spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in record["spec"])
+        return cls(tuple(mesh["axis_names"]), tuple(mesh["shape"]), spec)
+
+    def __str__(self) -> str:
+        mesh = ", ".join(f"{n}={k}" for n, k in zip(self.axis_names, self.mesh_shape))
+        return f"mesh ({mesh}) spec P({', '.join(repr(e) for e in self.spec)})"
+
+
+@dataclass(frozen=True)
 class ArrayMetadata:
-    """One saved array. Usable as a restore target leaf (restores as numpy of this dtype)."""
+    """One saved array. Usable as a restore target leaf (restores as numpy of this dtype).
+    ``sharding``: its layout on devices when saved (JAX arrays with a NamedSharding); None for
+    host arrays and other shardings."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     nbytes: int
+    sharding: SavedSharding | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +81,8 @@ def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
 
     Returns:
         `Any`: dicts, lists and tuples as saved (NamedTuples and other custom nodes as dicts)
-        with ``ArrayMetadata(shape, dtype, nbytes)`` leaves.
+        with ``ArrayMetadata(shape, dtype, nbytes, sharding)`` leaves (``sharding``: the saved
+        mesh and partition spec of a JAX array, else None).
 
     Raises:
         TargetMismatchError: ``select`` is not in the checkpoint.
@@ -68,7 +97,8 @@ def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
     import stepsafe
 
     tree = stepsafe.metadata("ckpt/1000")
-    tree["params"]["w"]  # ArrayMetadata(shape=(4, 4), dtype=dtype('float32'), nbytes=64)
+    tree["params"]["w"]  # ArrayMetadata(shape=(4, 4), dtype=dtype('float32'), nbytes=64, ...)
+    print(tree["params"]["w"].sharding)  # mesh (data=2, model=2) spec P(None, 'model')
     ```
     """
     reader = open_checkpoint(path)
@@ -85,7 +115,7 @@ def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
         if key in manifest.values:
             return manifest.values[key]
         a = manifest.arrays[key]
-        return ArrayMetadata(a.shape, a.dtype, a.nbytes)
+        return ArrayMetadata(a.shape, a.dtype, a.nbytes, SavedSharding.from_record(a.sharding))
 
     return build_plain(node, leaf, prefix)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from stepsafe import knobs
 from stepsafe.arrays import is_leaf
+from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint.casting import check_cast, target_dtype, value_dtype
 from stepsafe.checkpoint.locate import locate
 from stepsafe.errors import TargetMismatchError
@@ -95,16 +96,57 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
     from stepsafe.arrays.jax_arrays import assemble, local_boxes
 
     sharding = getattr(target, "sharding", None)
+    if sharding is None:
+        sharding = _default_sharding(key, None)  # an inline value: no saved sharding
     boxes = local_boxes(arr.shape, sharding)  # a 0-d array: every box is the whole of it
     return assemble(arr.shape, np.dtype(target.dtype), sharding, dict.fromkeys(boxes, arr))
 
 
-def _target_sharding(target: Any) -> Any:
+def _target_sharding(key: str, target: Any, saved: dict | None = None) -> Any:
     """The sharding to restore onto; None (JAX's default placement, uncommitted) when the target
-    is an uncommitted array, so that it can still be combined with arrays on other devices."""
+    is an uncommitted array, so that it can still be combined with arrays on other devices.
+    A ``jax.ShapeDtypeStruct`` without a sharding: see ``_default_sharding`` (``saved``: the
+    manifest's record of the array's sharding when it was saved)."""
     if getattr(target, "committed", True) is False:
         return None
-    return getattr(target, "sharding", None)
+    sharding = getattr(target, "sharding", None)
+    return _default_sharding(key, saved) if sharding is None else sharding
+
+
+def _default_sharding(key: str, saved: dict | None) -> Any:
+    """Where an array goes whose target names no sharding. One process: None, JAX's default
+    device, as always. Several processes: one device would hold the array in each process,
+    which is never what a sharded job means, so the array goes onto the sharding it was saved
+    with, rebuilt on all of this job's devices, when their number is the saved mesh's size.
+
+    Raises:
+        TargetMismatchError: several processes, and the array was saved with no mesh, or on a
+            mesh of another size than this job's devices.
+    """
+    from stepsafe.distributed import process_count
+
+    count = process_count()
+    if count == 1:
+        return None
+    from stepsafe.arrays.jax_arrays import sharding_from_saved
+
+    sharding = None if saved is None else sharding_from_saved(saved)
+    if sharding is not None:
+        return sharding
+    import jax
+
+    devices = jax.device_count()
+    if saved is None:
+        was = "was saved without a device mesh (a host array or value, or an older stepsafe)"
+    else:
+        mesh = saved["mesh"]
+        sizes = ", ".join(f"{n}={k}" for n, k in zip(mesh["axis_names"], mesh["shape"]))
+        was = f"was saved on mesh ({sizes}), and this job has {devices} devices"
+    raise TargetMismatchError(
+        f"{key!r}: the target has no sharding and this is one of {count} JAX processes, but "
+        f"the array {was}: pass a target with a sharding "
+        "(jax.ShapeDtypeStruct(shape, dtype, sharding=...) or a jax.Array)"
+    )
 
 
 def _wants_jax(target: Any) -> bool:
@@ -142,7 +184,7 @@ def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool)
     if _wants_jax(target):
         from stepsafe.arrays.jax_arrays import assemble, local_boxes
 
-        sharding = _target_sharding(target)
+        sharding = _target_sharding(key, target, entry.sharding)
         dtype = np.dtype(target.dtype)
         return LeafPlan(
             lambda: reader.plan(key, local_boxes(entry.shape, sharding)),
@@ -164,6 +206,7 @@ def restore(
     select: str | Sequence[Any] | None = None,
     verify: bool = True,
     allow_cast: bool = False,
+    single_replica: SingleReplica | None = None,
 ) -> Any:
     """Read a committed checkpoint back as a tree.
 
@@ -176,7 +219,12 @@ def restore(
             bool/int/float, or None (as saved). Its containers (NamedTuples, dataclasses, optax
             states) are rebuilt. Without a target: numpy arrays in dicts, lists and tuples;
             NamedTuples and other custom nodes come back as dicts; a typed JAX PRNG key as
-            ``{impl name: key data}`` (see ``stepsafe.tree.jax_keys``).
+            ``{impl name: key data}`` (see ``stepsafe.tree.jax_keys``). A
+            ``jax.ShapeDtypeStruct`` without a sharding lands on JAX's default device in a
+            single process; under several JAX processes it gets the sharding the array was
+            saved with (its mesh rebuilt from ``jax.devices()`` in order, when their number
+            is the saved mesh's size), and otherwise ``TargetMismatchError``: one device per
+            process would silently hold the whole array.
         select (`str` or sequence, *optional*): a key path (``"params"``) or sequence of
             keys; only that subtree's bytes are read.
         verify (`bool`, defaults to `True`): check every chunk's checksum.
@@ -187,13 +235,21 @@ def restore(
             float64; an inline Python int counts as the smallest integer dtype that holds it.
             Casting float32 parameters to bfloat16 on purpose (as MaxText does) needs
             ``allow_cast=True``.
+        single_replica (`SingleReplica`, *optional*): under several JAX processes, only the
+            processes of replica 0 along ``single_replica.replica_axis_index`` (the
+            data-parallel axis) read data bytes; the others get the arrays over a JAX
+            collective, and host leaves from one of those processes. Every process must call
+            ``restore`` alike. See ``stepsafe.arrays.single_replica`` for its rules: JAX
+            targets need a NamedSharding whose spec leaves the replica axis out.
 
     Returns:
         `Any`: the tree; with ``select``, only that subtree.
 
     Raises:
         TargetMismatchError: the target's keys, shapes or dtypes do not fit the checkpoint
-            (checked for every leaf before any data is read), or ``select`` is not in it.
+            (checked for every leaf before any data is read), or ``select`` is not in it, or
+            a target leaf without a sharding under several processes has no saved sharding
+            that fits this job's devices.
         CheckpointNotFoundError: ``path`` holds no checkpoint.
         IncompleteCheckpointError: the checkpoint at ``path`` was never committed.
         CorruptCheckpointError: bytes on storage are not what the checkpoint says
@@ -213,7 +269,7 @@ def restore(
     ```
     """
     with open_checkpoint(path) as reader:
-        return restore_from(reader, target, select, verify, allow_cast)
+        return restore_from(reader, target, select, verify, allow_cast, single_replica)
 
 
 def restore_from(
@@ -222,6 +278,7 @@ def restore_from(
     select: Any = None,
     verify: bool = True,
     allow_cast: bool = False,
+    single_replica: SingleReplica | None = None,
 ) -> Any:
     """``restore`` from an open reader: for callers that hold their own storage (a
     ``CheckpointManager``, with its transfer budget), so that the public ``restore`` takes
@@ -235,12 +292,53 @@ def restore_from(
         ) from e
     if target is None:
         keys = structure_paths(node, prefix)
-        values = dict(zip(keys, _restore_all(reader, keys, [None] * len(keys), verify, False)))
+        nones = [None] * len(keys)
+        leaves = _restore_leaves(reader, keys, nones, verify, False, single_replica)
+        values = dict(zip(keys, leaves))
         return build_plain(node, values.__getitem__, prefix)
     flat = flatten(target, is_leaf=is_target_leaf)
     keys = [concat(prefix, p) for p in flat.paths]
     check_target_paths(structure_paths(node, prefix), keys)
-    return flat.rebuild(_restore_all(reader, keys, flat.leaves, verify, allow_cast))
+    return flat.rebuild(
+        _restore_leaves(reader, keys, flat.leaves, verify, allow_cast, single_replica)
+    )
+
+
+def _restore_leaves(
+    reader: CheckpointReader,
+    keys: list[str],
+    targets: list[Any],
+    verify: bool,
+    allow_cast: bool,
+    single_replica: SingleReplica | None,
+) -> list:
+    """``_restore_all``, or with ``single_replica`` the same leaves with data read only by
+    replica 0's processes (``stepsafe.arrays.single_replica``, which JAX is loaded for)."""
+    if single_replica is None:
+        return _restore_all(reader, keys, targets, verify, allow_cast)
+    from stepsafe.arrays.single_replica import LeafReader, restore_single_replica
+
+    arrays = reader.manifest.arrays
+
+    def saved(key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        entry = arrays.get(key)
+        return None if entry is None else (entry.shape, entry.dtype)
+
+    def check(ks: list[str], ts: list[Any]) -> None:
+        for k, t in zip(ks, ts):
+            plan_leaf(reader, k, t, allow_cast)
+
+    def sharding(key: str, target: Any) -> Any:
+        return _target_sharding(key, target, getattr(arrays.get(key), "sharding", None))
+
+    source = LeafReader(
+        saved=saved,
+        sharding=sharding,
+        check=check,
+        read=lambda ks, ts: _restore_all(reader, ks, ts, verify, allow_cast),
+        finish_host=lambda key, a, t: a if t is None else _restore_array_host(key, a, t),
+    )
+    return restore_single_replica(source, keys, targets, single_replica)
 
 
 def _restore_all(

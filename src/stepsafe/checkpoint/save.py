@@ -7,7 +7,6 @@ happen while the caller waits); ``write`` turns a snapshot into a committed chec
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +14,18 @@ from stepsafe import knobs
 from stepsafe.arrays import (
     StagingBuffers,
     copy_accelerator_leaves,
+    described,
     is_array,
-    is_jax_array,
+    is_host_local,
     is_leaf,
     start_host_transfers,
     to_host,
 )
-from stepsafe.errors import ConfigError, MultiProcessSaveError, UnsupportedLeafError
+from stepsafe.checkpoint.collective_save import write_collective
+from stepsafe.distributed import process_count, process_index
+from stepsafe.errors import ConfigError, UnsupportedLeafError
 from stepsafe.format import CommitRecord, HostArray, write_checkpoint
-from stepsafe.format.writer import ALIGN
+from stepsafe.format.writer import ALIGN, check_file_size
 from stepsafe.storage import Storage, run_all, storage_for
 from stepsafe.tree import Structure, flatten
 
@@ -41,54 +43,29 @@ class Snapshot:
         return sum(d.nbytes for a in self.arrays for _, d in a.shards)
 
 
-def check_single_process(path: str, *, jax_arrays: bool = False) -> None:
-    """Refuse to save from one of several processes (``jax.distributed``).
-
-    Each process holds only its own shards: a save from each would commit whichever process
-    finished first, with the other processes' shards missing. Saving from many hosts at once
-    (every process writing its shards, one commit) is not built yet. JAX is consulted only if
-    the program already imported it, and asked for the process count only when that costs
-    nothing: ``jax.distributed`` is initialised, or the tree holds JAX arrays (the backend is up).
-
-    Raises:
-        MultiProcessSaveError: ``jax.process_count() > 1``.
-    """
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return
-    is_initialized = getattr(getattr(jax, "distributed", None), "is_initialized", None)
-    if not (jax_arrays or (is_initialized is not None and is_initialized())):
-        return
-    count = jax.process_count()
-    if count > 1:
-        where = f" {path}" if path else ""
-        raise MultiProcessSaveError(
-            f"cannot save{where}: this is one of {count} JAX processes and multi-host saves "
-            "are not supported yet (nothing was written): save from a single process"
-        )
-
-
-def snapshot(
-    tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None, path: str = ""
-) -> Snapshot:
+def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None) -> Snapshot:
     """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
     caller's buffers (async saves): arrays on accelerators are copied where they lie, in one
     batched dispatch; host arrays are copied into ``staging`` when given, big copies on the I/O
     threads, since memcpy releases the GIL and two cores copy about twice as fast.
 
+    Under several JAX processes a host-local leaf (a numpy array, or a JAX array on this
+    process's devices only) is taken from process 0: the others capture only its description.
+
     Raises:
         UnsupportedLeafError: a leaf, key or nesting depth that restore could not read back.
-        MultiProcessSaveError: one of several JAX processes (see ``check_single_process``).
     """
     flat = flatten(tree, is_leaf=is_leaf)
     leaves = [(p, x) for p, x in zip(flat.paths, flat.leaves) if is_array(x)]
-    check_single_process(path, jax_arrays=any(is_jax_array(x) for _, x in leaves))
     values = {p: x for p, x in zip(flat.paths, flat.leaves) if not is_array(x)}
     copied: set[str] = set()
     if copy:
         leaves, copied = copy_accelerator_leaves(leaves)
+    others_write = process_index() != 0  # then host-local leaves are process 0's to write
 
     def capture(px: tuple[str, Any]) -> HostArray:
+        if others_write and is_host_local(px[1]):
+            return described(px[0], px[1])
         return to_host(px[0], px[1], copy=copy and px[0] not in copied, staging=staging)
 
     host_bytes = sum(getattr(x, "nbytes", 0) for p, x in leaves if p not in copied)
@@ -133,24 +110,26 @@ def write(
     data_file_size_bytes: int | None = None,
     storage: Storage | None = None,
 ) -> None:
-    """Commit ``snap`` at ``path`` (see ``save``); refuses as ``check_single_process`` does.
-    ``storage``: the one that holds ``path`` (a manager's, with its transfer budget), ``path``
-    in its syntax; by default ``storage_for(path)``'s."""
+    """Commit ``snap`` at ``path`` (see ``save``); under several JAX processes every process
+    calls it and they commit one checkpoint together (``collective_save``). ``storage``: the
+    one that holds ``path`` (a manager's, with its transfer budget), ``path`` in its syntax; by
+    default ``storage_for(path)``'s. ``extra_files``: this process's own."""
     _check_data_file_size(data_file_size_bytes)
-    check_single_process(path)
     custom_metadata = check_custom_metadata(custom_metadata)
     start_host_transfers(snap.arrays)
     storage, local = storage_for(path) if storage is None else (storage, path)
-    write_checkpoint(
-        storage,
-        local,
-        snap.structure,
-        snap.arrays,
-        snap.values,
-        record=CommitRecord(step=step, custom_metadata=dict(custom_metadata or {})),
-        extra_files=extra_files,
-        file_size=data_file_size_bytes,
-    )
+    record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
+    if process_count() == 1:
+        write_checkpoint(
+            storage, local, snap.structure, snap.arrays, snap.values,
+            record=record, extra_files=extra_files, file_size=data_file_size_bytes,
+        )  # fmt: skip
+        return
+    write_collective(
+        storage, local, snap.structure, snap.arrays, snap.values,
+        record=record, extra_files=extra_files,
+        file_size=check_file_size(storage, data_file_size_bytes),
+    )  # fmt: skip
 
 
 def save(
@@ -165,6 +144,12 @@ def save(
     The data goes into a temporary first and is committed at once (a rename on a local disk, a
     conditional create of the commit marker on buckets): a save that dies half-way leaves no
     checkpoint at ``path``, never a partial one.
+
+    Under ``jax.distributed`` every process calls ``save`` with the same ``path`` and tree:
+    each writes the shards it holds (replicated ones split among their holders), process 0
+    commits once every process's part is durable, and every process returns, or raises the
+    same error. Host-local leaves (numpy arrays, Python values) are taken from process 0. A
+    local ``path`` must then be on a filesystem every host shares.
 
     Args:
         path (`str`): where the step goes, a local directory or an ``s3://`` / ``gs://`` URL.
@@ -185,7 +170,8 @@ def save(
         UnsupportedLeafError: a leaf, key or nesting depth that ``restore`` could not read
             back, or ``custom_metadata`` that is not a JSON-serialisable dict.
         ConfigError: ``data_file_size_bytes`` is too small to split at.
-        MultiProcessSaveError: this is one of several JAX processes (nothing is written).
+        CoordinationError: under several JAX processes, another one did not answer in time
+            (``knobs.COORDINATION_TIMEOUT_S``); nothing was committed.
         StorageError: the storage refused (disk full, read-only, no permission).
         CredentialsError: a bucket URL and no credentials for it.
 
@@ -199,7 +185,7 @@ def save(
     stepsafe.save("ckpt/1000", state, custom_metadata={"loss": 1.5})
     ```
     """
-    snap = snapshot(tree, path=str(path))
+    snap = snapshot(tree)
     write(
         str(path),
         snap,

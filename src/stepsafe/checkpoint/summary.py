@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stepsafe.checkpoint.inspect import CheckpointInfo, info
+from stepsafe.checkpoint.inspect import CheckpointInfo, SavedSharding, info
 from stepsafe.checkpoint.kind import CheckpointKind, classify
 from stepsafe.checkpoint.restore import open_checkpoint
 from stepsafe.tree import split, structure_paths
@@ -21,6 +21,7 @@ class ArrayInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    sharding: SavedSharding | None = None  # as saved: JAX arrays with a NamedSharding
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class TreeRow:
     value: Any = None
     is_leaf: bool = False
     collapsed: bool = False
+    sharding: SavedSharding | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,19 @@ class CheckpointSummary:
             name = split(key)[-1]
             if key in arrays:
                 a = arrays[key]
-                rows.append(TreeRow(key, name, level, 1, a.nbytes, a.dtype, a.shape, is_leaf=True))
+                rows.append(
+                    TreeRow(
+                        key,
+                        name,
+                        level,
+                        1,
+                        a.nbytes,
+                        a.dtype,
+                        a.shape,
+                        is_leaf=True,
+                        sharding=a.sharding,
+                    )
+                )
             else:
                 rows.append(TreeRow(key, name, level, 0, 0, value=self.values[key], is_leaf=True))
         return rows
@@ -107,7 +121,7 @@ def summarize(path: str) -> CheckpointSummary:
     manifest = open_checkpoint(meta.path).manifest
     order = structure_paths(manifest.structure)
     arrays = [
-        ArrayInfo(k, str(a.dtype), a.shape, a.nbytes)
+        ArrayInfo(k, str(a.dtype), a.shape, a.nbytes, SavedSharding.from_record(a.sharding))
         for k in order
         if (a := manifest.arrays.get(k)) is not None
     ]

@@ -2,7 +2,8 @@
 
 Step, timestamps, format version, user metadata, the kind (training or param-only, stacked or
 unstacked: MaxText's four kinds, see ``stepsafe.checkpoint.kind`` for the heuristic), totals
-per top-level group and the tree of arrays with dtype, shape and bytes (``--depth`` folds it).
+per top-level group and the tree of arrays with dtype, shape, bytes and, for arrays saved from
+a JAX device mesh, their sharding (``--depth`` folds it).
 """
 
 from __future__ import annotations
@@ -103,8 +104,12 @@ def show(s: CheckpointSummary, depth: int | None) -> None:
     tree.add_column("DType")
     tree.add_column("Shape")
     tree.add_column("Bytes", justify="right")
+    sharded = any(a.sharding is not None for a in s.arrays)
+    if sharded:  # (a column only where some array was saved from a device mesh)
+        tree.add_column("Sharding")
     for r in s.tree(depth):
-        tree.add_row(*_row(r))
+        extra = (escape(str(r.sharding or "")),) if sharded else ()
+        tree.add_row(*_row(r), *extra)
     common.print_uncut(con, tree)
 
 

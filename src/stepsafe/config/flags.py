@@ -25,7 +25,10 @@ class Config:
     checkpoint_period: int = 10000
     save_checkpoint_on_completion: bool = True
     max_num_checkpoints_to_keep: int = 0  # 0 or null: keep all
+    # under several processes, only replica 0 (along the first mesh axis, MaxText's data axis)
+    # reads a restore's data; the others receive it over a JAX collective
     enable_single_replica_ckpt_restoring: bool = False
+    replica_axis_index: int = 0  # stepsafe's own: the data-parallel mesh axis (MaxText's is 0)
     load_parameters_path: str = ""
     load_full_state_path: str = ""
     lora_input_adapters_path: str = ""

@@ -23,9 +23,6 @@ _TYPES = typing.get_type_hints(Config)
 
 # flag -> (value that works, why any other value is refused)
 _NOT_YET = {
-    "enable_single_replica_ckpt_restoring": (
-        False, "single-replica restore (read once, broadcast) needs multi-host support, not built"
-    ),
     "lora_input_adapters_path": ("", "LoRA adapter loading is not built yet"),
     "force_unroll": (False, "param-only export with unrolling comes with the conversion tools"),
     "checkpoint_storage_use_ocdbt": (
@@ -176,7 +173,9 @@ def validate(config: Config) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_num_checkpoints_to_keep", "warmup_steps", "wall_clock_limit_seconds"):
+    zero_or_more = ("max_num_checkpoints_to_keep", "warmup_steps", "wall_clock_limit_seconds",
+                    "replica_axis_index")  # fmt: skip
+    for name in zero_or_more:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     size = config.checkpoint_storage_target_data_file_size_bytes

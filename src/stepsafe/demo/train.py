@@ -95,6 +95,8 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
             max_to_keep=config.max_num_checkpoints_to_keep or 0,
             data_file_size_bytes=config.checkpoint_storage_target_data_file_size_bytes,
             concurrent_bytes=config.checkpoint_storage_concurrent_gb * 10**9,
+            enable_single_replica_ckpt_restoring=config.enable_single_replica_ckpt_restoring,
+            replica_axis_index=config.replica_axis_index,
         ),
     )
     data = SyntheticData(

@@ -62,10 +62,15 @@ class Shard:
 
 @dataclass(frozen=True)
 class ArrayEntry:
+    """One saved array. ``sharding``: how it lay on devices when saved (``parse_sharding``'s
+    form), so that a restore without a sharding of its own can use it; None for host arrays
+    and manifests written before it was recorded."""
+
     dtype: np.dtype
     dtype_name: str
     shape: tuple[int, ...]
     shards: tuple[Shard, ...]
+    sharding: dict | None = field(default=None, hash=False)
 
     @property
     def nbytes(self) -> int:
@@ -89,20 +94,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "checksum": ALGORITHM,
             "structure": self.structure,
-            "arrays": {
-                k: {
-                    "dtype": a.dtype_name,
-                    "shape": list(a.shape),
-                    "shards": [
-                        {
-                            "index": [list(r) for r in s.index],
-                            "chunks": [[c.file, c.offset, c.length, c.checksum] for c in s.chunks],
-                        }
-                        for s in a.shards
-                    ],
-                }
-                for k, a in self.arrays.items()
-            },
+            "arrays": {k: _array_json(a) for k, a in self.arrays.items()},
             "values": self.values,
             "files": self.files,
         }
@@ -131,6 +123,20 @@ class Manifest:
             raise ManifestError(f"manifest {where}: {e}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
             raise ManifestError(f"manifest {where} is malformed ({type(e).__name__}: {e})") from e
+
+
+def _array_json(a: ArrayEntry) -> dict:
+    doc: dict[str, Any] = {"dtype": a.dtype_name, "shape": list(a.shape)}
+    if a.sharding is not None:  # absent, not null: manifests of host arrays stay as they were
+        doc["sharding"] = a.sharding
+    doc["shards"] = [
+        {
+            "index": [list(r) for r in s.index],
+            "chunks": [[c.file, c.offset, c.length, c.checksum] for c in s.chunks],
+        }
+        for s in a.shards
+    ]
+    return doc
 
 
 def _parse(doc: dict, where: str) -> Manifest:
@@ -206,7 +212,60 @@ def _parse_array(key: str, a: dict, files: dict[str, int], used: dict[str, int])
         shards.append(Shard(index, tuple(chunks)))
     if len(shards) != 1 or shards[0].index != tuple((0, n) for n in shape):
         check_exact_cover(key, shape, shards)
-    return ArrayEntry(dtype, a["dtype"], shape, tuple(shards))
+    sharding = a.get("sharding")
+    if sharding is not None:
+        sharding = parse_sharding(key, sharding, len(shape))
+    return ArrayEntry(dtype, a["dtype"], shape, tuple(shards), sharding)
+
+
+_MAX_MESH_AXES = 64
+
+
+def parse_sharding(key: str, doc: Any, ndim: int) -> dict:
+    """A saved sharding record, checked: ``{"mesh": {"axis_names": [...], "shape": [...]},
+    "spec": [...]}``, the mesh's distinct axis names (strings) and their sizes (positive), and
+    one spec entry per leading array axis (at most ``ndim``): None (not sharded), an axis name,
+    or a list of axis names, no name used twice. Returned as a fresh, plain copy.
+
+    Raises:
+        ManifestError: naming ``key`` and what is wrong.
+    """
+
+    def bad(what: str) -> NoReturn:
+        raise ManifestError(f"array {key!r}: sharding {what}")
+
+    if not isinstance(doc, dict) or set(doc) != {"mesh", "spec"}:
+        bad("must be an object with exactly the keys 'mesh' and 'spec'")
+    mesh = doc["mesh"]
+    if not isinstance(mesh, dict) or set(mesh) != {"axis_names", "shape"}:
+        bad("mesh must be an object with exactly the keys 'axis_names' and 'shape'")
+    names, sizes, spec = mesh["axis_names"], mesh["shape"], doc["spec"]
+    if not isinstance(names, list) or not isinstance(sizes, list) or len(names) != len(sizes):
+        bad("mesh axis_names and shape must be lists of the same length")
+    if len(names) > _MAX_MESH_AXES:
+        bad(f"mesh has {len(names)} axes, more than {_MAX_MESH_AXES}")
+    if not all(type(n) is str for n in names) or len(set(names)) != len(names):
+        bad(f"mesh axis names {names!r} must be distinct strings")
+    if not all(type(n) is int and n > 0 for n in sizes):
+        bad(f"mesh shape {sizes!r} must hold positive integers")
+    if not isinstance(spec, list) or len(spec) > ndim:
+        bad(f"spec {spec!r} must be a list of at most {ndim} entries (the array's axes)")
+    used: list[str] = []
+    out: list[Any] = []
+    for entry in spec:
+        group = [entry] if type(entry) is str else entry
+        if entry is None:
+            out.append(None)
+            continue
+        if not isinstance(group, list) or not all(type(n) is str for n in group):
+            bad(f"spec entry {entry!r} must be null, an axis name or a list of axis names")
+        if not all(n in names for n in group):
+            bad(f"spec entry {entry!r} names an axis the mesh {names!r} does not have")
+        used.extend(group)
+        out.append(entry if type(entry) is str else list(group))
+    if len(set(used)) != len(used):
+        bad(f"spec {spec!r} uses a mesh axis twice")
+    return {"mesh": {"axis_names": list(names), "shape": list(sizes)}, "spec": out}
 
 
 def check_exact_cover(key: str, shape: tuple[int, ...], shards: Sequence[Shard]) -> None:

@@ -18,7 +18,13 @@ import numpy as np
 
 from stepsafe.errors import ManifestError
 from stepsafe.format.dtypes import dtype_to_str
-from stepsafe.format.manifest import ArrayEntry, Manifest, Shard, check_exact_cover
+from stepsafe.format.manifest import (
+    ArrayEntry,
+    Manifest,
+    Shard,
+    check_exact_cover,
+    parse_sharding,
+)
 from stepsafe.format.plan import HostArray, check_box
 from stepsafe.format.written import WrittenPart
 from stepsafe.tree import Structure
@@ -32,14 +38,14 @@ def merge_parts(
     values: dict[str, Any],
     parts: Sequence[WrittenPart],
 ) -> Manifest:
-    """The manifest of ``structure``: ``arrays`` (only their key, dtype and shape are used)
-    with the shards of every part (in part order), the inline ``values``, and every part's
-    data files.
+    """The manifest of ``structure``: ``arrays`` (only their key, dtype, shape and sharding
+    are used) with the shards of every part (in part order), the inline ``values``, and every
+    part's data files.
 
     Raises:
         ManifestError: a data file in two parts; a shard of an array not in ``arrays``,
             outside its shape or not holding its box's bytes; an array whose shards leave
-            gaps or overlap.
+            gaps or overlap; a sharding record that readers would refuse.
     """
     files: dict[str, int] = {}
     shards: dict[str, list[Shard]] = {a.path: [] for a in arrays}
@@ -56,9 +62,14 @@ def merge_parts(
     for a in arrays:
         dtype = np.dtype(a.dtype)
         shape = tuple(a.shape)
+        if a.sharding is not None:
+            try:
+                parse_sharding(a.path, a.sharding, len(shape))
+            except ManifestError as e:
+                raise ManifestError(f"{e}: {_REFUSED}") from None
         _check_shards(a.path, shape, dtype, shards[a.path])
         entries[a.path] = ArrayEntry(
-            dtype, dtype_to_str(a.dtype, a.path), shape, tuple(shards[a.path])
+            dtype, dtype_to_str(a.dtype, a.path), shape, tuple(shards[a.path]), a.sharding
         )
     return Manifest(structure, entries, values, files)
 

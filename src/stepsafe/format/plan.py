@@ -25,12 +25,15 @@ ALIGN = 64
 @dataclass
 class HostArray:
     """An array ready to write: its global description and its shards. A shard is a host
-    array, or anything ``np.asarray`` turns into one (a device copy awaiting its transfer)."""
+    array, or anything ``np.asarray`` turns into one (a device copy awaiting its transfer).
+    ``sharding``: how the array was laid out on devices (a JAX NamedSharding's mesh and spec,
+    see ``manifest.parse_sharding``), recorded in the manifest; None for host arrays."""
 
     path: str
     dtype: np.dtype
     shape: tuple[int, ...]
     shards: list[tuple[Box, Any]]
+    sharding: dict | None = None
 
 
 @dataclass(slots=True)

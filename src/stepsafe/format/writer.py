@@ -6,7 +6,8 @@ and read in parallel (``plan.py``); each file's writer returns the record of wha
 (``written.py``); the manifest is assembled from those records only, and refused unless every
 array is covered exactly (``merge.py``). The manifest, any extra files, and
 ``_CHECKPOINT_METADATA`` follow the data, the record last, and only then does the transaction
-commit.
+commit. Under many processes each writes its own part (``write_part``) into one transaction and
+process 0 commits them all (``commit_parts``); one process does both (``write_checkpoint``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from stepsafe.errors import ConfigError
+from stepsafe.errors import ConfigError, ManifestError
 from stepsafe.format.checksum import checksum
-from stepsafe.format.layout import COMMIT_FILE, CommitRecord, check_extra_name
+from stepsafe.format.layout import COMMIT_FILE, CommitRecord, check_extra_name, stamped
 from stepsafe.format.manifest import Manifest
 from stepsafe.format.merge import merge_parts
 from stepsafe.format.plan import ALIGN, HostArray, plan_files
-from stepsafe.format.written import write_files
+from stepsafe.format.written import WrittenPart, write_files
 from stepsafe.storage import Storage, Transaction
 from stepsafe.tree import Structure
 
-__all__ = ["HostArray", "commit_manifest", "write_checkpoint"]
+__all__ = ["HostArray", "commit_manifest", "commit_parts", "write_checkpoint", "write_part"]
 
 
 def write_checkpoint(
@@ -37,7 +38,6 @@ def write_checkpoint(
     record: CommitRecord,
     extra_files: dict[str, bytes] | None = None,
     file_size: int | None = None,
-    process_index: int = 0,
 ) -> Manifest:
     """Write ``arrays`` and ``values`` as a committed checkpoint at ``path`` on ``storage``.
 
@@ -49,7 +49,6 @@ def write_checkpoint(
         extra_files: small files stored beside the state (name -> bytes).
         file_size: where data files are split; None for the storage's default (big files on
             a local disk, smaller ones on buckets, where each goes up in one request).
-        process_index: names this process's data files.
 
     Raises:
         ConfigError: ``file_size`` (``data_file_size_bytes``) below 64 bytes.
@@ -57,25 +56,76 @@ def write_checkpoint(
             nothing is committed then.
         StorageError: as the storage raised it; nothing is committed then.
     """
+    file_size = check_file_size(storage, file_size)
+    with storage.transaction(path) as txn:
+        part = write_part(txn, arrays, record.save_id, 0, file_size, extra_files)
+        return commit_parts(txn, structure, arrays, values, [part], record)
+
+
+def check_file_size(storage: Storage, file_size: int | None) -> int:
+    """The data file size to split at: ``file_size``, or the storage's default for None.
+
+    Raises:
+        ConfigError: ``file_size`` below the format's alignment.
+    """
     file_size = storage.default_file_size if file_size is None else file_size
     if file_size < ALIGN:
         raise ConfigError(f"data_file_size_bytes must be at least {ALIGN}, got {file_size}")
-    plan = plan_files(arrays, file_size, process_index, record.save_id)
-    with storage.transaction(path) as txn:
-        part = write_files(txn, plan)
-        manifest = merge_parts(structure, arrays, values, [part])
-        commit_manifest(txn, manifest, record, extra_files)
+    return file_size
+
+
+def write_part(
+    txn: Transaction,
+    arrays: list[HostArray],
+    save_id: str,
+    process_index: int,
+    file_size: int,
+    extra_files: dict[str, bytes] | None = None,
+) -> WrittenPart:
+    """Write one process's shards of ``arrays`` and its ``extra_files`` into ``txn`` (data
+    files named for ``process_index`` and ``save_id``) and return what was written.
+
+    Raises:
+        ManifestError: a shard outside its array, or data not written in full.
+        UnsupportedLeafError: an extra file's name is unsafe.
+        StorageError: as the storage raised it.
+    """
+    part = write_files(txn, plan_files(arrays, file_size, process_index, save_id))
+    for name, content in (extra_files or {}).items():
+        check_extra_name(name, "extra_files")
+        txn.write_file(stamped(name, save_id), [content])
+        part.extra_files[name] = checksum(content)
+    return part
+
+
+def commit_parts(
+    txn: Transaction,
+    structure: Structure,
+    arrays: list[HostArray],
+    values: dict[str, Any],
+    parts: list[WrittenPart],
+    record: CommitRecord,
+) -> Manifest:
+    """Merge every process's part into the manifest (refused unless it covers every array
+    exactly), write it and the record, and commit ``txn``.
+
+    Raises:
+        ManifestError: the parts do not tile the arrays, or two name the same extra file.
+        StorageError, CheckpointExistsError: as the storage raised them.
+    """
+    manifest = merge_parts(structure, arrays, values, parts)
+    for part in parts:
+        for name, digest in part.extra_files.items():
+            if name in record.extra_files:
+                raise ManifestError(f"extra file {name!r} was written twice: nothing was committed")
+            record.extra_files[name] = digest
+    commit_manifest(txn, manifest, record)
     return manifest
 
 
-def commit_manifest(
-    txn: Transaction,
-    manifest: Manifest,
-    record: CommitRecord,
-    extra_files: dict[str, bytes] | None = None,
-) -> None:
-    """Write the manifest, the extra files and the record (last) into ``txn`` and commit it;
-    the data files must be in ``txn`` already.
+def commit_manifest(txn: Transaction, manifest: Manifest, record: CommitRecord) -> None:
+    """Write the manifest and the record (last) into ``txn`` and commit it; the data and
+    extra files must be in ``txn`` already, their checksums in ``record``.
 
     Raises:
         UnsupportedLeafError: a manifest bigger than readers accept.
@@ -83,10 +133,6 @@ def commit_manifest(
     """
     raw = manifest.to_json()
     txn.write_file(record.manifest_path, [raw])
-    for name, content in (extra_files or {}).items():
-        check_extra_name(name, "extra_files")
-        txn.write_file(record.extra_path(name), [content])
-        record.extra_files[name] = checksum(content)
     record.manifest_checksum = checksum(raw)
     record.commit_timestamp_nsecs = time.time_ns()
     txn.write_file(COMMIT_FILE, [record.to_json()])

@@ -14,6 +14,7 @@ are gathered into one buffer (one syscall instead of hundreds).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -37,12 +38,61 @@ class WrittenFile:
 
 @dataclass
 class WrittenPart:
-    """What one process wrote: its data files (name -> size, in order) and, per array, the
-    shards it holds (each a box and its chunks). Process 0 merges every process's part into
-    the manifest (``merge.merge_parts``)."""
+    """What one process wrote: its data files (name -> size, in order), per array the shards
+    it holds (each a box and its chunks), and its extra files (name -> checksum). Process 0
+    merges every process's part into the manifest (``merge.merge_parts``); under many
+    processes each part travels to process 0 as JSON."""
 
     files: dict[str, int] = field(default_factory=dict)
     shards: dict[str, list[Shard]] = field(default_factory=dict)
+    extra_files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "files": self.files,
+                "shards": {
+                    k: [
+                        [[list(r) for r in s.index], [list(_chunk_row(c)) for c in s.chunks]]
+                        for s in shards
+                    ]
+                    for k, shards in self.shards.items()
+                },
+                "extra_files": self.extra_files,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> WrittenPart:
+        """The part another process sent; only its form is checked here (``merge_parts``
+        checks what it claims against the tree and the other parts).
+
+        Raises:
+            ManifestError: not a part's JSON.
+        """
+        try:
+            doc = json.loads(raw)
+            return cls(
+                files={str(n): int(size) for n, size in doc["files"].items()},
+                shards={
+                    str(k): [
+                        Shard(
+                            tuple((int(lo), int(hi)) for lo, hi in index),
+                            tuple(Chunk(str(f), int(o), int(n), str(c)) for f, o, n, c in chunks),
+                        )
+                        for index, chunks in shards
+                    ]
+                    for k, shards in doc["shards"].items()
+                },
+                extra_files={str(n): str(c) for n, c in doc["extra_files"].items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ManifestError(f"the part {where} sent is malformed ({e})") from e
+
+
+def _chunk_row(c: Chunk) -> tuple[str, int, int, str]:
+    return (c.file, c.offset, c.length, c.checksum)
 
 
 def write_files(txn: Transaction, plan: WritePlan) -> WrittenPart:

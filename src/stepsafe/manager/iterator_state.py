@@ -1,7 +1,10 @@
 """Data-iterator position under ``<step>/iter/``, one file per process.
 
-Any object with ``get_state()`` / ``set_state(state)`` works (Grain's protocol). A state that
-is ``bytes`` is stored as is (``.bin``); anything else must be JSON (``.json``). Never pickle.
+Each process of a job saves and restores its own position (``iter/process_<p>``), and a step
+saved by another number of processes is refused with a clear error: positions cannot be split
+or merged without knowing the iterator. Any object with ``get_state()`` / ``set_state(state)``
+works (Grain's protocol). A state that is ``bytes`` is stored as is (``.bin``); anything else
+must be JSON (``.json``). Never pickle.
 The files are extra files of the checkpoint: the format names them per save and checks them
 against checksums in the step's record.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from stepsafe.distributed import process_count
 from stepsafe.errors import StepsafeError, TruncatedDataError, UnsupportedLeafError
 from stepsafe.format import read_commit_record, read_extra
 from stepsafe.storage import Storage
@@ -42,6 +46,15 @@ def restore_iterator(
 ) -> None:
     name = f"{ITER_DIR}/process_{process_index}"
     record = read_commit_record(storage, step_dir)
+    saved_by = {n.rsplit(".", 1)[0] for n in record.extra_files if n.startswith(f"{ITER_DIR}/")}
+    count = process_count()
+    if saved_by and len(saved_by) != count:
+        raise StepsafeError(
+            f"{step_dir} holds the data-iterator states of {len(saved_by)} process(es) and "
+            f"this job has {count}: each process's position is its own, so it cannot be "
+            "split or merged; restore on as many processes, or without data_iterator (the "
+            "data then starts from scratch)"
+        )
     raw = read_extra(storage, step_dir, f"{name}.bin", record)
     if raw is not None:
         iterator.set_state(raw)

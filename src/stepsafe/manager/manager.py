@@ -15,16 +15,20 @@ the steps already there, existing_steps.py's; how it resumes, resume.py's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import weakref
+from functools import partial
 from typing import Any
 
 from stepsafe.arrays import StagingBuffers
+from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint import committed_steps, snapshot, write
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
 from stepsafe.checkpoint.save import check_custom_metadata
 from stepsafe.distributed import process_index
+from stepsafe.distributed.outcomes import on_process_0
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
 from stepsafe.manager.gc import remove_half_deleted
@@ -51,6 +55,11 @@ class CheckpointManager:
     Starting a manager that saves takes the run's lease and removes the leftovers of saves and
     deletions that a killed process interrupted (never a committed step); damaged, linked and
     foreign steps are logged and left in place. Use it as a context manager, or call ``close``.
+
+    Under ``jax.distributed`` every process makes the same calls in the same order (``save``,
+    ``restore``, ``all_steps``, ...): process 0 holds the lease, lists the steps, decides
+    whether a step is saved and deletes old ones; every process writes its own shards and data
+    iterator state, and learns the same outcome.
 
     Args:
         directory (`str`): the run's ``checkpoints`` directory (``run_checkpoint_dir``), local
@@ -89,6 +98,12 @@ class CheckpointManager:
             else None
         )
         self._release = weakref.finalize(self, self._lease.release) if self._lease else None
+        self._single_replica = (
+            SingleReplica(self.options.replica_axis_index)
+            if self.options.enable_single_replica_ckpt_restoring
+            else None
+        )  # restores read on replica 0 only and broadcast to the others
+        self._tag = hashlib.sha256(self.directory.encode()).hexdigest()[:12]  # names exchanges
         self._passed = PassedSteps()  # damaged, linked, foreign steps: left in place, said once
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()  # async snapshots reuse last save's host buffers
@@ -110,7 +125,9 @@ class CheckpointManager:
         Returns:
             `list[int]`: e.g. ``[100, 200, 300]``; damaged committed steps are listed too.
         """
-        return committed_steps(self.storage, self.directory)
+        return on_process_0(
+            f"steps-{self._tag}", lambda: committed_steps(self.storage, self.directory)
+        )
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None when there is none (``all_steps()[-1]``)."""
@@ -163,7 +180,7 @@ class CheckpointManager:
             BackgroundSaveError: the previous background save failed (raised once).
             RunInUseError: another manager has taken this run's lease over.
             ConfigError: ``step`` is not a non-negative integer (Python, numpy or JAX).
-            MultiProcessSaveError: this is one of several JAX processes.
+            CoordinationError: under several JAX processes, another did not answer in time.
 
         Example:
 
@@ -183,13 +200,12 @@ class CheckpointManager:
         if self._lease is not None:  # first: a forked child's writer thread does not exist
             self._lease.check()
         self._writer.wait()
-        if save_is_blocked(self.storage, self.directory, step, self._passed):
+        blocked = partial(save_is_blocked, self.storage, self.directory, step, self._passed)
+        if on_process_0(f"save-{self._tag}-{step}", blocked):
             return False
         t0 = time.perf_counter()
-        snap = snapshot(
-            state, copy=self.options.async_save, staging=self._staging, path=self.step_path(step)
-        )
-        extra = iterator_files(data_iterator) if data_iterator is not None else None
+        snap = snapshot(state, copy=self.options.async_save, staging=self._staging)
+        extra = None if data_iterator is None else iterator_files(data_iterator, process_index())
         blocked = [time.perf_counter() - t0]  # async: updated once the writer has started
 
         def job() -> None:
@@ -208,7 +224,10 @@ class CheckpointManager:
                 step, snap.nbytes / 1e6, blocked[0], total,
             )  # fmt: skip
             self.last_save_seconds = (blocked[0], total)
-            apply_retention(self.storage, self.directory, self.options.max_to_keep, self._passed)
+            if self._lease is not None:  # the run's one writer: process 0
+                apply_retention(
+                    self.storage, self.directory, self.options.max_to_keep, self._passed
+                )
 
         if self.options.async_save:
             self._writer.submit(f"step {step}", job)
@@ -285,7 +304,9 @@ class CheckpointManager:
         if step is None:
             return self.restore_newest(target, data_iterator=data_iterator)[1]
         self._writer.wait()
-        return restore_step(self.storage, self.step_path(step), step, target, data_iterator)
+        return restore_step(
+            self.storage, self.step_path(step), step, target, data_iterator, self._single_replica
+        )
 
     def restore_newest(
         self, target: Any = None, *, data_iterator: CheckpointableIterator | None = None
@@ -318,5 +339,5 @@ class CheckpointManager:
         self._writer.wait()
         return restore_newest(
             self.storage, self.directory, self.all_steps(), target, data_iterator,
-            self._passed.damaged,
+            self._passed.damaged, self._single_replica,
         )  # fmt: skip

@@ -19,8 +19,11 @@ FLAGS = {
     "max_to_keep": "max_num_checkpoints_to_keep",
     "data_file_size_bytes": "checkpoint_storage_target_data_file_size_bytes",
     "concurrent_bytes": "checkpoint_storage_concurrent_gb",
+    "enable_single_replica_ckpt_restoring": "enable_single_replica_ckpt_restoring",
+    "replica_axis_index": "replica_axis_index",
 }
-"""``ManagerOptions`` field -> the MaxText flag that sets it (``stepsafe train`` maps them)."""
+"""``ManagerOptions`` field -> the MaxText flag that sets it (``stepsafe train`` maps them).
+``replica_axis_index`` is stepsafe's own flag: MaxText fixes it at 0 (its data axis)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,14 @@ class ManagerOptions:
         concurrent_bytes (`int`, *optional*): bytes in flight to and from buckets at once, for
             this manager's saves and restores; None: the process default shared by every
             storage made without one (flag ``checkpoint_storage_concurrent_gb``, in GB).
+        enable_single_replica_ckpt_restoring (`bool`, defaults to `False`): under several JAX
+            processes, restores read data only in the processes of replica 0 along
+            ``replica_axis_index``, and the others get the arrays over a JAX collective (flag
+            ``enable_single_replica_ckpt_restoring``; see ``stepsafe.arrays.single_replica``
+            for what targets it needs).
+        replica_axis_index (`int`, defaults to `0`): the mesh axis along which the restored
+            arrays are replicated (the data-parallel axis; flag ``replica_axis_index``,
+            stepsafe's own: MaxText fixes it at 0).
 
     Raises:
         ConfigError: a value out of range; the message names the field and its flag, e.g.
@@ -64,6 +75,8 @@ class ManagerOptions:
     max_to_keep: int = 0  # 0: keep all
     data_file_size_bytes: int | None = None  # None: the storage's default
     concurrent_bytes: int | None = None  # bytes in flight to/from buckets, this manager's
+    enable_single_replica_ckpt_restoring: bool = False  # replica 0 reads, the others receive
+    replica_axis_index: int = 0  # the data-parallel mesh axis
 
     def __post_init__(self) -> None:
         if self.save_interval_steps < 1:
@@ -75,6 +88,8 @@ class ManagerOptions:
         size = self.data_file_size_bytes
         if size is not None and size < ALIGN:  # what the writer can split at
             raise _error("data_file_size_bytes", f"must be >= {ALIGN} bytes", size)
+        if type(self.replica_axis_index) is not int or self.replica_axis_index < 0:
+            raise _error("replica_axis_index", "must be an int >= 0", self.replica_axis_index)
 
 
 def _error(field: str, rule: str, value: object) -> ConfigError:

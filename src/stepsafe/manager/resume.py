@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint.restore import open_checkpoint, restore_from
+from stepsafe.distributed import process_index
+from stepsafe.distributed.outcomes import as_error, gather_failures
 from stepsafe.errors import CheckpointNotFoundError, CorruptCheckpointError
 from stepsafe.manager.iterator_state import CheckpointableIterator, restore_iterator
 from stepsafe.storage import Storage
@@ -24,14 +27,48 @@ def restore_step(
     step: int,
     target: Any,
     data_iterator: CheckpointableIterator | None,
+    single_replica: SingleReplica | None = None,
 ) -> Any:
-    """The state at ``path`` (step ``step``), and the data iterator's position set."""
-    with open_checkpoint(path, storage) as reader:
-        state = restore_from(reader, target)
-    if data_iterator is not None:
-        restore_iterator(storage, path, data_iterator)
+    """The state at ``path`` (step ``step``), and the data iterator's position set; under
+    several processes every process restores it, or every process raises (the error of the
+    first that failed, with its type: one process resuming while another gives up would
+    split the job).
+
+    Raises:
+        CorruptCheckpointError: the step is damaged (on any process).
+        StepsafeError: as ``restore`` raises it, on any process.
+    """
+    state, error = _try_restore(storage, path, target, data_iterator, single_replica)
+    _raise_first(gather_failures(f"restore-{step}", error), error)
     log.info("Restored step %d from %s", step, path)
     return state
+
+
+def _try_restore(
+    storage: Storage,
+    path: str,
+    target: Any,
+    data_iterator: CheckpointableIterator | None,
+    single_replica: SingleReplica | None,
+) -> tuple[Any, Exception | None]:
+    try:
+        with open_checkpoint(path, storage) as reader:
+            state = restore_from(reader, target, single_replica=single_replica)
+        if data_iterator is not None:
+            restore_iterator(storage, path, data_iterator, process_index())
+    except Exception as e:
+        return None, e
+    return state, None
+
+
+def _raise_first(failures: list[dict[str, Any] | None], mine: Exception | None) -> None:
+    """Raise the first failure of any process: this process's own error if it is that one."""
+    first = next((f for f in failures if f is not None), None)
+    if first is None:
+        return
+    if mine is not None and first["process"] == process_index():
+        raise mine
+    raise as_error(first, len(failures))
 
 
 def restore_newest(
@@ -41,9 +78,11 @@ def restore_newest(
     target: Any,
     data_iterator: CheckpointableIterator | None,
     damaged: set[int],
+    single_replica: SingleReplica | None = None,
 ) -> tuple[int, Any]:
-    """(step, state) of the newest of ``steps`` (committed, oldest first) that restores; the
-    damaged ones passed by are added to ``damaged``.
+    """(step, state) of the newest of ``steps`` (committed, oldest first, the same list on
+    every process) that restores on every process; the damaged ones passed by are added to
+    ``damaged``.
 
     Raises:
         CheckpointNotFoundError: ``steps`` is empty.
@@ -55,7 +94,7 @@ def restore_newest(
     for step in reversed(steps):
         path = storage.join(directory, str(step))
         try:
-            state = restore_step(storage, path, step, target, data_iterator)
+            state = restore_step(storage, path, step, target, data_iterator, single_replica)
         except CorruptCheckpointError as e:
             errors.append((step, e))
             damaged.add(step)

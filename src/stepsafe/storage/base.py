@@ -13,12 +13,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
 from stepsafe import knobs
+from stepsafe.errors import StorageError
 from stepsafe.storage.ranges import RangeRead
 from stepsafe.storage.threads import run_all
 
 
 class Transaction(ABC):
-    """The files of one directory-to-be, invisible until ``commit``."""
+    """The files of one directory-to-be, invisible until ``commit``.
+
+    Several processes may write one directory-to-be (a save under many hosts): one opens the
+    transaction and hands ``token()`` to the others, who ``Storage.join_transaction`` it, write
+    their own files, and ``prepare``; only the opener commits, once every writer has prepared.
+    """
 
     @abstractmethod
     def write_file(self, relpath: str, chunks: Iterable[memoryview | bytes]) -> None:
@@ -30,7 +36,18 @@ class Transaction(ABC):
 
     @abstractmethod
     def abort(self) -> None:
-        """Drop everything written; safe to call after a failure or twice."""
+        """Drop everything written (a joined writer: only its own files); safe to call after
+        a failure or twice."""
+
+    def token(self) -> str:
+        """What another process passes to ``Storage.join_transaction`` to write into this
+        directory-to-be (a local temporary's name; nothing on buckets, which write in place)."""
+        return ""
+
+    def prepare(self) -> None:
+        """Make every file this writer wrote durable, so that the opener's ``commit`` only has
+        to publish them; a no-op where a written file is durable at once (buckets)."""
+        return None
 
     def __enter__(self) -> Transaction:
         return self
@@ -116,6 +133,20 @@ class Storage(ABC):
     @abstractmethod
     def transaction(self, path: str) -> Transaction:
         """Start writing a new directory at ``path``."""
+
+    def join_transaction(self, path: str, token: str) -> Transaction:
+        """Write into the directory-to-be at ``path`` that another process opened (``token``:
+        its ``Transaction.token()``). The joined transaction's ``commit`` refuses: the opener
+        commits. Storages that live in one process's memory cannot be shared.
+
+        Raises:
+            StorageError: this storage cannot be shared, or the opener's directory-to-be is not
+                visible here.
+        """
+        raise StorageError(
+            f"{type(self).__name__} cannot be written by several processes at once: save "
+            f"{path} to a local directory every process shares, or to a bucket"
+        )
 
     @abstractmethod
     def read_into(self, path: str, offset: int, buf: memoryview) -> None:

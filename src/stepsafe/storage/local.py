@@ -9,6 +9,7 @@ a temporary whose name says which process wrote it, so it can be recognised and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -97,25 +98,49 @@ class LocalTransaction(Transaction):
     StorageError naming the checkpoint and the file: a bare ``[Errno 28]`` does not say which
     of several disks filled up."""
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, token: str | None = None) -> None:
+        """``token``: join the temporary another process opened (its ``token()``) instead of
+        making one; such a writer prepares its files and never commits."""
         self.final = final
+        self.joined = token is not None
         self._done = True  # nothing to abort until the temporary exists
         try:
-            _makedirs_durable(final.parent)
-            if final.exists():
-                raise CheckpointExistsError(
-                    f"{final} already exists: stepsafe never overwrites a checkpoint; "
-                    "save to a new path or delete the old one first"
-                )
-            self.tmp = final.parent / temporary_name(final.name)
-            self.tmp.mkdir()
-        except CheckpointExistsError:
+            if token is not None:
+                self.tmp = self._joined_temporary(final, token)
+            else:
+                _makedirs_durable(final.parent)
+                if final.exists():
+                    raise CheckpointExistsError(
+                        f"{final} already exists: stepsafe never overwrites a checkpoint; "
+                        "save to a new path or delete the old one first"
+                    )
+                self.tmp = final.parent / temporary_name(final.name)
+                self.tmp.mkdir()
+        except (CheckpointExistsError, StorageError):
             raise
         except OSError as e:
             raise self._error("creating its directory", e) from e
         self._dirs: set[Path] = {self.tmp}
         self._unsynced: list[Path] = []
+        self._mine: list[Path] = []  # what a joined writer removes on abort
         self._done = False
+
+    def _joined_temporary(self, final: Path, token: str) -> Path:
+        """The opener's temporary, checked: a token is the bare name of a temporary of
+        ``final``, never a path that could lead elsewhere."""
+        tmp = final.parent / token
+        if "/" in token or temporary_target(token) != final.name:
+            raise StorageError(f"cannot join the save of {final}: {token!r} is not its temporary")
+        if not tmp.is_dir():
+            raise StorageError(
+                f"cannot join the save of {final}: the directory {tmp} that process 0 made is not "
+                "visible on this host; under several hosts a local path must be on a filesystem "
+                "that every host shares (NFS, Filestore, Lustre), else save to a bucket"
+            )
+        return tmp
+
+    def token(self) -> str:
+        return self.tmp.name
 
     def _error(self, doing: str, e: OSError) -> StorageError:
         where = f" ({e.filename})" if e.filename else ""
@@ -136,6 +161,7 @@ class LocalTransaction(Transaction):
                     self._dirs.add(p)
                     p = p.parent
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._mine.append(target)
             try:
                 size = write_all(fd, chunks)
                 if size >= knobs.SYNC_NOW_BYTES:  # the disk works while other threads still write
@@ -149,13 +175,25 @@ class LocalTransaction(Transaction):
                 e.filename = str(target)
             raise self._error(f"writing {relpath}", e) from e
 
-    def commit(self) -> None:
+    def prepare(self) -> None:
         """fsync what is left (small files, directories) concurrently, so the filesystem can
-        fold them into one journal commit, then rename and fsync the parent."""
+        fold them into one journal commit."""
         try:
             run_all(_fsync, [*self._unsynced, *self._dirs])
         except OSError as e:
             raise self._error("syncing its files to disk", e) from e
+        self._unsynced = []
+
+    def commit(self) -> None:
+        """``prepare``, then rename and fsync the parent.
+
+        Raises:
+            StorageError: a joined writer commits (only the opener does), or the disk refused.
+            CheckpointExistsError: another writer committed ``final`` meanwhile.
+        """
+        if self.joined:
+            raise StorageError(f"only the process that opened the save of {self.final} commits it")
+        self.prepare()
         try:
             os.rename(self.tmp, self.final)
         except OSError as e:
@@ -173,9 +211,15 @@ class LocalTransaction(Transaction):
             raise self._error("syncing its parent directory", e) from e
 
     def abort(self) -> None:
-        if not self._done:
+        if self._done:
+            return
+        self._done = True
+        if not self.joined:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            self._done = True
+            return
+        for path in self._mine:  # the opener removes the temporary itself
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 class LocalReadHandle(ReadHandle):
@@ -218,6 +262,9 @@ class LocalStorage(Storage):
 
     def transaction(self, path: str) -> LocalTransaction:
         return LocalTransaction(Path(path))
+
+    def join_transaction(self, path: str, token: str) -> LocalTransaction:
+        return LocalTransaction(Path(path), token)
 
     def open_read(self, path: str) -> LocalReadHandle:
         return LocalReadHandle(path)

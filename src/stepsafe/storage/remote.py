@@ -140,6 +140,9 @@ class RemoteStorage(Storage):
     def transaction(self, path: str) -> RemoteTransaction:
         return RemoteTransaction(self, path.rstrip("/"))
 
+    def join_transaction(self, path: str, token: str) -> RemoteTransaction:
+        return RemoteTransaction(self, path.rstrip("/"), joined=True)
+
     def read_into(self, path: str, offset: int, buf: memoryview) -> None:
         self.read_ranges([RangeRead(path, offset, byte_view(buf))])
 

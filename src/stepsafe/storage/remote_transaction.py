@@ -34,9 +34,12 @@ COMMIT_MARKER = "_CHECKPOINT_METADATA"
 class RemoteTransaction(Transaction):
     """Files written in place; visible when ``commit`` creates the marker exclusively."""
 
-    def __init__(self, storage: RemoteStorage, path: str) -> None:
+    def __init__(self, storage: RemoteStorage, path: str, *, joined: bool = False) -> None:
+        """``joined``: another process opened this save; this writer writes its own files
+        (deleted on abort) and never commits."""
         self.storage = storage
         self.path = path
+        self.joined = joined
         self.marker_path = storage.join(path, COMMIT_MARKER)
         if storage.exists(self.marker_path):
             raise CheckpointExistsError(
@@ -58,6 +61,8 @@ class RemoteTransaction(Transaction):
         self.storage.upload(target, chunks)
 
     def commit(self) -> None:
+        if self.joined:
+            raise StepsafeError(f"only the process that opened the save of {self.path} commits it")
         if self._marker is None:
             raise StepsafeError(
                 f"nothing to commit at {self.path}: on object stores a transaction becomes "

@@ -1,0 +1,41 @@
+"""Host-local leaves under several processes: whose copy is saved.
+
+A numpy array, or a JAX array on one process's devices only, exists separately in every process
+of a ``jax.distributed`` job, possibly with different contents. A checkpoint holds one copy:
+process 0's (as Orbax and MaxText do). The other processes describe such a leaf (key, dtype,
+shape) and write none of its bytes, so that no byte is written twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stepsafe.arrays.leaves import is_jax_array
+from stepsafe.errors import UnsupportedLeafError
+from stepsafe.format.dtypes import dtype_to_str
+from stepsafe.format.plan import HostArray
+
+
+def is_host_local(x: Any) -> bool:
+    """True for a numpy array or scalar, and for a JAX array whose devices all belong to this
+    process (``is_fully_addressable``)."""
+    return bool(x.is_fully_addressable) if is_jax_array(x) else True
+
+
+def described(path: str, x: Any) -> HostArray:
+    """``x`` as a ``HostArray`` without shards, checked as ``to_host`` checks it (the same
+    refusal on every process: one process refusing alone would leave the others waiting).
+
+    Raises:
+        UnsupportedLeafError: a masked array, or a dtype the format cannot store.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        raise UnsupportedLeafError(
+            f"leaf at {path or '<root>'!r} is a numpy masked array, whose mask would be lost: "
+            "save x.data and np.ma.getmaskarray(x) as two arrays"
+        )
+    dtype = np.dtype(x.dtype)
+    dtype_to_str(dtype, path)
+    return HostArray(path, dtype, tuple(np.shape(x)), [])
