@@ -96,7 +96,7 @@ def test_boxes_that_share_a_saved_shard_read_it_once():
     entry = ArrayEntry(np.dtype(np.float32), "float32", (8, 8), (whole,))
     boxes = [((0, 8), (2 * i, 2 * i + 2)) for i in range(4)]
     plan = plan_array_read("a", entry, boxes)
-    assert len(plan.reads) == 1 and plan.reads[0][1].shape == (8, 8)
+    assert len(plan.reads) == 1 and plan.reads[0][1].nbytes == 256  # the whole shard, once
     assert len(plan.copies) == 4 and set(plan.outs) == set(boxes)
 
     rows = tuple(
@@ -106,3 +106,20 @@ def test_boxes_that_share_a_saved_shard_read_it_once():
     plan = plan_array_read("a", entry, [((0, 8), (0, 8))])
     out = plan.outs[((0, 8), (0, 8))]
     assert not plan.copies and all(np.shares_memory(dest, out) for _, dest in plan.reads)
+
+
+def test_a_box_reads_only_the_chunks_that_hold_its_bytes():
+    """An array saved whole in 8 chunks (one per row) and wanted in row quarters by different
+    processes: each quarter reads its own 2 chunks, never the whole shard; a column box needs
+    a span of every row, so it reads them all."""
+    chunks = tuple(Chunk("f", 32 * i, 32, f"c{i}") for i in range(8))
+    entry = ArrayEntry(np.dtype(np.float32), "float32", (8, 8), (Shard(((0, 8), (0, 8)), chunks),))
+    for q in range(4):
+        plan = plan_array_read("a", entry, [((2 * q, 2 * q + 2), (0, 8))])
+        (read,) = plan.reads
+        assert read[0] == chunks[2 * q : 2 * q + 2] and read[1].nbytes == 64, (q, read[0])
+    # a box inside rows 3..5 and columns 2..4: chunks 3 and 4 only
+    (read,) = plan_array_read("a", entry, [((3, 5), (2, 4))]).reads
+    assert read[0] == chunks[3:5]
+    (read,) = plan_array_read("a", entry, [((0, 8), (6, 8))]).reads
+    assert read[0] == chunks

@@ -175,6 +175,7 @@ for key, full in (("w", W), ("b", B)):
 for key, target in (
     ("one", jax.ShapeDtypeStruct((8, 4), np.float32)),
     ("h", jax.ShapeDtypeStruct((3,), np.float64)),
+    ("n", jax.ShapeDtypeStruct((), np.int32)),  # an inline value
 ):
     try:
         stepsafe.restore(path, target, select=key)
@@ -207,8 +208,9 @@ def test_two_processes_restore_abstract_targets_onto_the_saved_sharding(tmp_path
         one = next(ln for ln in lines if ln.startswith("refused one: "))
         assert "'one'" in one and "mesh (d=2)" in one and "4 devices" in one, one
         assert "pass a target with a sharding" in one, one
-        h = next(ln for ln in lines if ln.startswith("refused h: "))
-        assert "'h'" in h and "without a device mesh" in h, h
+        for key in ("h", "n"):
+            line = next(ln for ln in lines if ln.startswith(f"refused {key}: "))
+            assert f"'{key}'" in line and "without a device mesh" in line, line
 
 
 SAVE_AND_RESTORE = """

@@ -138,10 +138,10 @@ class CheckpointReader:
         mine: dict[int, list[int]] = {}  # id(plan) -> indices of its reads
         for plan in plans:
             mine[id(plan)] = []
-            for shard, dest in plan.reads:
+            for chunks, dest in plan.reads:
                 view = memoryview(dest.reshape(-1).view(np.uint8))
                 pos = 0
-                for c in shard.chunks:
+                for c in chunks:
                     mine[id(plan)].append(len(reads))
                     part = view[pos : pos + c.length]
                     reads.append(RangeRead(self.file_path(c.file), c.offset, part))

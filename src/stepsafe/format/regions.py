@@ -1,11 +1,15 @@
-"""Which saved shards fill the wanted boxes of an array, and where their bytes go.
+"""Which saved bytes fill the wanted boxes of an array, and where they go.
 
 A restore wants boxes (a whole array, or the shards this process's devices hold) that need not
 match the boxes it was saved in. Each saved shard that overlaps is read once: straight into an
 output when it lands there as one contiguous block (always for an array restored as it was
 saved, and for shards split along the first axis), else into a buffer of its own, shared by
-every box that needs part of it, and copied from. Planning first and reading later lets the
-reads of many arrays go out as one batch.
+every box that needs part of it, and copied from. Of such a shard only the chunks that hold the
+wanted bytes are read (the span from the first wanted element to the last, in C order): a
+process restoring its quarter of rows of an array saved whole reads about a quarter of it,
+plus at most a chunk at either end, since checksums cover whole chunks. The buffer is the
+shard's shape but only the read part is ever touched, so it costs memory only for that part.
+Planning first and reading later lets the reads of many arrays go out as one batch.
 """
 
 from __future__ import annotations
@@ -14,20 +18,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stepsafe.format.manifest import ArrayEntry, Shard
+from stepsafe.format.manifest import ArrayEntry, Chunk, Shard
 
 Box = tuple[tuple[int, int], ...]
 
 
 @dataclass
 class ArrayRead:
-    """Boxes of array ``key`` (``outs``), filled by reading each of ``reads`` (a saved shard
-    into a C-contiguous buffer of its shape) and then making ``copies`` (source, its slices,
+    """Boxes of array ``key`` (``outs``), filled by reading each of ``reads`` (chunks, one
+    after another, into a C-contiguous buffer) and then making ``copies`` (source, its slices,
     output, the output's slices)."""
 
     key: str
     outs: dict[Box, np.ndarray]
-    reads: list[tuple[Shard, np.ndarray]] = field(default_factory=list)
+    reads: list[tuple[tuple[Chunk, ...], np.ndarray]] = field(default_factory=list)
     copies: list[tuple[np.ndarray, tuple[slice, ...], np.ndarray, tuple[slice, ...]]] = field(
         default_factory=list
     )
@@ -44,9 +48,10 @@ def plan_array_read(key: str, entry: ArrayEntry, boxes: list[Box]) -> ArrayRead:
     outs = {box: np.empty(tuple(b - a for a, b in box), entry.dtype) for box in boxes}
     plan = ArrayRead(key, outs)
     if len(boxes) == 1 and len(entry.shards) == 1 and entry.shards[0].index == boxes[0]:
-        plan.reads.append((entry.shards[0], outs[boxes[0]]))  # the common case, quickly
+        plan.reads.append((entry.shards[0].chunks, outs[boxes[0]]))  # the common case, quickly
         return plan
-    staged: dict[int, np.ndarray] = {}
+    staged: dict[int, tuple[np.ndarray, int, int]] = {}  # shard -> buffer, wanted byte span
+    itemsize = entry.dtype.itemsize
     for box, out in outs.items():
         for n, shard in enumerate(entry.shards):
             inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(shard.index, box)]
@@ -56,11 +61,44 @@ def plan_array_read(key: str, entry: ArrayEntry, boxes: list[Box]) -> ArrayRead:
             if tuple(inter) == shard.index:
                 dest = out[(*dst_sl, ...)]  # a view, also of a 0-d array
                 if dest.flags.c_contiguous:
-                    plan.reads.append((shard, dest))
+                    plan.reads.append((shard.chunks, dest))
                     continue
-            if n not in staged:
-                staged[n] = np.empty(shard.shape, entry.dtype)
-                plan.reads.append((shard, staged[n]))
+            start, stop = _span(shard, inter, itemsize)
+            if n in staged:
+                buf, lo, hi = staged[n]
+                staged[n] = (buf, min(lo, start), max(hi, stop))
+            else:
+                staged[n] = (np.empty(shard.shape, entry.dtype), start, stop)
             src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, shard.index))
-            plan.copies.append((staged[n], src_sl, out, dst_sl))
+            plan.copies.append((staged[n][0], src_sl, out, dst_sl))
+    for n, (buf, start, stop) in staged.items():
+        plan.reads.append(_chunks_over(entry.shards[n], buf, start, stop))
     return plan
+
+
+def _span(shard: Shard, inter: list[tuple[int, int]], itemsize: int) -> tuple[int, int]:
+    """The bytes of ``shard`` from the first element of the box ``inter`` to its last."""
+    shape = shard.shape
+    first = [lo - a for (lo, _), (a, _) in zip(inter, shard.index)]
+    last = [hi - 1 - a for (_, hi), (a, _) in zip(inter, shard.index)]
+    if not shape:
+        return 0, itemsize
+    flat = lambda idx: int(np.ravel_multi_index(idx, shape))  # noqa: E731
+    return flat(first) * itemsize, (flat(last) + 1) * itemsize
+
+
+def _chunks_over(
+    shard: Shard, buf: np.ndarray, start: int, stop: int
+) -> tuple[tuple[Chunk, ...], np.ndarray]:
+    """The chunks of ``shard`` that hold any of its bytes ``[start, stop)``, and the part of
+    ``buf`` (the shard's buffer) they fill."""
+    chosen: list[Chunk] = []
+    pos = first = 0
+    for c in shard.chunks:
+        if pos < stop and pos + c.length > start:
+            if not chosen:
+                first = pos
+            chosen.append(c)
+        pos += c.length
+    end = first + sum(c.length for c in chosen)
+    return tuple(chosen), buf.reshape(-1).view(np.uint8)[first:end]
