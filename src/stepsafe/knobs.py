@@ -120,6 +120,10 @@ KNOBS = {
              "300 replicated 64-byte arrays split 4 ways made the manifest 2.3x bigger and "
              "save and restore ~50 ms slower). Set it alike on every process: a mismatch is "
              "refused at commit.", minimum=0),
+        Knob("STOP_POLL_S", 0.2, "seconds", "Under several processes, how often a "
+             "background thread looks for another process's request to stop (a signal or the "
+             "time limit there): one key-value read each time, none per training step.",
+             minimum=0.001),
         Knob("SINGLE_REPLICA_BROADCAST_BYTES", 1000 << 20, "bytes", "A single-replica restore "
              "broadcasts leaves in groups whose bytes per device add up to at most this "
              "(MaxText's 1000 MiB); a device holds about twice a group at the peak."),

@@ -62,6 +62,11 @@ class Coordinator:
         timeout = _timeout(timeout_s)
         return self._run("get", key, timeout, lambda: self.store.get(_key(key), _ms(timeout)))
 
+    def try_get(self, key: str) -> bytes | None:
+        """The value under ``key`` if some process has set it, else None, without waiting:
+        one read of the store (about a millisecond), cheap enough to poll."""
+        return self.store.try_get(_key(key))
+
     def delete(self, key: str) -> None:
         """Remove ``key`` (and every key below it, if it names a directory)."""
         self._run("delete", key, None, lambda: self.store.delete(_key(key)))
