@@ -19,7 +19,6 @@ import hashlib
 import logging
 import time
 import weakref
-from functools import partial
 from typing import Any
 
 from stepsafe.arrays import StagingBuffers
@@ -27,8 +26,9 @@ from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint import committed_steps, snapshot, write
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
 from stepsafe.checkpoint.save import check_custom_metadata
-from stepsafe.distributed import process_index
+from stepsafe.distributed import is_multiprocess, process_index
 from stepsafe.distributed.outcomes import on_process_0
+from stepsafe.errors import RunInUseError
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
 from stepsafe.manager.gc import remove_half_deleted
@@ -197,10 +197,17 @@ class CheckpointManager:
         step = check_step(step)  # a numpy or JAX integer too; never one no listing counts
         if not (force or self.should_save(step)):
             return False
-        if self._lease is not None:  # first: a forked child's writer thread does not exist
-            self._lease.check()
-        self._writer.wait()
-        blocked = partial(save_is_blocked, self.storage, self.directory, step, self._passed)
+        lost = self._lease_lost()  # first: a forked child's writer thread does not exist
+        if lost is None:
+            self._writer.wait()
+        elif not is_multiprocess():
+            raise lost
+
+        def blocked() -> bool:  # process 0 decides for the job: a lost lease fails everyone
+            if lost is not None:
+                raise lost
+            return save_is_blocked(self.storage, self.directory, step, self._passed)
+
         if on_process_0(f"save-{self._tag}-{step}", blocked):
             return False
         t0 = time.perf_counter()
@@ -235,6 +242,16 @@ class CheckpointManager:
         else:
             job()
         return True
+
+    def _lease_lost(self) -> RunInUseError | None:
+        """Why this manager may no longer write the run (its lease was taken over), or None."""
+        if self._lease is None:
+            return None
+        try:
+            self._lease.check()
+        except RunInUseError as e:
+            return e
+        return None
 
     def wait_until_finished(self) -> None:
         """Block until the in-flight save is committed; raise if it failed.
