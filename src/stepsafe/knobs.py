@@ -74,6 +74,10 @@ KNOBS = {
         Knob("WINDOW_BYTES", 256 << 20, "bytes", "Restore and verify read in windows of about "
              "this size, each one batch of ranged reads; it bounds the host memory of device "
              "arrays' staging on restore."),
+        Knob("CHUNK_BYTES", 1 << 20, "bytes", "A save cuts every shard into chunks of at most "
+             "this size, each with its own checksum (readers accept up to 64 MiB). A restore "
+             "reads whole chunks, so this is how finely a process restoring part of a saved "
+             "shard (another topology) reads only what it needs.", minimum=64),
         Knob("GATHER_BYTES", 1 << 20, "bytes", "Pieces of a data file smaller than this are "
              "copied together into one write."),
         Knob("DIFF_BLOCK_ELEMENTS", 1 << 20, "elements", "``diff --values`` compares arrays in "

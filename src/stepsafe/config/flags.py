@@ -49,6 +49,13 @@ class Config:
     enable_multi_tier_checkpointing: bool = False
     # interruption (a scheduler's time limit): save and stop after this many seconds; 0 = off
     wall_clock_limit_seconds: float = 0.0
+    # many hosts: the demo starts jax.distributed when a coordinator is named (this flag, else
+    # JAX's JAX_COORDINATOR_ADDRESS); the process count and this process's index come from
+    # these flags, else from JAX's cluster detection (Slurm, Open MPI, ...)
+    jax_coordinator_address: str = ""
+    jax_num_processes: int | None = None
+    jax_process_id: int | None = None
+    jax_distributed_initialization_timeout: int = 300  # seconds; MaxText's name and default
     # the demo trainer
     steps: int = 200
     seed: int = 0

@@ -178,6 +178,7 @@ def validate(config: Config) -> None:
     for name in zero_or_more:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+    _check_processes(config)
     size = config.checkpoint_storage_target_data_file_size_bytes
     if size is not None and size < 4096:
         raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
@@ -185,3 +186,27 @@ def validate(config: Config) -> None:
         raise ConfigError(f"emb_dim ({config.emb_dim}) must be divisible by num_heads")
     if not config.run_name or "/" in config.run_name:
         raise ConfigError(f"run_name must be a non-empty name without '/', got {config.run_name!r}")
+
+
+def _check_processes(config: Config) -> None:
+    """The jax.distributed flags make sense together (the coordinator may still come from the
+    environment, which the trainer checks when it starts)."""
+    count, index = config.jax_num_processes, config.jax_process_id
+    if config.jax_distributed_initialization_timeout < 1:
+        raise ConfigError(
+            "jax_distributed_initialization_timeout must be >= 1 second, got "
+            f"{config.jax_distributed_initialization_timeout}"
+        )
+    if count is not None and count < 1:
+        raise ConfigError(f"jax_num_processes must be >= 1, got {count}")
+    if index is not None and (index < 0 or (count is not None and index >= count)):
+        raise ConfigError(
+            f"jax_process_id must be in [0, jax_num_processes) = [0, {count}), got {index}"
+            if count is not None
+            else f"jax_process_id must be >= 0, got {index}"
+        )
+    if (index is None) != (count is None) and count != 1:
+        raise ConfigError(
+            "set jax_num_processes and jax_process_id together (or neither, to let JAX detect "
+            f"them on a cluster), got jax_num_processes={count}, jax_process_id={index}"
+        )

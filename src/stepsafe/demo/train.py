@@ -4,11 +4,16 @@ Start-up follows the loading priority (resume this run > load_parameters_path /
 load_full_state_path > scratch); every ``checkpoint_period`` steps an async save; Ctrl+C,
 SIGTERM or the wall-clock limit save at the current step and stop; the end saves once more.
 The step stored in the state is the source of truth for where training resumes.
+
+Under ``jax.distributed`` (``demo.distributed``) every process runs this same loop on a
+(data, model) mesh over all devices (``demo.sharding``); a stop asked on any one process stops
+all of them at the same step (``StopRequest.check``), and they save it together.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -16,11 +21,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 
 from stepsafe.config import Config
 from stepsafe.demo.data import SyntheticData
+from stepsafe.demo.distributed import start_distributed
 from stepsafe.demo.model import init_params, loss_fn
+from stepsafe.demo.sharding import (
+    batch_sharding,
+    global_batch,
+    make_mesh,
+    state_shardings,
+    with_shardings,
+)
 from stepsafe.manager import (
     CheckpointManager,
     ManagerOptions,
@@ -56,7 +70,6 @@ def state_from_params(config: Config, params: Any) -> dict[str, Any]:
     }
 
 
-@partial(jax.jit, static_argnums=0, donate_argnums=1)
 def train_step(config: Config, state: dict[str, Any], batch: jax.Array) -> tuple[dict, jax.Array]:
     loss, grads = jax.value_and_grad(partial(loss_fn, config))(state["params"], batch)
     updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], state["params"])
@@ -86,6 +99,14 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
     Returns ``stopped_by`` None only when the run reached ``steps``; otherwise it holds
     ``StopRequest.reason`` and the checkpoint at ``end_step`` has committed.
     """
+    start_distributed(config)
+    mesh = make_mesh()
+    if jax.process_count() > 1:
+        log.info(
+            "Process %d of %d (pid %d): %d of %d devices, mesh %s",
+            jax.process_index(), jax.process_count(), os.getpid(), jax.local_device_count(),
+            jax.device_count(), dict(mesh.shape),
+        )  # fmt: skip
     manager = CheckpointManager(
         run_checkpoint_dir(config.base_output_directory, config.run_name),
         ManagerOptions(
@@ -99,14 +120,25 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
             replica_axis_index=config.replica_axis_index,
         ),
     )
-    data = SyntheticData(
-        config.seed, config.per_device_batch_size, config.max_target_length, config.vocab_size
+    data = SyntheticData(  # the global batch; each process places its own devices' rows
+        config.seed,
+        config.per_device_batch_size * jax.device_count(),
+        config.max_target_length,
+        config.vocab_size,
     )
     key = jax.random.key(config.seed)
     abstract = jax.eval_shape(partial(init_state, config), key)
+    shardings = state_shardings(abstract, mesh)
+    rows = batch_sharding(mesh)
+    step_fn = jax.jit(
+        partial(train_step, config),
+        in_shardings=(shardings, rows),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
     loaded = load_initial_state(
         manager,
-        abstract,
+        with_shardings(abstract, shardings),
         load_parameters_path=config.load_parameters_path,
         load_full_state_path=config.load_full_state_path,
         data_iterator=data,
@@ -114,9 +146,9 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
     if loaded.source in ("resume", "full_state"):
         state = loaded.state
     elif loaded.source == "parameters":
-        state = state_from_params(config, loaded.state)
+        state = jax.jit(partial(state_from_params, config), out_shardings=shardings)(loaded.state)
     else:
-        state = init_state(config, key)
+        state = jax.jit(partial(init_state, config), out_shardings=shardings)(key)
     start = int(state["step"])
     data.position = data.position if loaded.source == "resume" else start
     log.info(
@@ -133,16 +165,16 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
         _Progress(console, start, config.steps) as bar,
     ):
         while step < config.steps:
-            state, loss = train_step(config, state, jnp.asarray(next(data)))
+            state, loss = step_fn(state, global_batch(next(data), rows))
             step = int(state["step"])
             if step % config.log_period == 0 or step == config.steps:
                 losses.append(float(loss))
                 bar.update(step, float(loss))
             manager.save(step, state, data_iterator=data)
-            if stop.reason:
-                stopped_by = stop.reason
+            stopped_by = stop.check(step, final=step >= config.steps)
+            if stopped_by:
                 log.warning(
-                    "Training interrupted at step %d (%s). Saving checkpoint...", step, stop.reason
+                    "Training interrupted at step %d (%s). Saving checkpoint...", step, stopped_by
                 )
                 manager.save(step, state, data_iterator=data, force=True)
                 break

@@ -1,6 +1,6 @@
 """Plan one process's data files: which byte ranges of which shards go where, before any write.
 
-Every shard's bytes are cut into pieces (at most ``MAX_CHUNK`` bytes each, the checksum
+Every shard's bytes are cut into pieces (at most ``knobs.CHUNK_BYTES`` each, the checksum
 granularity) packed one after another into data files, each piece starting on an ``ALIGN``
 boundary; a file is closed once it reaches the target size. Pieces are views of the caller's
 memory: planning copies nothing. Each piece has a number, by which the record of what was
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.errors import ManifestError
 from stepsafe.format.layout import data_file_name
 from stepsafe.format.manifest import MAX_CHUNK, Box
@@ -86,6 +87,7 @@ def plan_files(
         ManifestError: a shard outside its array's shape, or whose bytes do not fill its box
             (nothing is written then).
     """
+    chunk = min(knobs.CHUNK_BYTES, MAX_CHUNK)  # once: this loops per piece
     files = [FilePlan(data_file_name(process_index, 0, save_id))]
     shards: list[PlannedShard] = []
     next_id = 0
@@ -108,7 +110,7 @@ def plan_files(
                 if room <= 0 and f.size > 0:
                     files.append(FilePlan(data_file_name(process_index, len(files), save_id)))
                     continue
-                n = min(len(view) - pos, MAX_CHUNK, max(room, 1))
+                n = min(len(view) - pos, chunk, max(room, 1))
                 f.pieces.append(Piece(next_id, arr.path, start, view[pos : pos + n]))
                 next_id += 1
                 f.size = start + n

@@ -24,6 +24,7 @@ Python handler for SIGTERM is installed, which is how a single process learns of
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -149,11 +150,9 @@ class StopRequest:
         at = max(int(d["step"]) for d in docs)
         asked = [(p, d["reason"]) for p, d in enumerate(docs) if d["reason"] is not None]
         self._agreed = (at, asked[0][1] if asked else None)
-        if c.index == 0:
-            try:
+        if c.index == 0:  # a leftover flag of a finished request would harm nobody
+            with contextlib.suppress(CoordinationError):
                 c.delete(self._key)
-            except CoordinationError:
-                pass  # a leftover flag of a finished request harms nobody
         if asked:
             p, why = asked[0]
             log.warning(
@@ -197,4 +196,3 @@ class StopRequest:
             # None: a handler installed outside Python (JAX's preemption notifier catches
             # SIGTERM), which cannot be put back; the default is the honest fallback.
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-

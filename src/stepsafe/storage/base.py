@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 from stepsafe import knobs
 from stepsafe.errors import StorageError
-from stepsafe.storage.ranges import RangeRead
+from stepsafe.storage.ranges import RangeRead, plan_runs
 from stepsafe.storage.threads import run_all
+
+MAX_RUN_BYTES = 64 << 20  # one preadv reads at most this (a format chunk's limit)
+MAX_RUN_COUNT = 512  # and into at most this many buffers (Linux takes up to 1024)
 
 
 class Transaction(ABC):
@@ -64,6 +67,12 @@ class ReadHandle(ABC):
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``; TruncatedDataError when the file is short."""
 
+    def read_run(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` one after another from ``offset`` (handles that can, in one call)."""
+        for buf in bufs:
+            self.read_into(offset, buf)
+            offset += buf.nbytes
+
     def close(self) -> None:
         return None
 
@@ -94,11 +103,12 @@ class Storage(ABC):
         buffer early); the first failure, of a read or of ``done``, is raised once every read
         has stopped.
 
-        This default suits files with cheap reads (a local disk): one read per range on the
-        I/O threads, biggest first so that the last to finish are short. Reads and page faults
-        on fresh memory release the GIL, so two cores fill buffers about twice as fast as one.
-        After a failure no further read starts: a forged checkpoint whose first chunk fails its
-        checksum must not make us fill gigabytes of buffers first.
+        This default suits files with cheap reads (a local disk): reads that continue each
+        other (an array's chunks) go as one run into all their buffers (``ReadHandle.read_run``:
+        one ``preadv``), runs on the I/O threads, biggest first so that the last to finish are
+        short. Reads and page faults on fresh memory release the GIL, so two cores fill buffers
+        about twice as fast as one. After a failure no further read starts: a forged checkpoint
+        whose first chunk fails its checksum must not make us fill gigabytes of buffers first.
         """
         handles: dict[str, ReadHandle] = {}
         failed = threading.Event()
@@ -107,22 +117,25 @@ class Storage(ABC):
                 if r.path not in handles:
                     handles[r.path] = self.open_read(r.path)
 
-            def one(i: int) -> None:
+            def one(run: list[int]) -> None:
                 if failed.is_set():
                     return
                 try:
-                    handles[reads[i].path].read_into(reads[i].offset, reads[i].buf)
-                    done(i)
+                    first = reads[run[0]]
+                    handles[first.path].read_run(first.offset, [reads[i].buf for i in run])
+                    for i in run:
+                        done(i)
                 except BaseException:
                     failed.set()
                     raise
 
-            order = sorted(range(len(reads)), key=lambda i: -reads[i].buf.nbytes)
+            runs = plan_runs(reads, MAX_RUN_BYTES, MAX_RUN_COUNT)
+            runs.sort(key=lambda run: -sum(reads[i].buf.nbytes for i in run))
             if sum(r.buf.nbytes for r in reads) < knobs.PARALLEL_BYTES:  # threads cost more
-                for i in order:
-                    one(i)
+                for run in runs:
+                    one(run)
             else:
-                run_all(one, order)
+                run_all(one, runs)
         finally:
             for h in handles.values():
                 h.close()

@@ -64,3 +64,29 @@ def plan_spans(reads: Sequence[RangeRead], max_span: int, max_gap: int) -> list[
             cur.end = max(cur.end, at + take)
             pos += take
     return spans
+
+
+def plan_runs(reads: Sequence[RangeRead], max_bytes: int, max_count: int) -> list[list[int]]:
+    """The reads grouped into runs: reads of one file that continue each other exactly (the
+    chunks of an array lie back to back), at most ``max_bytes`` and ``max_count`` per run, so
+    that a local disk reads each run with one ``preadv`` into all of its buffers."""
+    order = sorted(range(len(reads)), key=lambda i: (reads[i].path, reads[i].offset))
+    runs: list[list[int]] = []
+    end, size, path = -1, 0, None
+    for i in order:
+        r = reads[i]
+        n = r.buf.nbytes
+        if (
+            runs
+            and r.path == path
+            and r.offset == end
+            and size + n <= max_bytes
+            and len(runs[-1]) < max_count
+        ):
+            runs[-1].append(i)
+            size += n
+        else:
+            runs.append([i])
+            size = n
+        path, end = r.path, r.offset + n
+    return runs
