@@ -41,9 +41,9 @@ if me == victim and moment == "write":
     written._write_file = die
 if me == victim and moment == "exchange":
     from stepsafe.distributed import Coordinator
-    real = Coordinator.all_gather
-    Coordinator.all_gather = lambda self, name, *a, **k: (die() if name == "save-parts"
-                                                          else real(self, name, *a, **k))
+    real = Coordinator.gather
+    Coordinator.gather = lambda self, name, *a, **k: (die() if name == "save-parts"
+                                                      else real(self, name, *a, **k))
 t0 = time.monotonic()
 try:
     stepsafe.save(f"{out}/2", tree)
@@ -93,7 +93,7 @@ def test_a_process_killed_mid_save_commits_nothing_and_the_run_resumes(
     assert lines[0] == "ok step 1", everything
     if victim == 0:
         # JAX aborts every process at once when process 0 (its coordinator) dies
-        assert survivor.returncode == 134 or (len(lines) == 2 and "ok raised" in lines[1]), (
+        assert survivor.returncode in (-6, 134) or (len(lines) == 2 and "ok raised" in lines[1]), (
             everything
         )
     else:

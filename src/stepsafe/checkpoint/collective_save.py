@@ -3,7 +3,7 @@
     process 0                          every other process
     open the transaction  --token-->   join it
     write its part, prepare            write its part, prepare     (data durable)
-          <------------- every part (or error) to all ------------->
+          <------------- every part (or error) -------------------
     merge, commit (rename / marker)
           ------------- the outcome to all ------------------------>
     return or raise                    return or raise the same
@@ -25,12 +25,14 @@ uncommitted save leaves is cleaned when the run starts again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
+from stepsafe import knobs
 from stepsafe.distributed import Coordinator, coordinator
 from stepsafe.distributed.outcomes import as_error, failure
-from stepsafe.errors import StepsafeError
+from stepsafe.errors import CoordinationError, StepsafeError
 from stepsafe.format import CommitRecord, HostArray
 from stepsafe.format.writer import WrittenPart, commit_parts, write_part
 from stepsafe.storage import Storage, Transaction
@@ -72,14 +74,24 @@ def write_collective(
         except Exception as e:
             mine, own_error = _failed(e, c.index), e
         published = True
-        answers = [json.loads(a) for a in c.all_gather("save-parts", mine.encode())]
         if c.index == 0:
             assert txn is not None
+            try:
+                parts = c.gather("save-parts", mine.encode()) or []
+            except CoordinationError as e:  # a process never sent its part: tell the others
+                txn.abort()
+                with contextlib.suppress(CoordinationError):  # the missing one never reads it
+                    c.broadcast("save-done", _failed(e, 0).encode())
+                raise
+            answers = [json.loads(a) for a in parts]
             outcome = _commit(txn, structure, arrays, values, answers, record)
             committed = "error" not in json.loads(outcome)
             c.broadcast("save-done", outcome.encode())
         else:
-            outcome = c.broadcast("save-done", None).decode()
+            c.gather("save-parts", mine.encode())
+            # Longer than process 0 waits for the parts: it may start waiting later (its own
+            # write took longer), and must be the one to give up first, and say so.
+            outcome = c.broadcast("save-done", None, 2 * knobs.COORDINATION_TIMEOUT_S).decode()
         failed = json.loads(outcome).get("error")
         if failed is not None:
             save_failed = True

@@ -13,6 +13,7 @@ A single process gets the same class over an in-memory store: ``barrier`` return
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -113,17 +114,29 @@ class Coordinator:
             timeout,
             lambda: self.store.set(_part(exchange, self.index), bytes(mine)),
         )
-        values = []
-        for p in range(self.count):
-            try:
-                values.append(self.store.get(_part(exchange, p), _left(start, timeout)))
-            except StoreFailure as e:
-                missing = [
-                    q for q in range(self.count) if self.store.try_get(_part(exchange, q)) is None
-                ]
-                raise self._error("all_gather", name, timeout, e, missing) from e
+        values = self._collect("all_gather", name, exchange, timeout, start)
         self._finish(exchange, name, timeout, start)
         return values
+
+    def gather(self, name: str, mine: bytes, timeout_s: float | None = None) -> list[bytes] | None:
+        """Every process's ``mine``, in process order, on process 0; None on the others, who
+        return as soon as theirs is sent (what a commit needs: only process 0 merges, and
+        sending every part to every process would cost each of them the whole job's parts).
+
+        Raises:
+            CoordinationError: on process 0, some process's value did not come in time; names
+                the ones missing.
+        """
+        exchange, timeout, start = self._fresh(name), _timeout(timeout_s), time.monotonic()
+        key = _part(exchange, self.index)
+        self._run("gather", name, timeout, lambda: self.store.set(key, bytes(mine)))
+        if self.index != 0:
+            return None
+        try:
+            return self._collect("gather", name, exchange, timeout, start)
+        finally:
+            with contextlib.suppress(StoreFailure):  # a leftover key harms nobody
+                self.store.delete(exchange + "/")  # read or given up: nobody reads it again
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -134,6 +147,21 @@ class Coordinator:
         with self._lock:
             n = self._uses[name] = self._uses.get(name, 0) + 1
         return f"{_ROOT}/x/{name}#{n}"
+
+    def _collect(
+        self, what: str, name: str, exchange: str, timeout: float, start: float
+    ) -> list[bytes]:
+        """Every process's value of ``exchange``, waiting until ``timeout`` since ``start``."""
+        values = []
+        for p in range(self.count):
+            try:
+                values.append(self.store.get(_part(exchange, p), _left(start, timeout)))
+            except StoreFailure as e:
+                missing = [
+                    q for q in range(self.count) if self.store.try_get(_part(exchange, q)) is None
+                ]
+                raise self._error(what, name, timeout, e, missing) from e
+        return values
 
     def _barrier(self, exchange: str, name: str, timeout: float, start: float) -> None:
         arrived = f"{exchange}/arrived"
