@@ -53,6 +53,11 @@ for size in (3000, 1 << 20):
     assert parts == [b"\\x01" * size, b"\\x02" * (size + 1)], [len(p) for p in parts]
 print("ok broadcast and all_gather of 3000 B and 1 MiB")
 
+got = c.gather("g", bytes([me]) * 3, timeout_s=30)  # to process 0 only
+assert got == ([b"\\x00" * 3, b"\\x01" * 3] if me == 0 else None), got
+c.barrier("gathered", timeout_s=30)
+print("ok gather")
+
 # nothing of a finished exchange stays in the store (only the two set/get keys). Process 0
 # deletes an exchange's keys after everyone has its result, so look only once both processes
 # passed one more barrier (whose arrival keys, and the next one's, may be there).
@@ -103,7 +108,7 @@ def test_set_get_barrier_broadcast_all_gather_between_two_processes() -> None:
     everything = "\n".join(r.describe() for r in reversed(results))  # the first to fail: often 1
     for r in results:
         assert r.returncode == 0, everything
-        assert r.stdout.count("ok ") == 4, everything
+        assert r.stdout.count("ok ") == 5, everything
 
 
 def test_a_process_that_never_comes_or_dies_raises_coordination_error_within_the_timeout() -> None:
@@ -128,6 +133,7 @@ def test_a_single_process_gets_trivial_exchanges_without_importing_jax() -> None
         "c.barrier('b', timeout_s=1); c.barrier('b', timeout_s=1)\n"
         "assert c.broadcast('x', b'mine', timeout_s=1) == b'mine'\n"
         "assert c.all_gather('y', b'me', timeout_s=1) == [b'me']\n"
+        "assert c.gather('z', b'me', timeout_s=1) == [b'me']\n"
         "c.set('k', b'v'); assert c.get('k', timeout_s=1) == b'v'\n"
         "assert [k for k, _ in c.store.dir_get('stepsafe/')] == ['stepsafe/kv/k']\n"
         "try:\n"
