@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from stepsafe.storage.base import Storage
 from stepsafe.storage.remote import RemoteStorage
 
 _create_lock = threading.Lock()
@@ -28,3 +29,8 @@ class MemoryStorage(RemoteStorage):
             if self.fs.exists(path):
                 raise FileExistsError(path)
             self.fs.pipe_file(path, data)
+
+    def join_transaction(self, path: str, token: str) -> Any:
+        """Refused: each process has its own memory, so another process's writes would never
+        reach the one that commits."""
+        return Storage.join_transaction(self, path, token)
