@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from stepsafe import knobs
 from stepsafe.arrays import is_leaf
 from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint.casting import check_cast, target_dtype, value_dtype
 from stepsafe.checkpoint.locate import locate
+from stepsafe.checkpoint.placement import default_sharding, target_sharding
+from stepsafe.checkpoint.windows import LeafPlan, restore_in_windows
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
-from stepsafe.format.regions import ArrayRead
 from stepsafe.storage import Storage, storage_for
 from stepsafe.tree import build_plain, check_target_paths, concat, flatten, structure_paths, subtree
 from stepsafe.tree import join as join_key
-
-# knobs.WINDOW_BYTES: host bytes of device targets read as one batch (host targets are the
-# result: no bound). The bound trades memory for batching. Measured, m95 (1.15 GB) saved
-# unsharded, restored warm onto 4 sharded CPU devices, peak RSS of a process that also holds the
-# saved tree: 0.6-0.7 s and 3.2 GB at 256 MiB, 3.8 GB at 512 MiB, 4.6 GB unbounded (per-leaf
-# reads before: 1.4 s, 2.9 GB).
 
 
 def open_checkpoint(path: str, storage: Storage | None = None) -> CheckpointReader:
@@ -97,72 +90,14 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
 
     sharding = getattr(target, "sharding", None)
     if sharding is None:
-        sharding = _default_sharding(key, None)  # an inline value: no saved sharding
+        sharding = default_sharding(key, None)  # an inline value: no saved sharding
     boxes = local_boxes(arr.shape, sharding)  # a 0-d array: every box is the whole of it
     return assemble(arr.shape, np.dtype(target.dtype), sharding, dict.fromkeys(boxes, arr))
-
-
-def _target_sharding(key: str, target: Any, saved: dict | None = None) -> Any:
-    """The sharding to restore onto; None (JAX's default placement, uncommitted) when the target
-    is an uncommitted array, so that it can still be combined with arrays on other devices.
-    A ``jax.ShapeDtypeStruct`` without a sharding: see ``_default_sharding`` (``saved``: the
-    manifest's record of the array's sharding when it was saved)."""
-    if getattr(target, "committed", True) is False:
-        return None
-    sharding = getattr(target, "sharding", None)
-    return _default_sharding(key, saved) if sharding is None else sharding
-
-
-def _default_sharding(key: str, saved: dict | None) -> Any:
-    """Where an array goes whose target names no sharding. One process: None, JAX's default
-    device, as always. Several processes: one device would hold the array in each process,
-    which is never what a sharded job means, so the array goes onto the sharding it was saved
-    with, rebuilt on all of this job's devices, when their number is the saved mesh's size.
-
-    Raises:
-        TargetMismatchError: several processes, and the array was saved with no mesh, or on a
-            mesh of another size than this job's devices.
-    """
-    from stepsafe.distributed import process_count
-
-    count = process_count()
-    if count == 1:
-        return None
-    from stepsafe.arrays.jax_arrays import sharding_from_saved
-
-    sharding = None if saved is None else sharding_from_saved(saved)
-    if sharding is not None:
-        return sharding
-    import jax
-
-    devices = jax.device_count()
-    if saved is None:
-        was = "was saved without a device mesh (a host array or value, or an older stepsafe)"
-    else:
-        mesh = saved["mesh"]
-        sizes = ", ".join(f"{n}={k}" for n, k in zip(mesh["axis_names"], mesh["shape"]))
-        was = f"was saved on mesh ({sizes}), and this job has {devices} devices"
-    raise TargetMismatchError(
-        f"{key!r}: the target has no sharding and this is one of {count} JAX processes, but "
-        f"the array {was}: pass a target with a sharding "
-        "(jax.ShapeDtypeStruct(shape, dtype, sharding=...) or a jax.Array)"
-    )
 
 
 def _wants_jax(target: Any) -> bool:
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(target, jax.Array | jax.ShapeDtypeStruct)
-
-
-@dataclass
-class LeafPlan:
-    """One leaf of a restore, checked against the checkpoint: the array read it needs (planned
-    only when its window comes, so that nothing is allocated early; None for a value) and
-    what makes the leaf once it is read."""
-
-    plan: Callable[[], ArrayRead | None]
-    finish: Callable[[ArrayRead | None], Any]
-    transient: int = 0  # host bytes held only until the leaf is made (device targets)
 
 
 def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool) -> LeafPlan:
@@ -184,7 +119,7 @@ def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool)
     if _wants_jax(target):
         from stepsafe.arrays.jax_arrays import assemble, local_boxes
 
-        sharding = _target_sharding(key, target, entry.sharding)
+        sharding = target_sharding(key, target, entry.sharding)
         dtype = np.dtype(target.dtype)
         return LeafPlan(
             lambda: reader.plan(key, local_boxes(entry.shape, sharding)),
@@ -329,7 +264,7 @@ def _restore_leaves(
             plan_leaf(reader, k, t, allow_cast)
 
     def sharding(key: str, target: Any) -> Any:
-        return _target_sharding(key, target, getattr(arrays.get(key), "sharding", None))
+        return target_sharding(key, target, getattr(arrays.get(key), "sharding", None))
 
     source = LeafReader(
         saved=saved,
@@ -344,49 +279,6 @@ def _restore_leaves(
 def _restore_all(
     reader: CheckpointReader, keys: list[str], targets: list[Any], verify: bool, allow_cast: bool
 ) -> list:
-    """Restore leaves a window at a time, in the order their bytes lie in the data files: a
-    window's reads go to the storage as one batch (neighbours merge into large requests on
-    buckets). Host copies of device arrays count against ``knobs.WINDOW_BYTES``, so that a restore
-    onto devices never holds much more than that on the host."""
-    arrays = reader.manifest.arrays
-
-    def position(i: int) -> tuple[str, int]:
-        entry = arrays.get(keys[i])
-        first = next((c for s in entry.shards for c in s.chunks), None) if entry else None
-        return (first.file, first.offset) if first else ("", 0)
-
-    plans = [plan_leaf(reader, k, t, allow_cast) for k, t in zip(keys, targets)]  # checks first
-    out: list[Any] = [None] * len(keys)
-    window: list[int] = []
-    size = 0
-    limit = knobs.WINDOW_BYTES  # once: a knob read costs microseconds, and this loops per leaf
-    for i in [*sorted(range(len(keys)), key=position), None]:
-        nbytes = plans[i].transient if i is not None else 0
-        if window and (i is None or size + nbytes > limit):
-            _read_window(reader, {j: plans[j] for j in window}, out, verify)
-            window, size = [], 0
-        if i is not None:
-            window.append(i)
-            size += nbytes
-    return out
-
-
-def _read_window(
-    reader: CheckpointReader, plans: dict[int, LeafPlan], out: list[Any], verify: bool
-) -> None:
-    """Read the leaves of one window as one batch; each leaf is made as soon as it is read, on
-    that I/O thread, and its host buffers are freed then (device targets), so that host
-    memory holds only the leaves still in flight."""
-    reads = {j: p.plan() for j, p in plans.items()}
-    leaf_of = {id(r): j for j, r in reads.items() if r is not None}
-
-    def ready(read: ArrayRead) -> None:
-        j = leaf_of[id(read)]
-        out[j] = plans[j].finish(read)
-        read.outs.clear()  # the leaf holds what it needs of them
-
-    for j in [j for j, r in reads.items() if r is None]:  # values: nothing to read
-        out[j] = plans[j].finish(None)
-    batch = [r for r in reads.values() if r is not None]
-    del reads
-    reader.read(batch, verify, ready)
+    """Check every leaf against the checkpoint first (nothing is read before), then read them."""
+    plans = [plan_leaf(reader, k, t, allow_cast) for k, t in zip(keys, targets)]
+    return restore_in_windows(reader, keys, plans, verify)
