@@ -106,7 +106,7 @@ def today_merge(processes: int, arrays: int, d: Path) -> dict:
     hosts = [
         HostArray(key(a), np.dtype("float32"), (processes * ROWS, COLS), []) for a in range(arrays)
     ]
-    m = clock(out, "merge_s", lambda: merge_parts(structure(arrays), hosts, {}, parts))
+    m = clock(out, "merge_s", lambda: merge_parts(structure(arrays), hosts, {}, parts, SAVE_ID))
     raw = clock(out, "to_json_s", m.to_json)
     out["manifest_bytes"] = len(raw)
     (d / "manifest.json").write_bytes(raw)
@@ -210,7 +210,8 @@ def agree(processes: int = 6, arrays: int = 20) -> None:
     hosts = [
         HostArray(key(a), np.dtype("float32"), (processes * ROWS, COLS), []) for a in range(arrays)
     ]
-    today = Manifest.from_json(merge_parts(structure(arrays), hosts, {}, parts).to_json(), "m")
+    merged = merge_parts(structure(arrays), hosts, {}, parts, SAVE_ID)
+    today = Manifest.from_json(merged.to_json(), "m")
     described = _grid_arrays(processes, arrays)
     layouts = [scale_grid.layout_of_row_sharding(processes)]
     order = {k: n for n, k in enumerate(described)}

@@ -395,7 +395,7 @@ MANIFEST_CASES: list[tuple[str, Mutation, type[StepsafeError]]] = [
     ("no-values", _set(lambda d: d.pop("values")), ManifestError),
     # future or foreign versions
     ("version-99", _set(lambda d: d.update(format_version=99)), UnsupportedFormatError),
-    ("version-2", _set(lambda d: d.update(format_version=2)), UnsupportedFormatError),
+    ("version-3", _set(lambda d: d.update(format_version=3)), UnsupportedFormatError),
     # wrong types
     ("arrays-is-list", _set(lambda d: d.update(arrays=[])), ManifestError),
     ("files-is-list", _set(lambda d: d.update(files=list(d["files"]))), ManifestError),

@@ -181,7 +181,7 @@ def _merge_and_commit(path: Path, parts_boxes: list[list]) -> None:
     arrays = [HostArray("w", FULL.dtype, FULL.shape, [])]  # only key, dtype, shape are used
     with LocalStorage().transaction(str(path)) as txn:
         parts = [_part_of(txn, p, boxes) for p, boxes in enumerate(parts_boxes)]
-        manifest = merge_parts(_structure(["w", "n"]), arrays, {"n": 3}, parts)
+        manifest = merge_parts(_structure(["w", "n"]), arrays, {"n": 3}, parts, SAVE_ID)
         commit_manifest(txn, manifest, CommitRecord(step=5, save_id=SAVE_ID))
 
 
@@ -213,24 +213,39 @@ def test_a_merge_that_leaves_a_gap_or_an_overlap_is_refused(tmp_path, parts, pro
     _nothing_committed(path)
 
 
-def _chunk_part(file: str, index, length: int, key: str = "v") -> WrittenPart:
-    return WrittenPart({file: length}, {key: [Shard(index, (Chunk(file, 0, length, "0" * 16),))]})
+def _chunk_part(
+    file: str, index, length: int, key: str = "v", points_at: str | None = None
+) -> WrittenPart:
+    chunk = Chunk(points_at or file, 0, length, "0" * 16)
+    return WrittenPart({file: length}, {key: [Shard(index, (chunk,))]})
+
+
+F0, F1 = (f"process_{p}.00000.{SAVE_ID}.data" for p in (0, 1))
 
 
 @pytest.mark.parametrize(
     ("parts", "message"),
     [
-        ([_chunk_part("f0", ((0, 2),), 8), _chunk_part("f0", ((2, 4),), 8)], "f0 .*twice"),
-        ([_chunk_part("f0", ((0, 4),), 12)], r"written with 12 bytes, its box holds 16"),
-        ([_chunk_part("f0", ((0, 5),), 20)], r"lies outside its shape \(4,\)"),
-        ([_chunk_part("f0", ((0, 4),), 16, key="x")], "'x' was written but is not in the tree"),
+        ([_chunk_part(F0, ((0, 2),), 8), _chunk_part(F0, ((2, 4),), 8)], "not one of its data"),
+        ([_chunk_part(F0, ((0, 4),), 12)], r"written with 12 bytes, its box holds 16"),
+        ([_chunk_part(F0, ((0, 5),), 20)], r"lies outside its shape \(4,\)"),
+        ([_chunk_part(F0, ((0, 4),), 16, key="x")], "'x' was written but is not in the tree"),
+        ([_chunk_part("f0", ((0, 4),), 16)], "'f0', which is not one of its data files"),
+        ([_chunk_part(F0.replace(SAVE_ID, "a" * 16), ((0, 4),), 16)], "not one of its data"),
+        (
+            [_chunk_part(F0, ((0, 2),), 8), _chunk_part(F1, ((2, 4),), 8, points_at=F0)],
+            "process 1 points at a data file it did not write",
+        ),
     ],
-    ids=["file-twice", "short-shard", "outside", "unknown-array"],
-)
+    ids=[
+        "another-process-file", "short-shard", "outside", "unknown-array", "not-a-data-file",
+        "another-save", "points-elsewhere",
+    ],
+)  # fmt: skip
 def test_merge_refuses_parts_that_do_not_describe_the_tree(parts, message):
     arrays = [HostArray("v", np.dtype(np.float32), (4,), [])]
     with pytest.raises(ManifestError, match=rf"{message}.*nothing was committed"):
-        merge_parts(_structure(["v"]), arrays, {}, parts)
+        merge_parts(_structure(["v"]), arrays, {}, parts, SAVE_ID)
 
 
 # -- verify, on the reader: every problem collected, windows of knobs.WINDOW_BYTES ---------

@@ -32,12 +32,18 @@ LOOP = """
 import os, signal, sys, time
 from stepsafe import StopRequest
 
+from stepsafe.distributed import coordinator
+
 pace, signal_at, steps = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-with StopRequest() as stop:
+collective = "collective" in sys.argv[4:]
+limit = float(sys.argv[-1][6:]) if sys.argv[-1].startswith("limit=") else 0.0
+with StopRequest(wall_clock_limit_s=limit) as stop:
     step = 0
     while step < steps:
         step += 1
         time.sleep(pace)
+        if collective:  # like a training step: it needs every process
+            coordinator().barrier("step", timeout_s=60)
         if step == signal_at:
             os.kill(os.getpid(), signal.SIGINT)  # this process only
         reason = stop.check(step, final=step == steps)
@@ -51,7 +57,7 @@ def stops(results: list[jax_processes.Result]) -> list[tuple[int, str, str]]:
     found = []
     for r in results:
         assert r.returncode == 0, r.describe()
-        m = re.search(r"stopped at (\d+) by (\S+); own request (\S+)", r.stdout)
+        m = re.search(r"stopped at (\d+) by (.+?); own request (.+)", r.stdout)
         assert m, r.describe()
         found.append((int(m.group(1)), m.group(2), m.group(3)))
     return found
@@ -69,6 +75,26 @@ def test_a_signal_on_one_process_stops_both_at_the_same_step():
     (s0, why0, own0), (s1, why1, own1) = stops(results)
     assert (why0, why1, own0, own1) == ("SIGINT", "SIGINT", "None", "SIGINT"), results
     assert s0 == s1 and 5 <= s1 < 400, (s0, s1)
+
+
+def test_a_process_inside_a_step_that_waits_for_the_asker_is_not_deadlocked():
+    """Steps are collectives (a barrier each): when process 1 asks to stop at its step 5,
+    process 0 may already be inside step 6, waiting for process 1. Process 1 must not wait for
+    process 0 at step 5: both go on to step 6 and stop there, or both stop at 5."""
+    results = jax_processes.run(
+        LOOP, 2, args=lambda i, port: ["0.01", "-1" if i == 0 else "5", "400", "collective"]
+    )
+    (s0, why0, _), (s1, why1, _) = stops(results)
+    assert (why0, why1) == ("SIGINT", "SIGINT") and s0 == s1 and s1 in (5, 6), (s0, s1)
+
+
+def test_a_time_limit_on_one_process_stops_both():
+    results = jax_processes.run(
+        LOOP, 2, args=lambda i, port: ["0.01", "-1", "100000", *(["limit=1"] if i else [])]
+    )
+    (s0, why0, own0), (s1, why1, own1) = stops(results)
+    assert s0 == s1 < 100000 and why0 == why1 == own1 == "wall-clock limit", results
+    assert own0 == "None"
 
 
 def test_a_signal_during_the_last_step_does_not_leave_a_process_waiting():
@@ -95,7 +121,11 @@ FLAGS = [
 
 def start(tmp_path: Path, run_name: str) -> subprocess.Popen:
     # the script itself refuses, with a clear message, a hostname that is not loopback
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax-cache")}
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax-cache"),  # compile once
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     return subprocess.Popen(
         [str(SCRIPT), "2", f"base_output_directory={tmp_path}", f"run_name={run_name}", *FLAGS],
         stdout=subprocess.PIPE,
@@ -150,7 +180,7 @@ def test_sigint_to_one_process_then_resume_is_exact(tmp_path, reference):
     for i in (0, 1):
         assert f"process {i} exited with status {128 + signal.SIGINT}" in out, out[-4000:]
     # process 0 got no signal: it stopped because process 1 asked
-    assert re.search(r"\[0\] .*SIGINT on process 1 of 2: all processes stop after step", out)
+    assert re.search(r"\[0\] .*SIGINT on process 1 of 2: all processes stop at step", out)
     assert stepsafe.info(tmp_path / name).step == stopped[0]  # both saved the step they stopped
 
     resumed = run(tmp_path, name)

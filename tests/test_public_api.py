@@ -102,7 +102,7 @@ def test_manager_options_flags_cover_every_field():
 
 
 def test_a_data_file_size_too_small_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(stepsafe.ConfigError, match="data_file_size_bytes must be >= 64"):
+    with pytest.raises(stepsafe.ConfigError, match="data_file_size_bytes must be at least 64"):
         stepsafe.save(tmp_path / "1", {"w": np.ones(4)}, data_file_size_bytes=10)
     assert list(tmp_path.iterdir()) == []
 

@@ -130,7 +130,7 @@ def test_a_malformed_sharding_in_a_manifest_is_a_manifest_error(tmp_path, shardi
         Manifest.from_json(json.dumps(doc).encode(), "m.json")
     with pytest.raises(ManifestError, match=rf"array 'w': sharding .*{problem}"):
         merge_parts(["dict", ["w"], [["leaf"]]], [HostArray("w", W.dtype, W.shape, [], sharding)],
-                    {}, [])  # fmt: skip
+                    {}, [], "0" * 12)  # fmt: skip
     assert parse_sharding("w", GOOD, 2) == GOOD
 
 

@@ -158,7 +158,9 @@ def assemble(
     regions = {b: r.astype(dtype, copy=False) for b, r in regions.items()}
     if sharding is None:
         return jax.device_put(regions[tuple((0, n) for n in shape)])
-    return jax.make_array_from_callback(shape, sharding, lambda idx: regions[box_of(idx, shape)])
+    return jax.make_array_from_callback(
+        shape, sharding, lambda idx: regions[box_of(idx, shape)], dtype=dtype
+    )
 
 
 def describe_sharding(sharding: Any) -> dict | None:

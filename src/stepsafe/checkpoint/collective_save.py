@@ -17,42 +17,57 @@ of waiting for each other under different names. Every exchange has a timeout
 (``knobs.COORDINATION_TIMEOUT_S``), so a process that died turns into a ``CoordinationError``
 on the others, never a hang.
 
-A writer deletes its own files only while it is certain that no commit can include them: before
-it has sent its part, or when process 0 says the save failed. A process that stops hearing from
-the others leaves its files in place (on a bucket they may belong to a committed step); what an
-uncommitted save leaves is cleaned when the run starts again.
+The first exchange pairs each process's next save (the coordinator numbers it); the others are
+named by the save id that process 0 chose, so that two saves running at once never mix. A
+process that failed before the save began (a leaf its snapshot refused) still takes part, with
+its error in place of its part: were it to skip the exchanges, the next save would pair with
+this one. Process 0 checks that every process saved the same tree (a digest of keys, dtypes
+and shapes) and that every data file a part names is that process's, in this save.
+
+Only process 0 deletes what a failed save wrote (the local temporary; its own bucket files):
+the others delete their files only before they sent their part. After that a commit may hold
+them (a bucket marker whose creation is in doubt); what an uncommitted save leaves is cleaned
+when the run starts again, or by ``stepsafe gc``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+import posixpath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from stepsafe import knobs
 from stepsafe.distributed import Coordinator, coordinator
 from stepsafe.distributed.outcomes import as_error, failure
 from stepsafe.errors import CoordinationError, StepsafeError
-from stepsafe.format import CommitRecord, HostArray
+from stepsafe.format import CommitRecord
+from stepsafe.format.checksum import checksum
+from stepsafe.format.layout import is_save_id
 from stepsafe.format.writer import WrittenPart, commit_parts, write_part
 from stepsafe.storage import Storage, Transaction
-from stepsafe.tree import Structure
+
+if TYPE_CHECKING:
+    from stepsafe.checkpoint.save import Snapshot
 
 
 def write_collective(
     storage: Storage,
     path: str,
-    structure: Structure,
-    arrays: list[HostArray],
-    values: dict[str, Any],
+    snap: Snapshot | None,
     *,
     record: CommitRecord,
     extra_files: dict[str, bytes] | None,
     file_size: int,
+    local_error: BaseException | None = None,
 ) -> None:
     """Commit one checkpoint at ``path`` from every process of the job (each calls this with
-    its own ``arrays`` shards and ``extra_files``; ``structure``, ``values`` and ``record`` are
-    taken from process 0).
+    its own snapshot's shards and ``extra_files``; the tree's structure, values and ``record``
+    are taken from process 0). A process whose own part failed before it got here (its
+    snapshot refused a leaf) passes ``local_error`` and no snapshot: it still takes part, so
+    that every process learns the same outcome and the next save pairs up as it should.
 
     Raises:
         CoordinationError: another process did not answer within the timeout.
@@ -60,50 +75,59 @@ def write_collective(
             fail on any process; nothing was committed then.
     """
     c = coordinator()
-    txn, published, committed, save_failed = None, False, False, False
+    txn, published, committed = None, False, False
     try:
         txn, join_error = _open(c, storage, path, record)
-        own_error: BaseException | None = None
+        own_error = local_error or join_error
         try:
-            if join_error is not None:
-                raise join_error
-            assert txn is not None
-            part = write_part(txn, arrays, record.save_id, c.index, file_size, extra_files)
+            if own_error is not None:
+                raise own_error
+            assert txn is not None and snap is not None
+            part = write_part(txn, snap.arrays, record.save_id, c.index, file_size, extra_files)
             txn.prepare()
-            mine = _ok(part=part.to_json().decode())
+            mine = _ok(part=part.to_json().decode(), tree=tree_digest(snap))
         except Exception as e:
             mine, own_error = _failed(e, c.index), e
         published = True
+        name = f"save-{record.save_id}"  # pairs this save's exchanges whatever else runs
         if c.index == 0:
             assert txn is not None
             try:
-                parts = c.gather("save-parts", mine.encode()) or []
+                parts = c.gather(f"{name}-parts", mine.encode()) or []
             except CoordinationError as e:  # a process never sent its part: tell the others
                 txn.abort()
                 with contextlib.suppress(CoordinationError):  # the missing one never reads it
-                    c.broadcast("save-done", _failed(e, 0).encode())
+                    c.broadcast(f"{name}-done", _failed(e, 0).encode())
                 raise
             answers = [json.loads(a) for a in parts]
-            outcome = _commit(txn, structure, arrays, values, answers, record)
+            outcome = _commit(txn, snap, answers, record)
             committed = "error" not in json.loads(outcome)
-            c.broadcast("save-done", outcome.encode())
+            c.broadcast(f"{name}-done", outcome.encode())
         else:
-            c.gather("save-parts", mine.encode())
+            c.gather(f"{name}-parts", mine.encode())
             # Longer than process 0 waits for the parts: it may start waiting later (its own
             # write took longer), and must be the one to give up first, and say so.
-            outcome = c.broadcast("save-done", None, 2 * knobs.COORDINATION_TIMEOUT_S).decode()
+            timeout = 2 * knobs.COORDINATION_TIMEOUT_S
+            outcome = c.broadcast(f"{name}-done", None, timeout).decode()
         failed = json.loads(outcome).get("error")
         if failed is not None:
-            save_failed = True
             if own_error is not None and failed["process"] == c.index:
                 raise own_error
             raise as_error(failed, c.count)
     except BaseException:
-        # Process 0 aborts all that is not committed; the others only their own files, and
-        # only while no commit can hold them (not sent yet, or the save failed).
-        if txn is not None and not committed and (c.index == 0 or not published or save_failed):
+        # Process 0 aborts all that is not committed. The others delete their own files only
+        # before they sent their part: after that a commit may hold them (a bucket's marker
+        # whose creation is in doubt), and what an uncommitted save leaves is cleaned later.
+        if txn is not None and not committed and (c.index == 0 or not published):
             txn.abort()
         raise
+
+
+def tree_digest(snap: Snapshot) -> str:
+    """A digest of the tree's structure and each array's key, dtype and shape: every process
+    must save the same tree, and process 0 compares digests instead of whole trees."""
+    arrays = [[a.path, np.dtype(a.dtype).str, list(a.shape)] for a in snap.arrays]
+    return checksum(json.dumps([snap.structure, arrays], separators=(",", ":")).encode())
 
 
 def _open(
@@ -131,8 +155,10 @@ def _open(
     doc = json.loads(c.broadcast("save-open", None))
     if "error" in doc:
         raise as_error(doc["error"], c.count)
+    if not is_save_id(doc.get("save_id")):
+        raise StepsafeError(f"process 0 sent a malformed save id {doc.get('save_id')!r}")
     record.save_id = doc["save_id"]
-    if doc["path"] != path:
+    if _same_path(doc["path"]) != _same_path(path):
         return None, StepsafeError(
             f"process {c.index} saves to {path} while process 0 saves to {doc['path']}: "
             "every process must save the same step to the same path"
@@ -143,13 +169,16 @@ def _open(
         return None, e
 
 
+def _same_path(path: str) -> str:
+    """``path`` as processes compare it: ``out/a/`` and ``out/./a`` are ``out/a``."""
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return posixpath.normpath(path)
+
+
 def _commit(
-    txn: Transaction,
-    structure: Structure,
-    arrays: list[HostArray],
-    values: dict[str, Any],
-    answers: list[dict[str, Any]],
-    record: CommitRecord,
+    txn: Transaction, snap: Snapshot | None, answers: list[dict[str, Any]], record: CommitRecord
 ) -> str:
     """Process 0: commit every process's part, or say why not (the first failure)."""
     for answer in answers:
@@ -157,10 +186,17 @@ def _commit(
             txn.abort()
             return json.dumps(answer)
     try:
-        parts = [
-            WrittenPart.from_json(a["part"].encode(), f"process {p}") for p, a in enumerate(answers)
-        ]
-        commit_parts(txn, structure, arrays, values, parts, record)
+        assert snap is not None  # process 0 had no error of its own
+        mine = tree_digest(snap)
+        for p, a in enumerate(answers):
+            if a["tree"] != mine:
+                raise StepsafeError(
+                    f"process {p} saves another tree than process 0 (its keys, dtypes or "
+                    "shapes differ): every process must save the same tree"
+                )
+        parts = [WrittenPart.from_json(a["part"].encode(), f"process {p}")
+                 for p, a in enumerate(answers)]  # fmt: skip
+        commit_parts(txn, snap.structure, snap.arrays, snap.values, parts, record)
     except Exception as e:
         txn.abort()
         return _failed(e, 0)

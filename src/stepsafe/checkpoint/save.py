@@ -23,9 +23,9 @@ from stepsafe.arrays import (
 )
 from stepsafe.checkpoint.collective_save import write_collective
 from stepsafe.distributed import process_count, process_index
-from stepsafe.errors import ConfigError, UnsupportedLeafError
+from stepsafe.errors import StepsafeError, UnsupportedLeafError
 from stepsafe.format import CommitRecord, HostArray, write_checkpoint
-from stepsafe.format.writer import ALIGN, check_file_size
+from stepsafe.format.writer import check_file_size
 from stepsafe.storage import Storage, run_all, storage_for
 from stepsafe.tree import Structure, flatten
 
@@ -76,16 +76,6 @@ def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = 
     return Snapshot(flat.structure, arrays, values)
 
 
-def _check_data_file_size(size: int | None) -> None:
-    """Refuse a data file size the writer cannot split at, before anything is written.
-
-    Raises:
-        ConfigError: ``size`` is below the format's alignment (``format.writer.ALIGN``).
-    """
-    if size is not None and size < ALIGN:
-        raise ConfigError(f"data_file_size_bytes must be >= {ALIGN} bytes, got {size}")
-
-
 def check_custom_metadata(custom: dict[str, Any] | None) -> dict[str, Any] | None:
     """``custom`` (a user's ``custom_metadata``) as it will be stored (a JSON round trip), or
     a clear error now, in the caller's thread: found only by the background write, it would
@@ -102,34 +92,62 @@ def check_custom_metadata(custom: dict[str, Any] | None) -> dict[str, Any] | Non
 
 def write(
     path: str,
-    snap: Snapshot,
+    snap: Snapshot | None,
     *,
     custom_metadata: dict[str, Any] | None = None,
     step: int | None = None,
     extra_files: dict[str, bytes] | None = None,
     data_file_size_bytes: int | None = None,
     storage: Storage | None = None,
+    local_error: BaseException | None = None,
 ) -> None:
     """Commit ``snap`` at ``path`` (see ``save``); under several JAX processes every process
     calls it and they commit one checkpoint together (``collective_save``). ``storage``: the
     one that holds ``path`` (a manager's, with its transfer budget), ``path`` in its syntax; by
-    default ``storage_for(path)``'s. ``extra_files``: this process's own."""
-    _check_data_file_size(data_file_size_bytes)
-    custom_metadata = check_custom_metadata(custom_metadata)
-    start_host_transfers(snap.arrays)
+    default ``storage_for(path)``'s. ``extra_files``: this process's own. ``local_error``:
+    under several processes, why this process has no snapshot (it still takes part, and the
+    save fails on every process)."""
     storage, local = storage_for(path) if storage is None else (storage, path)
+    single = process_count() == 1
+    try:
+        custom_metadata = check_custom_metadata(custom_metadata)
+        file_size = check_file_size(storage, data_file_size_bytes)
+    except StepsafeError as e:
+        if single:
+            raise
+        local_error, file_size = local_error or e, 0
     record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
-    if process_count() == 1:
+    if local_error is None:
+        assert snap is not None
+        start_host_transfers(snap.arrays)
+    if single:
+        assert snap is not None and local_error is None
         write_checkpoint(
             storage, local, snap.structure, snap.arrays, snap.values,
-            record=record, extra_files=extra_files, file_size=data_file_size_bytes,
+            record=record, extra_files=extra_files, file_size=file_size,
         )  # fmt: skip
         return
     write_collective(
-        storage, local, snap.structure, snap.arrays, snap.values,
-        record=record, extra_files=extra_files,
-        file_size=check_file_size(storage, data_file_size_bytes),
+        storage, local, None if local_error else snap, record=record, extra_files=extra_files,
+        file_size=file_size, local_error=local_error,
     )  # fmt: skip
+
+
+def take_part(path: str, tree: Any, **kwargs: Any) -> Snapshot | None:
+    """``snapshot(tree)``; under several processes a refusal does not leave at once: this
+    process first takes part in the save it refuses (``write`` with ``local_error``), so that
+    every process raises and the next save pairs up; then it raises.
+
+    Raises:
+        UnsupportedLeafError: as ``snapshot`` (on every process of the job).
+    """
+    try:
+        return snapshot(tree, **kwargs)
+    except Exception as e:
+        if process_count() == 1:
+            raise
+        write(path, None, local_error=e)
+        raise
 
 
 def save(
@@ -185,7 +203,7 @@ def save(
     stepsafe.save("ckpt/1000", state, custom_metadata={"loss": 1.5})
     ```
     """
-    snap = snapshot(tree)
+    snap = take_part(str(path), tree)
     write(
         str(path),
         snap,

@@ -39,7 +39,9 @@ def restore_in_windows(
 
     def position(i: int) -> tuple[str, int]:
         entry = arrays.get(keys[i])
-        first = next((c for s in entry.shards for c in s.chunks), None) if entry else None
+        if entry is None or entry.grid is not None:  # a grid's chunks are in part files
+            return ("", 0)
+        first = next((c for s in entry.shards for c in s.chunks), None)
         return (first.file, first.offset) if first else ("", 0)
 
     out: list[Any] = [None] * len(keys)

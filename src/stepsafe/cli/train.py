@@ -3,6 +3,10 @@
 Exit status: 0 only when the run finished; 3 when it stopped at ``wall_clock_limit_seconds``
 and 128+N when signal N stopped it (130 Ctrl+C, 143 SIGTERM), both after the checkpoint at the
 current step committed, so a scheduler can tell a finished run from one to resubmit.
+
+Under jax.distributed (``jax_coordinator_address``, ``jax_num_processes``, ``jax_process_id``;
+``scripts/demo-multihost`` starts such a job on one machine) every process runs this command;
+a stop asked on any one of them stops all at the same step, so all exit with the same status.
 """
 
 from __future__ import annotations

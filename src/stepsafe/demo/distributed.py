@@ -10,6 +10,8 @@ of processes and this one's index come from ``jax_num_processes`` and ``jax_proc
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 
@@ -52,6 +54,8 @@ def start_distributed(config: Config) -> bool:
                 "jax_coordinator_address=HOST:PORT (or JAX_COORDINATOR_ADDRESS) on every process"
             )
         return False
+    if config.jax_process_id not in (None, 0):  # process 0 starts the coordinator
+        _wait_for_coordinator(address, config.jax_distributed_initialization_timeout)
     jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
@@ -68,3 +72,31 @@ def start_distributed(config: Config) -> bool:
             "jax_coordinator_address, jax_num_processes and jax_process_id on every process"
         ) from e
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Return once the coordinator at ``address`` accepts connections.
+
+    JAX aborts the whole process (no exception, no exit handlers) when it cannot register with
+    the coordinator in time; trying the port first turns that into a clear error.
+
+    Raises:
+        ConfigError: the address is not HOST:PORT, or nothing listens there within ``timeout_s``.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ConfigError(f"jax_coordinator_address={address!r} must be HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"cannot reach the jax.distributed coordinator at {address} within "
+                    f"{timeout_s:g} s ({e.strerror or e}): start process 0 first, or check "
+                    "jax_coordinator_address and jax_distributed_initialization_timeout"
+                ) from e
+            time.sleep(0.2)

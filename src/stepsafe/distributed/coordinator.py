@@ -176,8 +176,16 @@ class Coordinator:
         self._run("barrier", name, timeout, lambda: self.store.delete(_part(arrived, self.index)))
 
     def _finish(self, exchange: str, name: str, timeout: float, start: float) -> None:
-        """Wait until everyone has read the exchange's values, then process 0 deletes them."""
-        self._barrier(f"{exchange}/read", name, timeout, start)
+        """Wait until everyone has read the exchange's values, then process 0 deletes them;
+        also when someone never came: a late process must time out, not pair with stale
+        values of an exchange the others gave up on."""
+        try:
+            self._barrier(f"{exchange}/read", name, timeout, start)
+        except CoordinationError:
+            if self.index == 0:
+                with contextlib.suppress(StoreFailure):
+                    self.store.delete(exchange + "/")
+            raise
         if self.index == 0:
             self._run("cleanup", name, timeout, lambda: self.store.delete(exchange + "/"))
 

@@ -60,6 +60,24 @@ def data_file_name(process_index: int, n: int, save_id: str) -> str:
     return stamped(f"process_{process_index}.{n:05d}.data", save_id)
 
 
+def is_data_file_of(name: str, process_index: int, save_id: str) -> bool:
+    """Whether ``name`` is a data file that process ``process_index`` writes in save
+    ``save_id`` (what a merge requires of every file a process says it wrote)."""
+    head, _, n = name.removesuffix(f".{save_id}.data").rpartition(".")
+    return (
+        name.endswith(f".{save_id}.data")
+        and head == f"process_{process_index}"
+        and len(n) >= 5
+        and n.isascii()
+        and n.isdigit()
+    )
+
+
+def is_save_id(value: object) -> bool:
+    """Whether ``value`` has a save id's form (it names files: nothing else may pass)."""
+    return isinstance(value, str) and _SAVE_ID.match(value) is not None
+
+
 def check_extra_name(name: str, where: str) -> str:
     """Extra files' names come from the metadata, i.e. untrusted: relative, inside the step,
     nothing that ``..`` or a stray character could turn into another path."""

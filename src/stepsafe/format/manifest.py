@@ -19,10 +19,13 @@ import numpy as np
 from stepsafe.errors import ManifestError, UnsupportedFormatError, UnsupportedLeafError
 from stepsafe.format.checksum import ALGORITHM
 from stepsafe.format.dtypes import dtype_from_str
+from stepsafe.format.grid import Grid, fits
 from stepsafe.tree import Structure, check_structure, structure_paths
 
 FORMAT = "stepsafe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a single process writes
+GRID_VERSION = 2  # what many processes write: regular shardings as grids, chunks in part files
+READS = (FORMAT_VERSION, GRID_VERSION)
 # Limits every writer stays within, so readers can refuse anything beyond them before
 # allocating: a manifest is untrusted input, and a claimed size is not yet a real one.
 MAX_CHUNK = 64 << 20  # bytes per chunk: the checksum granularity; readers verify in parallel
@@ -69,12 +72,21 @@ class ArrayEntry:
     dtype: np.dtype
     dtype_name: str
     shape: tuple[int, ...]
-    shards: tuple[Shard, ...]
+    shards: Sequence[Shard]
     sharding: dict | None = field(default=None, hash=False)
+    grid: Grid | None = field(default=None, hash=False)  # version 2: shards in part files
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    def shards_over(self, boxes: Sequence[Box]) -> Sequence[Shard]:
+        """The shards a read of ``boxes`` needs: all of them, or, for an array whose shards
+        lie in part files (a grid), the cells that overlap ``boxes`` only."""
+        if self.grid is None:
+            return self.shards
+        cells = sorted({c for box in boxes for c in self.grid.cells_over(box, self.shape)})
+        return self.shards.over(cells)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -83,6 +95,7 @@ class Manifest:
     arrays: dict[str, ArrayEntry] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
+    parts: Any = None  # version 2: the part files' loader (``parts.PartLoader``)
 
     @property
     def nbytes(self) -> int:
@@ -143,10 +156,10 @@ def _parse(doc: dict, where: str) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ManifestError("not a stepsafe manifest")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS:
         raise UnsupportedFormatError(
-            f"checkpoint {where} has format version {version!r}; this stepsafe reads version "
-            f"{FORMAT_VERSION}: upgrade stepsafe to read it"
+            f"checkpoint {where} has format version {version!r}; this stepsafe reads versions "
+            f"{', '.join(map(str, READS))}: upgrade stepsafe to read it"
         )
     if doc.get("checksum") != ALGORITHM:
         raise ManifestError(f"unknown checksum algorithm {doc.get('checksum')!r}")
@@ -155,7 +168,11 @@ def _parse(doc: dict, where: str) -> Manifest:
         if not _FILE_NAME.match(name) or ".." in name:
             raise ManifestError(f"data file name {name!r} would escape the checkpoint directory")
     used = dict.fromkeys(files, 0)
-    arrays = {str(k): _parse_array(k, a, files, used) for k, a in doc["arrays"].items()}
+    grids = _parse_grids(doc) if version == GRID_VERSION else {}
+    arrays = {
+        str(k): _parse_array(k, a, files, used) if "grid" not in a else grids[a["grid"]](k, a)
+        for k, a in doc["arrays"].items()
+    }
     for name, size in files.items():
         if used[name] > size:  # chunks overlap: more bytes to allocate than the files hold
             raise ManifestError(f"chunks claim {used[name]} bytes of {name}, which has {size}")
@@ -165,7 +182,66 @@ def _parse(doc: dict, where: str) -> Manifest:
     paths = structure_paths(structure)
     if set(paths) != set(arrays) | set(values) or len(paths) != len(arrays) + len(values):
         raise ManifestError("structure and leaf entries disagree")
-    return Manifest(structure, arrays, values, files)
+    manifest = Manifest(structure, arrays, values, files)
+    if version == GRID_VERSION:
+        manifest.parts = _bind_parts(doc, manifest)
+    return manifest
+
+
+def _parse_grids(doc: dict) -> dict[int, Any]:
+    """Version 2: per grid number, a function that makes an array entry on that grid (its
+    shards come from the part files; see ``parts.py``)."""
+    processes = len(doc["parts"])
+    out = {}
+    for n, g in enumerate(doc["grids"]):
+        cell = tuple(_nonneg(c) for c in g["cell"])
+        writers = tuple(_nonneg(w) for w in g["writers"])
+        if any(w >= processes for w in writers) or 0 in cell:
+            raise ManifestError(f"grid {n} names a process or cell that does not exist")
+        out[n] = _grid_array(Grid(cell, writers))
+    return out
+
+
+def _grid_array(grid: Grid) -> Any:
+    def make(key: str, a: dict) -> ArrayEntry:
+        dtype = dtype_from_str(a["dtype"])
+        shape = tuple(_nonneg(d) for d in a["shape"])
+        if not fits(grid.cell, shape) or math.prod(grid.counts(shape)) != len(grid.writers):
+            raise ManifestError(f"array {key!r}: its grid does not tile its shape {shape}")
+        sharding = a.get("sharding")
+        if sharding is not None:
+            sharding = parse_sharding(key, sharding, len(shape))
+        return ArrayEntry(dtype, a["dtype"], shape, (), sharding, grid)
+
+    return make
+
+
+def _bind_parts(doc: dict, manifest: Manifest) -> Any:
+    """The part files' loader, and every grid array's shards made lazy over it."""
+    from stepsafe.format.parts import LazyShards, PartLoader
+
+    parts: list[tuple[str, int, str] | None] = []
+    for entry in doc["parts"]:
+        if entry is None:
+            parts.append(None)
+            continue
+        name, size, digest = entry
+        if not isinstance(name, str) or not _FILE_NAME.match(name) or type(digest) is not str:
+            raise ManifestError(f"part file {name!r} is not a part file's name")
+        parts.append((name, _nonneg(size), digest))
+    grids = {
+        k: (a.grid, a.shape, a.dtype.itemsize)
+        for k, a in manifest.arrays.items()
+        if a.grid is not None
+    }
+    loader = PartLoader(parts, manifest.files, grids)  # type: ignore[arg-type]
+    for k, a in list(manifest.arrays.items()):
+        if a.grid is not None:
+            lazy = LazyShards(loader, k, len(a.grid.writers))
+            manifest.arrays[k] = ArrayEntry(
+                a.dtype, a.dtype_name, a.shape, lazy, a.sharding, a.grid
+            )
+    return loader
 
 
 def _nonneg(x: Any) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from stepsafe.errors import ManifestError
 from stepsafe.format.dtypes import dtype_to_str
+from stepsafe.format.layout import is_data_file_of
 from stepsafe.format.manifest import (
     ArrayEntry,
     Manifest,
@@ -37,26 +38,38 @@ def merge_parts(
     arrays: Sequence[HostArray],
     values: dict[str, Any],
     parts: Sequence[WrittenPart],
+    save_id: str,
 ) -> Manifest:
     """The manifest of ``structure``: ``arrays`` (only their key, dtype, shape and sharding
     are used) with the shards of every part (in part order), the inline ``values``, and every
     part's data files.
 
     Raises:
-        ManifestError: a data file in two parts; a shard of an array not in ``arrays``,
+        ManifestError: a data file in two parts, or not named for its process and
+            ``save_id``; a shard of an array not in ``arrays``,
             outside its shape or not holding its box's bytes; an array whose shards leave
             gaps or overlap; a sharding record that readers would refuse.
     """
     files: dict[str, int] = {}
     shards: dict[str, list[Shard]] = {a.path: [] for a in arrays}
-    for part in parts:
+    for process, part in enumerate(parts):
         for name, size in part.files.items():
+            if not is_data_file_of(name, process, save_id):
+                raise ManifestError(
+                    f"process {process} says it wrote {name!r}, which is not one of its data "
+                    f"files in save {save_id}: {_REFUSED}"
+                )
             if name in files:
                 raise ManifestError(f"data file {name} was written twice: {_REFUSED}")
             files[name] = size
         for key, mine in part.shards.items():
             if key not in shards:
                 raise ManifestError(f"array {key!r} was written but is not in the tree: {_REFUSED}")
+            if any(c.file not in part.files for s in mine for c in s.chunks):
+                raise ManifestError(
+                    f"array {key!r}: process {process} points at a data file it did not "
+                    f"write: {_REFUSED}"
+                )
             shards[key].extend(mine)
     entries = {}
     for a in arrays:

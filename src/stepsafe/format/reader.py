@@ -51,8 +51,18 @@ class CheckpointReader:
                 "corrupt; restore an earlier step"
             )
         self.manifest = Manifest.from_json(raw, manifest_path)
+        if self.manifest.parts is not None:  # version 2: part files, read when needed
+            self.manifest.parts.read = self._read_part
         self._checked_files: set[str] = set()
         self._paths: dict[str, str] = {}
+
+    def _read_part(self, name: str, limit: int) -> bytes:
+        try:
+            return read_step_file(self.storage, self.path, f"{ITEMS_DIR}/{name}", limit)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise TruncatedDataError(
+                f"part file {self.file_path(name)} is missing: the checkpoint is damaged"
+            ) from e
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -79,6 +89,9 @@ class CheckpointReader:
             names = list(self.manifest.files)
         else:
             names = [c.file for s in self.manifest.arrays[key].shards for c in s.chunks]
+        self._check_named(names)
+
+    def _check_named(self, names: Sequence[str]) -> None:
         for name in names:
             if name not in self._checked_files:
                 self._check_file(name)
@@ -119,8 +132,10 @@ class CheckpointReader:
         """What reading ``boxes`` (default: the whole) of array ``key`` takes; nothing is read
         yet, and only the outputs' and staging buffers' address space is reserved."""
         entry: ArrayEntry = self.manifest.arrays[key]
-        self.check_files(key)
-        return plan_array_read(key, entry, boxes or [tuple((0, n) for n in entry.shape)])
+        boxes = boxes or [tuple((0, n) for n in entry.shape)]
+        shards = entry.shards_over(boxes)  # a grid's: only the cells that overlap
+        self._check_named([c.file for s in shards for c in s.chunks])
+        return plan_array_read(key, entry, boxes, shards)
 
     def read(
         self,

@@ -14,6 +14,7 @@ Planning first and reading later lets the reads of many arrays go out as one bat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,16 +45,21 @@ class ArrayRead:
         self.reads.clear()
 
 
-def plan_array_read(key: str, entry: ArrayEntry, boxes: list[Box]) -> ArrayRead:
+def plan_array_read(
+    key: str, entry: ArrayEntry, boxes: list[Box], shards: Sequence[Shard] | None = None
+) -> ArrayRead:
+    """How to fill ``boxes`` of array ``key`` from ``shards`` (default: all of its shards; a
+    reader passes only those that overlap, ``ArrayEntry.shards_over``)."""
+    shards = entry.shards if shards is None else shards
     outs = {box: np.empty(tuple(b - a for a, b in box), entry.dtype) for box in boxes}
     plan = ArrayRead(key, outs)
-    if len(boxes) == 1 and len(entry.shards) == 1 and entry.shards[0].index == boxes[0]:
-        plan.reads.append((entry.shards[0].chunks, outs[boxes[0]]))  # the common case, quickly
+    if len(boxes) == 1 and len(shards) == 1 and shards[0].index == boxes[0]:
+        plan.reads.append((shards[0].chunks, outs[boxes[0]]))  # the common case, quickly
         return plan
     staged: dict[int, tuple[np.ndarray, int, int]] = {}  # shard -> buffer, wanted byte span
     itemsize = entry.dtype.itemsize
     for box, out in outs.items():
-        for n, shard in enumerate(entry.shards):
+        for n, shard in enumerate(shards):
             inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(shard.index, box)]
             if any(lo >= hi for lo, hi in inter):
                 continue
@@ -72,7 +78,7 @@ def plan_array_read(key: str, entry: ArrayEntry, boxes: list[Box]) -> ArrayRead:
             src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, shard.index))
             plan.copies.append((staged[n][0], src_sl, out, dst_sl))
     for n, (buf, start, stop) in staged.items():
-        plan.reads.append(_chunks_over(entry.shards[n], buf, start, stop))
+        plan.reads.append(_chunks_over(shards[n], buf, start, stop))
     return plan
 
 

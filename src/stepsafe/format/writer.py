@@ -113,7 +113,7 @@ def commit_parts(
         ManifestError: the parts do not tile the arrays, or two name the same extra file.
         StorageError, CheckpointExistsError: as the storage raised them.
     """
-    manifest = merge_parts(structure, arrays, values, parts)
+    manifest = merge_parts(structure, arrays, values, parts, record.save_id)
     for part in parts:
         for name, digest in part.extra_files.items():
             if name in record.extra_files:

@@ -103,6 +103,7 @@ class CheckpointManager:
             if self.options.enable_single_replica_ckpt_restoring
             else None
         )  # restores read on replica 0 only and broadcast to the others
+        self._index = process_index()
         self._tag = hashlib.sha256(self.directory.encode()).hexdigest()[:12]  # names exchanges
         self._passed = PassedSteps()  # damaged, linked, foreign steps: left in place, said once
         self._writer = AsyncWriter()
@@ -211,8 +212,15 @@ class CheckpointManager:
         if on_process_0(f"save-{self._tag}-{step}", blocked):
             return False
         t0 = time.perf_counter()
-        snap = snapshot(state, copy=self.options.async_save, staging=self._staging)
-        extra = None if data_iterator is None else iterator_files(data_iterator, process_index())
+        try:
+            snap = snapshot(state, copy=self.options.async_save, staging=self._staging)
+            extra = None if data_iterator is None else iterator_files(data_iterator, self._index)
+        except Exception as e:
+            if not is_multiprocess():
+                raise
+            # the others go on with this save: take part, so that they learn why it fails
+            write(self.step_path(step), None, storage=self.storage, local_error=e)
+            raise
         blocked = [time.perf_counter() - t0]  # async: updated once the writer has started
 
         def job() -> None:
