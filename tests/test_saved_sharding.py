@@ -245,7 +245,6 @@ def test_two_processes_save_then_restore_abstract_targets_onto_the_saved_shardin
     assert all(r.returncode == 0 and "ok" in r.stdout.splitlines() for r in results), everything
     doc = _manifest_doc(tmp_path / "1")
     assert doc["arrays"]["sh"]["sharding"]["spec"] == ["data", "model"]
-    assert {c[0].split(".")[0] for s in doc["arrays"]["sh"]["shards"] for c in s["chunks"]} == {
-        "process_0",
-        "process_1",
-    }
+    # many processes: the array lies on a grid, both processes wrote cells of it
+    grid = doc["grids"][doc["arrays"]["sh"]["grid"]]
+    assert sorted(set(grid["writers"])) == [0, 1]

@@ -45,6 +45,7 @@ from stepsafe.distributed.outcomes import as_error, failure
 from stepsafe.errors import CoordinationError, StepsafeError
 from stepsafe.format import CommitRecord
 from stepsafe.format.checksum import checksum
+from stepsafe.format.grid_parts import write_cells
 from stepsafe.format.layout import is_save_id
 from stepsafe.format.writer import WrittenPart, commit_parts, write_part
 from stepsafe.storage import Storage, Transaction
@@ -84,6 +85,7 @@ def write_collective(
                 raise own_error
             assert txn is not None and snap is not None
             part = write_part(txn, snap.arrays, record.save_id, c.index, file_size, extra_files)
+            write_cells(txn, part, snap.arrays, c.index, record.save_id)
             txn.prepare()
             mine = _ok(part=part.to_json().decode(), tree=tree_digest(snap))
         except Exception as e:

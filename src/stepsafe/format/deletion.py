@@ -30,14 +30,16 @@ from stepsafe.storage import Storage
 _ID = r"(?P<id>[0-9a-f]{8,32})"  # as layout._SAVE_ID
 _MANIFEST = re.compile(rf"^{ITEMS_DIR}/manifest\.{_ID}\.json$")
 _DATA = re.compile(rf"^{ITEMS_DIR}/process_[0-9]+\.[0-9]{{5,}}\.{_ID}\.data$")
+_PART = re.compile(rf"^{ITEMS_DIR}/part_[0-9]+\.{_ID}\.json$")
 _EXTRA = re.compile(rf"^(?P<head>.+)\.{_ID}(?P<ext>\.[^./]+)?$")
 _RETRIES = 5  # a concurrent deleter can make one pass of delete_tree trip; it rarely does twice
 
 
 def items_save_id(relpath: str) -> str | None:
     """The save id in ``relpath`` (relative to a step directory) when it is an ``items/`` file
-    this format writes, a manifest or a data file, else None. No user names files so."""
-    for pattern in (_MANIFEST, _DATA):
+    this format writes, a manifest, a data file or a part file, else None. No user names
+    files so."""
+    for pattern in (_MANIFEST, _DATA, _PART):
         m = pattern.match(relpath)
         if m:
             return m["id"]

@@ -28,7 +28,7 @@ from stepsafe.errors import (
     UnsupportedLeafError,
 )
 from stepsafe.format.checksum import checksum
-from stepsafe.format.manifest import FORMAT, FORMAT_VERSION
+from stepsafe.format.manifest import FORMAT, FORMAT_VERSION, READS
 
 COMMIT_FILE = "_CHECKPOINT_METADATA"
 ITEMS_DIR = "items"
@@ -155,10 +155,10 @@ class CommitRecord:
             if not isinstance(doc, dict) or doc.get("format") != FORMAT:
                 raise ManifestError(f"{where} was not written by stepsafe")
             version = doc.get("format_version")
-            if version != FORMAT_VERSION:
+            if version not in READS:
                 raise UnsupportedFormatError(
                     f"checkpoint {where} has format version {version!r}; this stepsafe reads "
-                    f"version {FORMAT_VERSION}: upgrade stepsafe to read it"
+                    f"versions {', '.join(map(str, READS))}: upgrade stepsafe to read it"
                 )
             stored = doc.pop("checksum", None)
             if stored != checksum(_canonical(doc)):

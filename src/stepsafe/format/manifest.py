@@ -107,7 +107,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "checksum": ALGORITHM,
             "structure": self.structure,
-            "arrays": {k: _array_json(a) for k, a in self.arrays.items()},
+            "arrays": {k: array_json(a) for k, a in self.arrays.items()},
             "values": self.values,
             "files": self.files,
         }
@@ -138,7 +138,8 @@ class Manifest:
             raise ManifestError(f"manifest {where} is malformed ({type(e).__name__}: {e})") from e
 
 
-def _array_json(a: ArrayEntry) -> dict:
+def array_json(a: ArrayEntry) -> dict:
+    """An array entry with its shards listed (version 1; version 2's arrays off any grid)."""
     doc: dict[str, Any] = {"dtype": a.dtype_name, "shape": list(a.shape)}
     if a.sharding is not None:  # absent, not null: manifests of host arrays stay as they were
         doc["sharding"] = a.sharding

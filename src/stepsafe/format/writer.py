@@ -17,8 +17,9 @@ from typing import Any
 
 from stepsafe.errors import ConfigError, ManifestError
 from stepsafe.format.checksum import checksum
+from stepsafe.format.grid_parts import merge_grid_parts
 from stepsafe.format.layout import COMMIT_FILE, CommitRecord, check_extra_name, stamped
-from stepsafe.format.manifest import Manifest
+from stepsafe.format.manifest import GRID_VERSION, Manifest
 from stepsafe.format.merge import merge_parts
 from stepsafe.format.plan import ALIGN, HostArray, plan_files
 from stepsafe.format.written import WrittenPart, write_files
@@ -59,7 +60,9 @@ def write_checkpoint(
     file_size = check_file_size(storage, file_size)
     with storage.transaction(path) as txn:
         part = write_part(txn, arrays, record.save_id, 0, file_size, extra_files)
-        return commit_parts(txn, structure, arrays, values, [part], record)
+        manifest = commit_parts(txn, structure, arrays, values, [part], record)
+    assert manifest is not None  # one process: version 1
+    return manifest
 
 
 def check_file_size(storage: Storage, file_size: int | None) -> int:
@@ -105,33 +108,41 @@ def commit_parts(
     values: dict[str, Any],
     parts: list[WrittenPart],
     record: CommitRecord,
-) -> Manifest:
+) -> Manifest | None:
     """Merge every process's part into the manifest (refused unless it covers every array
-    exactly), write it and the record, and commit ``txn``.
+    exactly), write it and the record, and commit ``txn``; the manifest (None for version 2,
+    whose shards stay in the part files). Parts that put cells in part files
+    (many processes: ``grid_parts.write_cells``) make a version-2 manifest.
 
     Raises:
         ManifestError: the parts do not tile the arrays, or two name the same extra file.
         StorageError, CheckpointExistsError: as the storage raised them.
     """
-    manifest = merge_parts(structure, arrays, values, parts, record.save_id)
+    manifest = None
+    if any(part.cells or part.part_file for part in parts):
+        raw = merge_grid_parts(structure, arrays, values, parts, record.save_id)
+        record.format_version = GRID_VERSION
+    else:
+        manifest = merge_parts(structure, arrays, values, parts, record.save_id)
+        raw = manifest.to_json()
     for part in parts:
         for name, digest in part.extra_files.items():
             if name in record.extra_files:
                 raise ManifestError(f"extra file {name!r} was written twice: nothing was committed")
             record.extra_files[name] = digest
-    commit_manifest(txn, manifest, record)
+    commit_manifest(txn, raw, record)
     return manifest
 
 
-def commit_manifest(txn: Transaction, manifest: Manifest, record: CommitRecord) -> None:
-    """Write the manifest and the record (last) into ``txn`` and commit it; the data and
-    extra files must be in ``txn`` already, their checksums in ``record``.
+def commit_manifest(txn: Transaction, manifest: Manifest | bytes, record: CommitRecord) -> None:
+    """Write the manifest (or its bytes) and the record (last) into ``txn`` and commit it;
+    the data and extra files must be in ``txn`` already, their checksums in ``record``.
 
     Raises:
         UnsupportedLeafError: a manifest bigger than readers accept.
         StorageError, CheckpointExistsError: as the storage raised them.
     """
-    raw = manifest.to_json()
+    raw = manifest if isinstance(manifest, bytes) else manifest.to_json()
     txn.write_file(record.manifest_path, [raw])
     record.manifest_checksum = checksum(raw)
     record.commit_timestamp_nsecs = time.time_ns()

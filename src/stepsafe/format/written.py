@@ -46,6 +46,10 @@ class WrittenPart:
     files: dict[str, int] = field(default_factory=dict)
     shards: dict[str, list[Shard]] = field(default_factory=dict)
     extra_files: dict[str, str] = field(default_factory=dict)
+    # Version 2 (many processes): the part file (name, size, checksum) holding the chunks of
+    # the grid arrays' cells, and per grid the cells this process wrote (grid_parts.py).
+    part_file: list | None = None
+    cells: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -59,6 +63,8 @@ class WrittenPart:
                     for k, shards in self.shards.items()
                 },
                 "extra_files": self.extra_files,
+                "part_file": self.part_file,
+                "cells": self.cells,
             },
             separators=(",", ":"),
         ).encode()
@@ -86,9 +92,18 @@ class WrittenPart:
                     for k, shards in doc["shards"].items()
                 },
                 extra_files={str(n): str(c) for n, c in doc["extra_files"].items()},
+                part_file=_part_file(doc.get("part_file")),
+                cells={str(g): [int(c) for c in cells] for g, cells in doc["cells"].items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"the part {where} sent is malformed ({e})") from e
+
+
+def _part_file(entry: object) -> list | None:
+    if entry is None:
+        return None
+    name, size, digest = entry  # type: ignore[misc]
+    return [str(name), int(size), str(digest)]
 
 
 def _chunk_row(c: Chunk) -> tuple[str, int, int, str]:
