@@ -14,6 +14,7 @@ Every failure stepsafe reports on purpose is a ``stepsafe.StepsafeError``; each 
 exported here.
 """
 
+from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint import (
     ArrayMetadata,
     CheckpointInfo,
@@ -65,6 +66,7 @@ __all__ = [
     "ManagerOptions",
     "ManifestError",
     "RunInUseError",
+    "SingleReplica",
     "StepsafeError",
     "StopRequest",
     "StorageError",
