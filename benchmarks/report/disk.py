@@ -215,6 +215,7 @@ def render(run: dict[str, Any], json_path: Path | str) -> str:
         lines += _ratio_table(runs, s, methods)
         lines += _limits_table(runs, s, methods)
         lines += _first_table(runs, s, methods)
+    lines += many_processes()
     bad = runs.problems()
     if bad:
         lines += ["## Errors", ""]
@@ -223,3 +224,18 @@ def render(run: dict[str, Any], json_path: Path | str) -> str:
             lines.append(f"- {r['state']} {r['method']} {r['phase']} #{r['repeat'] + 1}: {what}")
         lines.append("")
     return "\n".join(lines)
+
+
+def many_processes(path: Path = Path(__file__).parents[1] / "RESULTS-multihost.md") -> list[str]:
+    """The multi-process rows, quoted from their own run's results (``benchmarks.multihost``
+    writes them: many processes need a launcher of their own), so that this file carries them
+    too; nothing when that file does not exist yet."""
+    if not path.exists():
+        return []
+    text = path.read_text().split("\n## ")
+    keep = [t for t in text[1:] if t.startswith(("In short", "Save and restore"))]
+    lines = ["## Many processes (quoted from RESULTS-multihost.md)", ""]
+    for section in keep:
+        head, _, body = section.partition("\n")
+        lines += [f"### {head}", *body.strip("\n").splitlines(), ""]
+    return lines
