@@ -20,7 +20,7 @@ from stepsafe.errors import ChecksumMismatchError, ManifestError, TruncatedDataE
 from stepsafe.format.checksum import checksum
 from stepsafe.format.deletion import stray_files
 from stepsafe.format.grid import Grid, cell_shape
-from stepsafe.format.grid_parts import merge_grid_parts
+from stepsafe.format.grid_parts import grid_key, merge_grid_parts
 from stepsafe.format.manifest import Chunk
 from stepsafe.format.parts import PartLoader, part_json
 from stepsafe.format.plan import HostArray
@@ -142,13 +142,14 @@ def test_cell_shape_follows_the_sharding_and_the_replica_split() -> None:
 
 
 FILE = "process_1.00000.0123456789ab.data"
+FILE0 = "process_0.00000.0123456789ab.data"
 
 
 def _loader(doc: dict, writers=(0, 1)) -> PartLoader:
     raw = json.dumps({"arrays": doc}).encode()
     loader = PartLoader(
         [None, ("part_1.0123456789ab.json", len(raw), checksum(raw))],
-        {FILE: 64},
+        {FILE: 64, FILE0: 64},
         {"w": (Grid((2, 4), writers), (4, 4), 4)},
     )
     loader.read = lambda name, limit: raw
@@ -164,6 +165,7 @@ def test_a_part_file_is_checked_against_the_grid() -> None:
         ({"w": [[1, [[FILE, 0, 16, "x"]]]]}, "wrong byte count"),
         ({"w": [[1, [[FILE, 48, 32, "x"]]]]}, "beyond"),
         ({"w": [[1, [["other.data", 0, 32, "x"]]]]}, "unlisted"),
+        ({"w": [[1, [[FILE0, 0, 32, "x"]]]]}, "another process wrote"),
         ({**good, "v": []}, "not in the grid"),
     ]:
         with pytest.raises(ManifestError, match=problem):
@@ -175,8 +177,10 @@ def test_a_part_file_is_checked_against_the_grid() -> None:
 
 
 def _cells_part(process: int, cells: list[int]) -> WrittenPart:
-    name = json.dumps([SHARDING, [8, 6], 4], sort_keys=True)
-    return WrittenPart(cells={name: cells})
+    array = HostArray("w", np.dtype(np.float32), (8, 6), [], SHARDING)
+    key = grid_key(array, 0)
+    assert key is not None
+    return WrittenPart(cells={key[0]: cells})
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,14 @@ def describe_sharding(sharding: Any) -> dict | None:
     return {"mesh": {"axis_names": names, "shape": list(mesh.devices.shape)}, "spec": spec}
 
 
+def mesh_device_ids(sharding: Any) -> tuple[int, ...] | None:
+    """The ids of a NamedSharding's mesh devices, in mesh order (global: alike on every
+    process); None for any other sharding."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    return tuple(int(d.id) for d in sharding.mesh.devices.flat)
+
+
 def sharding_from_saved(saved: dict) -> jax.sharding.NamedSharding | None:
     """The saved ``describe_sharding`` record rebuilt on this job's devices (all of them, in
     ``jax.devices()`` order, reshaped to the saved mesh shape); None when the device count

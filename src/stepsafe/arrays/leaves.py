@@ -83,12 +83,15 @@ def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = N
             "as two arrays"
         )
     if is_jax_array(x):
-        from stepsafe.arrays.jax_arrays import describe_sharding, host_shards
+        from stepsafe.arrays.jax_arrays import describe_sharding, host_shards, mesh_device_ids
 
         dtype = np.dtype(x.dtype)
         dtype_to_str(dtype, path)
         shards = host_shards(x, path, copy, staging)
-        return HostArray(path, dtype, tuple(x.shape), shards, describe_sharding(x.sharding))
+        return HostArray(
+            path, dtype, tuple(x.shape), shards, describe_sharding(x.sharding),
+            mesh_device_ids(x.sharding),
+        )  # fmt: skip
     a = np.asarray(x)
     dtype_to_str(a.dtype, path)
     if copy and staging is not None:

@@ -23,7 +23,7 @@ from stepsafe.errors import ManifestError
 from stepsafe.format.checksum import ALGORITHM, checksum
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.grid import Grid, cell_shape
-from stepsafe.format.layout import ITEMS_DIR, stamped
+from stepsafe.format.layout import ITEMS_DIR, part_file_name
 from stepsafe.format.manifest import FORMAT, GRID_VERSION, MANIFEST_MAX_BYTES, array_json
 from stepsafe.format.merge import merge_parts
 from stepsafe.format.parts import part_json
@@ -37,13 +37,18 @@ _REFUSED = "nothing was committed"
 
 def grid_key(a: HostArray, min_bytes: int) -> tuple[str, tuple[int, ...]] | None:
     """The grid ``a`` is written on: (a name every process gives it alike, its cell shape);
-    None for an array off any grid."""
+    None for an array off any grid. The name holds the sharding record, the shape, the item
+    size and the mesh's devices: arrays share a grid only when the same processes write the
+    same cells of them."""
     if a.sharding is None or not a.shape or 0 in a.shape:
         return None
     cell = cell_shape(a.sharding, tuple(a.shape), np.dtype(a.dtype).itemsize, min_bytes)
     if cell is None:
         return None
-    name = json.dumps([a.sharding, list(a.shape), np.dtype(a.dtype).itemsize], sort_keys=True)
+    devices = checksum(json.dumps(a.devices).encode())  # another device order: other cells
+    name = json.dumps(
+        [a.sharding, list(a.shape), np.dtype(a.dtype).itemsize, devices], sort_keys=True
+    )
     return name, cell
 
 
@@ -84,7 +89,7 @@ def write_cells(
             tables[a.path] = rows
     if tables:
         raw = part_json(tables)
-        name = stamped(f"part_{process}.json", save_id)
+        name = part_file_name(process, save_id)
         txn.write_file(f"{ITEMS_DIR}/{name}", [raw])
         part.part_file = [name, len(raw), checksum(raw)]
 

@@ -60,6 +60,11 @@ def data_file_name(process_index: int, n: int, save_id: str) -> str:
     return stamped(f"process_{process_index}.{n:05d}.data", save_id)
 
 
+def part_file_name(process_index: int, save_id: str) -> str:
+    """The name of process ``process_index``'s part file in ``items/`` (format version 2)."""
+    return stamped(f"part_{process_index}.json", save_id)
+
+
 def is_data_file_of(name: str, process_index: int, save_id: str) -> bool:
     """Whether ``name`` is a data file that process ``process_index`` writes in save
     ``save_id`` (what a merge requires of every file a process says it wrote)."""

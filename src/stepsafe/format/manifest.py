@@ -177,6 +177,9 @@ def _parse(doc: dict, where: str) -> Manifest:
     for name, size in files.items():
         if used[name] > size:  # chunks overlap: more bytes to allocate than the files hold
             raise ManifestError(f"chunks claim {used[name]} bytes of {name}, which has {size}")
+    on_grids = sum(a.nbytes for a in arrays.values() if a.grid is not None)
+    if on_grids + sum(used.values()) > sum(files.values()):  # checked before any part is read
+        raise ManifestError("the arrays claim more bytes than the data files hold")
     values = dict(doc["values"])
     structure = doc["structure"]
     check_structure(structure)
@@ -185,7 +188,7 @@ def _parse(doc: dict, where: str) -> Manifest:
         raise ManifestError("structure and leaf entries disagree")
     manifest = Manifest(structure, arrays, values, files)
     if version == GRID_VERSION:
-        manifest.parts = _bind_parts(doc, manifest)
+        manifest.parts = _bind_parts(doc, manifest, used)
     return manifest
 
 
@@ -206,8 +209,12 @@ def _parse_grids(doc: dict) -> dict[int, Any]:
 def _grid_array(grid: Grid) -> Any:
     def make(key: str, a: dict) -> ArrayEntry:
         dtype = dtype_from_str(a["dtype"])
-        shape = tuple(_nonneg(d) for d in a["shape"])
-        if not fits(grid.cell, shape) or math.prod(grid.counts(shape)) != len(grid.writers):
+        shape = _shape(key, a["shape"], dtype)
+        if (
+            0 in shape
+            or not fits(grid.cell, shape)
+            or math.prod(grid.counts(shape)) != len(grid.writers)
+        ):
             raise ManifestError(f"array {key!r}: its grid does not tile its shape {shape}")
         sharding = a.get("sharding")
         if sharding is not None:
@@ -217,7 +224,7 @@ def _grid_array(grid: Grid) -> Any:
     return make
 
 
-def _bind_parts(doc: dict, manifest: Manifest) -> Any:
+def _bind_parts(doc: dict, manifest: Manifest, used: dict[str, int]) -> Any:
     """The part files' loader, and every grid array's shards made lazy over it."""
     from stepsafe.format.parts import LazyShards, PartLoader
 
@@ -235,7 +242,7 @@ def _bind_parts(doc: dict, manifest: Manifest) -> Any:
         for k, a in manifest.arrays.items()
         if a.grid is not None
     }
-    loader = PartLoader(parts, manifest.files, grids)  # type: ignore[arg-type]
+    loader = PartLoader(parts, manifest.files, grids, used)  # type: ignore[arg-type]
     for k, a in list(manifest.arrays.items()):
         if a.grid is not None:
             lazy = LazyShards(loader, k, len(a.grid.writers))
@@ -243,6 +250,21 @@ def _bind_parts(doc: dict, manifest: Manifest) -> Any:
                 a.dtype, a.dtype_name, a.shape, lazy, a.sharding, a.grid
             )
     return loader
+
+
+_MAX_NDIM = 64  # numpy's limit
+_MAX_ELEMENTS_BYTES = 1 << 62  # what numpy can address, with every empty axis counted as 1
+
+
+def _shape(key: str, doc: Any, dtype: np.dtype) -> tuple[int, ...]:
+    """An array's shape, refused unless numpy can make an array of it (no raw error later)."""
+    shape = tuple(_nonneg(d) for d in doc)
+    if (
+        len(shape) > _MAX_NDIM
+        or math.prod(max(d, 1) for d in shape) * max(dtype.itemsize, 1) > _MAX_ELEMENTS_BYTES
+    ):
+        raise ManifestError(f"array {key!r}: shape {shape[:8]} is beyond what numpy can hold")
+    return shape
 
 
 def _nonneg(x: Any) -> int:
@@ -255,7 +277,7 @@ def _parse_array(key: str, a: dict, files: dict[str, int], used: dict[str, int])
     """One array entry, fully validated; written flat because a manifest may hold thousands.
     ``used`` adds up, per data file, the bytes that chunks claim in it."""
     dtype = dtype_from_str(a["dtype"])
-    shape = tuple(_nonneg(d) for d in a["shape"])
+    shape = _shape(key, a["shape"], dtype)
     shards = []
     for s in a["shards"]:
         index = tuple(map(tuple, s["index"]))  # each a (lo, hi) pair: checked just below

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
-from stepsafe.errors import ChecksumMismatchError, ManifestError
+from stepsafe.errors import ChecksumMismatchError, CorruptCheckpointError, ManifestError
 from stepsafe.format.checksum import checksum
 from stepsafe.format.grid import Grid
 from stepsafe.format.manifest import MAX_CHUNK, Chunk, Shard
@@ -46,12 +46,15 @@ class PartLoader:
         parts: list[tuple[str, int, str] | None],
         files: dict[str, int],
         arrays: dict[str, tuple[Grid, tuple[int, ...], int]],
+        used: dict[str, int] | None = None,
     ) -> None:
         """``parts``: per process (name, size, checksum), None for one that wrote no cell;
-        ``arrays``: per grid array its grid, shape and item size."""
+        ``arrays``: per grid array its grid, shape and item size; ``used``: per data file the
+        bytes that the manifest's own shards claim in it."""
         self.parts, self.files, self.arrays = parts, files, arrays
+        self.used = used or {}
         self.read: Callable[[str, int], bytes] | None = None  # bound by the reader
-        self._loaded: dict[int, dict[str, dict[int, tuple[Chunk, ...]]]] = {}
+        self._loaded: dict[int, Any] = {}  # a part's tables, or the error it gave once
         self._lock = threading.Lock()
 
     def shards(self, key: str, cells: Sequence[int]) -> tuple[Shard, ...]:
@@ -68,7 +71,13 @@ class PartLoader:
         with self._lock:
             got = self._loaded.get(process)
             if got is None:
-                got = self._loaded[process] = self._load(process)
+                try:
+                    got = self._load(process)
+                except CorruptCheckpointError as e:
+                    got = e  # a damaged part is read once, not once per array on its grid
+                self._loaded[process] = got
+            if isinstance(got, CorruptCheckpointError):
+                raise got
             return got
 
     def _load(self, process: int) -> dict[str, dict[int, tuple[Chunk, ...]]]:
@@ -113,7 +122,7 @@ class PartLoader:
                 cell_bytes *= c
             table = {}
             for cell, chunks in rows:
-                parsed = tuple(self._chunk(name, key, row, used) for row in chunks)
+                parsed = tuple(self._chunk(name, key, row, used, process) for row in chunks)
                 if sum(c.length for c in parsed) != cell_bytes:
                     raise ManifestError(
                         f"part file {name}: array {key!r} cell {cell} holds a wrong byte count"
@@ -123,15 +132,19 @@ class PartLoader:
         if set(doc) - set(self.arrays):
             raise ManifestError(f"part file {name} lists arrays that are not in the grid")
         for file, n in used.items():
-            if n > self.files[file]:
+            if n + self.used.get(file, 0) > self.files[file]:
                 raise ManifestError(f"part file {name}: chunks claim {n} bytes of {file}")
         return out
 
-    def _chunk(self, name: str, key: str, row: list, used: dict[str, int]) -> Chunk:
+    def _chunk(self, name: str, key: str, row: list, used: dict[str, int], process: int) -> Chunk:
         file, offset, length, digest = row
         size = self.files.get(file)
         if size is None:
             raise ManifestError(f"part file {name}: array {key!r} points at unlisted {file!r}")
+        if not file.startswith(f"process_{process}."):  # bytes of one file, one part's
+            raise ManifestError(
+                f"part file {name}: array {key!r} points at {file}, which another process wrote"
+            )
         if type(offset) is not int or type(length) is not int or type(digest) is not str:
             raise ManifestError(f"part file {name}: array {key!r}: malformed chunk {row[:3]}")
         if offset < 0 or length < 0 or offset + length > size or length > MAX_CHUNK:

@@ -28,13 +28,16 @@ class HostArray:
     """An array ready to write: its global description and its shards. A shard is a host
     array, or anything ``np.asarray`` turns into one (a device copy awaiting its transfer).
     ``sharding``: how the array was laid out on devices (a JAX NamedSharding's mesh and spec,
-    see ``manifest.parse_sharding``), recorded in the manifest; None for host arrays."""
+    see ``manifest.parse_sharding``), recorded in the manifest; None for host arrays.
+    ``devices``: the ids of the mesh's devices in mesh order (not recorded: the same mesh shape
+    on other devices writes other cells, so it names another grid; ``grid_parts.grid_key``)."""
 
     path: str
     dtype: np.dtype
     shape: tuple[int, ...]
     shards: list[tuple[Box, Any]]
     sharding: dict | None = None
+    devices: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)

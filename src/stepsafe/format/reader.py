@@ -18,12 +18,14 @@ import numpy as np
 from stepsafe.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
+    ManifestError,
     TruncatedDataError,
 )
 from stepsafe.format.checksum import checksum
 from stepsafe.format.layout import (
     COMMIT_FILE,
     ITEMS_DIR,
+    part_file_name,
 )
 from stepsafe.format.manifest import MANIFEST_MAX_BYTES, ArrayEntry, Chunk, Manifest
 from stepsafe.format.regions import ArrayRead, Box, plan_array_read
@@ -53,6 +55,12 @@ class CheckpointReader:
         self.manifest = Manifest.from_json(raw, manifest_path)
         if self.manifest.parts is not None:  # version 2: part files, read when needed
             self.manifest.parts.read = self._read_part
+            for p, entry in enumerate(self.manifest.parts.parts):
+                if entry is not None and entry[0] != part_file_name(p, self.record.save_id):
+                    raise ManifestError(
+                        f"manifest {manifest_path} lists part file {entry[0]!r} for process {p}, "
+                        "not that process's part of this save: the checkpoint is corrupt"
+                    )
         self._checked_files: set[str] = set()
         self._paths: dict[str, str] = {}
 
@@ -87,9 +95,28 @@ class CheckpointReader:
         that retention and ``gc`` use to tell an intact step from a truncated one."""
         if key is None:
             names = list(self.manifest.files)
+            self._check_parts()
         else:
             names = [c.file for s in self.manifest.arrays[key].shards for c in s.chunks]
         self._check_named(names)
+
+    def _check_parts(self) -> None:
+        """Version 2: every part file is there with the size the manifest lists (sizes only:
+        what tells an intact step from a damaged one cheaply, as for data files)."""
+        for entry in self.manifest.parts.parts if self.manifest.parts is not None else []:
+            if entry is None:
+                continue
+            path = self.file_path(entry[0])
+            try:
+                size = self.storage.size(path)
+            except OSError:
+                size = None
+            if size != entry[1]:
+                has = "is missing" if size is None else f"has {size} bytes"
+                raise TruncatedDataError(
+                    f"part file {path} {has}, the manifest says {entry[1]}: the checkpoint is "
+                    "damaged"
+                )
 
     def _check_named(self, names: Sequence[str]) -> None:
         for name in names:
