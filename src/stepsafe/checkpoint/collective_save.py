@@ -24,10 +24,11 @@ its error in place of its part: were it to skip the exchanges, the next save wou
 this one. Process 0 checks that every process saved the same tree (a digest of keys, dtypes
 and shapes) and that every data file a part names is that process's, in this save.
 
-Only process 0 deletes what a failed save wrote (the local temporary; its own bucket files):
-the others delete their files only before they sent their part. After that a commit may hold
-them (a bucket marker whose creation is in doubt); what an uncommitted save leaves is cleaned
-when the run starts again, or by ``stepsafe gc``.
+Process 0 deletes what a failed save wrote (the local temporary; its own bucket files); the
+others delete their own files only when no commit can hold them: before they sent their part,
+or when their own part failed. Otherwise a commit may hold them (a bucket marker whose
+creation is in doubt); what an uncommitted save leaves is cleaned when the run starts again,
+or by ``stepsafe gc``.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def write_collective(
     """
     c = coordinator()
     txn, published, committed = None, False, False
+    own_error: BaseException | None = local_error
     try:
         txn, join_error = _open(c, storage, path, record)
-        own_error = local_error or join_error
+        own_error = own_error or join_error
         try:
             if own_error is not None:
                 raise own_error
@@ -118,9 +120,11 @@ def write_collective(
             raise as_error(failed, c.count)
     except BaseException:
         # Process 0 aborts all that is not committed. The others delete their own files only
-        # before they sent their part: after that a commit may hold them (a bucket's marker
-        # whose creation is in doubt), and what an uncommitted save leaves is cleaned later.
-        if txn is not None and not committed and (c.index == 0 or not published):
+        # when no commit can hold them: before they sent their part, or when their own part
+        # failed (process 0 never commits then). Otherwise a commit may hold them (a bucket's
+        # marker whose creation is in doubt), and what an uncommitted save leaves is cleaned
+        # later.
+        if txn is not None and not committed and (c.index == 0 or not published or own_error):
             txn.abort()
         raise
 
