@@ -7,8 +7,9 @@ happen while the caller waits); ``write`` turns a snapshot into a committed chec
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from stepsafe import knobs
 from stepsafe.arrays import (
@@ -28,6 +29,8 @@ from stepsafe.format import CommitRecord, HostArray, write_checkpoint
 from stepsafe.format.writer import check_file_size
 from stepsafe.storage import Storage, run_all, storage_for
 from stepsafe.tree import Structure, flatten
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -133,20 +136,21 @@ def write(
     )  # fmt: skip
 
 
-def take_part(path: str, tree: Any, **kwargs: Any) -> Snapshot | None:
-    """``snapshot(tree)``; under several processes a refusal does not leave at once: this
-    process first takes part in the save it refuses (``write`` with ``local_error``), so that
-    every process raises and the next save pairs up; then it raises.
+def take_part(path: str, capture: Callable[[], T], storage: Storage | None = None) -> T:
+    """``capture()`` (a snapshot, and whatever else the save needs of this process); under
+    several processes a refusal does not leave at once: this process first takes part in the
+    save it refuses (``write`` with ``local_error``), so that every process raises and the
+    next save pairs up; then it raises.
 
     Raises:
         UnsupportedLeafError: as ``snapshot`` (on every process of the job).
     """
     try:
-        return snapshot(tree, **kwargs)
+        return capture()
     except Exception as e:
         if process_count() == 1:
             raise
-        write(path, None, local_error=e)
+        write(path, None, storage=storage, local_error=e)
         raise
 
 
@@ -203,7 +207,7 @@ def save(
     stepsafe.save("ckpt/1000", state, custom_metadata={"loss": 1.5})
     ```
     """
-    snap = take_part(str(path), tree)
+    snap = take_part(str(path), lambda: snapshot(tree))
     write(
         str(path),
         snap,

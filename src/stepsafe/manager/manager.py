@@ -25,7 +25,7 @@ from stepsafe.arrays import StagingBuffers
 from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint import committed_steps, snapshot, write
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
-from stepsafe.checkpoint.save import check_custom_metadata
+from stepsafe.checkpoint.save import Snapshot, check_custom_metadata, take_part
 from stepsafe.distributed import is_multiprocess, process_index
 from stepsafe.distributed.outcomes import on_process_0
 from stepsafe.errors import RunInUseError
@@ -212,15 +212,14 @@ class CheckpointManager:
         if on_process_0(f"save-{self._tag}-{step}", blocked):
             return False
         t0 = time.perf_counter()
-        try:
+
+        def capture() -> tuple[Snapshot, dict[str, bytes] | None]:
             snap = snapshot(state, copy=self.options.async_save, staging=self._staging)
-            extra = None if data_iterator is None else iterator_files(data_iterator, self._index)
-        except Exception as e:
-            if not is_multiprocess():
-                raise
-            # the others go on with this save: take part, so that they learn why it fails
-            write(self.step_path(step), None, storage=self.storage, local_error=e)
-            raise
+            return snap, None if data_iterator is None else iterator_files(
+                data_iterator, self._index
+            )
+
+        snap, extra = take_part(self.step_path(step), capture, self.storage)
         blocked = [time.perf_counter() - t0]  # async: updated once the writer has started
 
         def job() -> None:
