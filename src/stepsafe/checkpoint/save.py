@@ -26,6 +26,7 @@ from stepsafe.checkpoint.collective_save import write_collective
 from stepsafe.distributed import process_count, process_index
 from stepsafe.errors import StepsafeError, UnsupportedLeafError
 from stepsafe.format import CommitRecord, HostArray, write_checkpoint
+from stepsafe.format.layout import metrics_problem
 from stepsafe.format.writer import check_file_size
 from stepsafe.storage import Storage, run_all, storage_for
 from stepsafe.tree import Structure, flatten
@@ -93,6 +94,23 @@ def check_custom_metadata(custom: dict[str, Any] | None) -> dict[str, Any] | Non
         raise UnsupportedLeafError(f"custom_metadata must be JSON-serialisable: {e}") from e
 
 
+def check_metrics(metrics: dict[str, Any] | None) -> dict[str, int | float] | None:
+    """``metrics`` (a step's numbers, e.g. ``{"loss": 1.23}``, for retention by metric) copied,
+    or a clear error now, in the caller's thread: str keys, finite int or float values (numpy
+    and JAX scalars are taken as Python numbers)."""
+    if metrics is None:
+        return None
+    if isinstance(metrics, dict):
+        metrics = {
+            k: v.item() if hasattr(v, "item") and getattr(v, "shape", None) == () else v
+            for k, v in metrics.items()
+        }
+    problem = metrics_problem(metrics)
+    if problem is not None:
+        raise UnsupportedLeafError(f"{problem}: pass e.g. metrics={{'loss': 1.23}}")
+    return dict(metrics)
+
+
 def write(
     path: str,
     snap: Snapshot | None,
@@ -103,6 +121,7 @@ def write(
     data_file_size_bytes: int | None = None,
     storage: Storage | None = None,
     local_error: BaseException | None = None,
+    metrics: dict[str, int | float] | None = None,
 ) -> None:
     """Commit ``snap`` at ``path`` (see ``save``); under several JAX processes every process
     calls it and they commit one checkpoint together (``collective_save``). ``storage``: the
@@ -119,7 +138,9 @@ def write(
         if single:
             raise
         local_error, file_size = local_error or e, 0
-    record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
+    record = CommitRecord(
+        step=step, custom_metadata=dict(custom_metadata or {}), metrics=dict(metrics or {})
+    )
     if local_error is None:
         assert snap is not None
         start_host_transfers(snap.arrays)

@@ -1,6 +1,7 @@
 """``stepsafe ls``: every run under a base output directory and its checkpoints.
 
-Per run a table (Step, Size (MB), Files, Status, Created, with its time zone), the run's totals
+Per run a table (Step, Size (MB), Files, Status, Created, with its time zone, and Metrics when a
+step was saved with ``metrics``: ``loss=1.23``), the run's totals
 and its latest committed checkpoint; then the grand total. "Incomplete" is a step that was never
 committed (a save that died or is still running): restore and resume never pick it. "Damaged"
 is a committed step whose metadata or manifest is corrupt; "Symlink", "Orbax", "Foreign" and
@@ -89,6 +90,7 @@ def _step_json(s: StepEntry) -> dict:
         "temporary": s.temporary,
         "created": common.iso(s.created_nsecs),
         "created_nsecs": s.created_nsecs,
+        "metrics": dict(s.metrics),
     }
 
 
@@ -128,13 +130,15 @@ def _show_run(con, r: RunInventory) -> None:
     table.add_column("Files", justify="right", min_width=6)
     table.add_column("Status", min_width=12)
     table.add_column("Created", min_width=23)
+    with_metrics = any(s.metrics for s in r.steps)
+    if with_metrics:  # a run saved without metrics keeps the table it always had
+        table.add_column("Metrics")
     for s in r.steps:
         step = f"{s.step} (tmp)" if s.temporary else str(s.step)
         colour = {COMPLETE: "", DAMAGED: "red"}.get(s.status, "yellow")
         status = f"[{colour}]{s.status}[/{colour}]" if colour else s.status
-        table.add_row(
-            step, common.mb(s.size_bytes), str(s.num_files), status, when(s.created_nsecs)
-        )
+        row = [step, common.mb(s.size_bytes), str(s.num_files), status, when(s.created_nsecs)]
+        table.add_row(*row, *([metrics_text(s.metrics)] if with_metrics else []))
     con.print(table)
     for s in r.steps:
         if s.status not in (COMPLETE, INCOMPLETE):
@@ -153,6 +157,13 @@ def _show_run(con, r: RunInventory) -> None:
     con.print(f"Latest checkpoint: Step {latest.step}")
     con.print(f"  Size: {common.mb(latest.size_bytes)} MB")
     con.print(f"  Files: {latest.num_files}")
+
+
+def metrics_text(metrics: dict[str, int | float]) -> str:
+    """``loss=1.23 acc=0.9``: a step's metrics, short (4 significant digits), or "-"."""
+    if not metrics:
+        return "-"
+    return escape(" ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
 
 def when(nsecs: int | None) -> str:

@@ -15,6 +15,7 @@ it. Extra files' checksums live in the record too, so every byte of a step is co
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -96,6 +97,20 @@ def check_extra_name(name: str, where: str) -> str:
     return name
 
 
+def metrics_problem(metrics: object) -> str | None:
+    """Why ``metrics`` cannot be a step's metrics (a dict of str -> finite int or float, what
+    retention by metric compares), or None when it can. One rule for the writer, which refuses
+    it in the caller's thread, and the reader, which refuses a record that breaks it."""
+    if not isinstance(metrics, dict):
+        return f"metrics must be a dict of str -> number, got {type(metrics).__name__}"
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            return f"metrics keys must be str, got {key!r}"
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return f"metrics[{key!r}] must be a finite int or float, got {value!r}"
+    return None
+
+
 def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -119,6 +134,7 @@ class CommitRecord:
     manifest_checksum: str | None = None
     save_id: str = field(default_factory=new_save_id)
     extra_files: dict[str, str] = field(default_factory=dict)  # name -> checksum of its bytes
+    metrics: dict[str, int | float] = field(default_factory=dict)  # e.g. {"loss": 1.23}
 
     @property
     def manifest_path(self) -> str:
@@ -140,7 +156,7 @@ class CommitRecord:
             "save_id": self.save_id,
             "extra_files": self.extra_files,
             "item_handlers": None,
-            "metrics": {},
+            "metrics": self.metrics,
             "performance_metrics": {},
         }
         doc["checksum"] = checksum(_canonical(doc))
@@ -185,6 +201,10 @@ class CommitRecord:
                     raise ManifestError(f"{where} holds a non-integer {name} {value!r}")
             if type(doc["init_timestamp_nsecs"]) is not int:
                 raise ManifestError(f"{where} holds a non-integer init_timestamp_nsecs")
+            metrics = doc.get("metrics") or {}
+            problem = metrics_problem(metrics)
+            if problem is not None:
+                raise ManifestError(f"{where} holds bad metrics: {problem}")
             if not isinstance(doc["manifest_checksum"], str | None):
                 raise ManifestError(f"{where} holds a bad manifest checksum")
             return cls(
@@ -196,6 +216,7 @@ class CommitRecord:
                 manifest_checksum=doc["manifest_checksum"],
                 save_id=save_id,
                 extra_files=dict(extras),
+                metrics=dict(metrics),
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ManifestError(f"{where} is corrupt ({type(e).__name__}: {e})") from e

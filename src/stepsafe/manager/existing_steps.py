@@ -6,6 +6,7 @@ step would look like lost work), and deletes old ones past ``max_to_keep`` after
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from stepsafe.checkpoint import committed_steps
 from stepsafe.errors import StepsafeError
@@ -82,9 +83,17 @@ def save_is_blocked(storage: Storage, directory: str, step: int, passed: PassedS
     return True
 
 
-def apply_retention(storage: Storage, directory: str, keep: int, passed: PassedSteps) -> None:
+def apply_retention(
+    storage: Storage,
+    directory: str,
+    keep: int,
+    passed: PassedSteps,
+    policy: Callable[[list[StepEntry]], dict[int, str]] | None = None,
+) -> None:
     """Delete committed steps beyond the newest ``keep`` intact ones (``plan_gc``'s rules:
     damaged, linked and foreign steps are kept and not counted); ``keep <= 0`` keeps all.
+    ``policy``: which intact steps to keep instead (``retention_policy.policy_of``: by metric,
+    ``keep_period``).
 
     Runs after a save committed, so nothing here may fail that save: a step another deleter
     (``stepsafe gc``) removed first is gone as wanted, and a deletion the storage refuses is
@@ -92,7 +101,7 @@ def apply_retention(storage: Storage, directory: str, keep: int, passed: PassedS
     """
     if keep <= 0 or len(committed_steps(storage, directory)) <= keep:
         return
-    plan = plan_retention(storage, directory, keep, passed.damaged)
+    plan = plan_retention(storage, directory, keep, passed.damaged, policy)
     for a in plan.attention:
         passed.kept(a.entry, a.reason)
     for a in plan.delete:
@@ -101,4 +110,4 @@ def apply_retention(storage: Storage, directory: str, keep: int, passed: PassedS
         except (OSError, StepsafeError) as e:
             log.error("Could not delete old checkpoint %s: %s", a.entry.path, e)
             continue
-        log.info("Deleted old checkpoint at step %d (keeping %d)", a.entry.step, keep)
+        log.info("Deleted old checkpoint at step %d (keeping %d): %s", a.entry.step, keep, a.reason)

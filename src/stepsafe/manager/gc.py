@@ -85,7 +85,13 @@ class GcPlan:
         return sum(a.entry.size_bytes for a in self.delete)
 
 
-def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> GcPlan:
+def plan_gc(
+    run: RunInventory,
+    keep: int,
+    *,
+    storage: Storage | None = None,
+    kept: dict[int, str] | None = None,
+) -> GcPlan:
     """What ``gc`` would delete from ``run``, and why each entry is kept or not.
 
     Args:
@@ -93,6 +99,8 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
         keep: how many of the newest intact steps to keep (>= 1).
         storage: where the run lives; with it, stray files and unfinished uploads are planned
             too, and temporaries whose writer is alive or gone recognised.
+        kept: the intact steps to keep, each with its reason (``retention_policy``'s choice);
+            None: the newest ``keep``.
 
     Raises:
         ConfigError: ``keep < 1``.
@@ -105,17 +113,21 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
         )
     done = run.complete
     newest = done[-1].step if done else None
-    kept_steps = {e.step for e in done[-keep:]}
+    why_delete = "not kept by the retention policy (best_fn, keep_period)"
+    if kept is None:
+        kept = {e.step: f"among the newest {keep} intact" for e in done[-keep:]}
+        why_delete = f"older than the newest {keep} intact"
+    kept_steps = set(kept)
     dead = set(storage.stale_entries(run.checkpoints_dir)) if storage is not None else set()
     plan = GcPlan(run)
     for e in run.steps:
-        why_keep = _reason_to_keep(e, keep, kept_steps)
+        why_keep = _reason_to_keep(e, keep, kept)
         if why_keep:
             plan.keep.append(GcAction(e, why_keep))
             if e.status == DAMAGED or (e.ours and e.foreign and e.step not in kept_steps):
                 plan.attention.append(plan.keep[-1])
         elif e.status == COMPLETE:
-            plan.delete.append(GcAction(e, f"older than the newest {keep} intact"))
+            plan.delete.append(GcAction(e, why_delete))
         elif storage is not None and e.temporary and storage.writer_alive(e.path):
             # a live save: a run resumed past a damaged newest step saves older steps again
             plan.keep.append(GcAction(e, "incomplete, its writer process is alive on this host"))
@@ -138,14 +150,14 @@ def plan_gc(run: RunInventory, keep: int, *, storage: Storage | None = None) -> 
     return plan
 
 
-def _reason_to_keep(e: StepEntry, keep: int, kept_steps: set[int]) -> str | None:
+def _reason_to_keep(e: StepEntry, keep: int, kept_steps: dict[int, str]) -> str | None:
     """Why ``e`` must be kept whatever its age, or None when its age decides."""
     if not e.ours:
         return e.detail or e.status.lower()
     if e.status == DAMAGED:
         return f"damaged, kept for you to inspect, not counted among the {keep} kept: {e.detail}"
     if e.status == COMPLETE and e.step in kept_steps:
-        return f"among the newest {keep} intact"
+        return kept_steps[e.step]
     if e.foreign and not e.temporary:
         names = ", ".join(e.foreign[:3]) + (", ..." if len(e.foreign) > 3 else "")
         return f"holds files stepsafe did not write ({names}): delete it yourself if unneeded"
@@ -241,19 +253,25 @@ def remove_half_deleted(storage: Storage, directory: str) -> list[str]:
 
 
 def plan_retention(
-    storage: Storage, directory: str, keep: int, damaged: Collection[int] = ()
+    storage: Storage,
+    directory: str,
+    keep: int,
+    damaged: Collection[int] = (),
+    policy: Callable[[list[StepEntry]], dict[int, str]] | None = None,
 ) -> GcPlan:
     """What a manager's retention of ``keep`` does under ``directory`` (a ``checkpoints/``):
     ``plan_gc``'s rules (damaged, foreign and linked steps are kept and not counted), and of
     its deletions only the committed steps' (incomplete ones are for the next start and gc).
     ``damaged``: steps a restore found damaged (a flipped bit that only reading the arrays
-    finds): kept and not counted either."""
+    finds): kept and not counted either. ``policy``: the intact steps (oldest first, with
+    their metrics) -> the ones to keep, with reasons (``retention_policy.choose_kept``);
+    None: the newest ``keep``."""
     run = RunInventory(posixpath.basename(directory), directory, directory)
     for e in scan_steps(storage, directory, sizes=False):
         if e.step in damaged and e.status == COMPLETE and not e.temporary:
             e = replace(e, status=DAMAGED, detail="a restore found its arrays damaged")
         run.steps.append(e)
-    plan = plan_gc(run, keep)
+    plan = plan_gc(run, keep, kept=None if policy is None else policy(run.complete))
     plan.delete = [a for a in plan.delete if a.entry.status == COMPLETE]
     return plan
 

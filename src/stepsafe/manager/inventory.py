@@ -69,6 +69,8 @@ class StepEntry:
     detail: str = ""  # why the status, for anything but Complete and Incomplete
     foreign: tuple[str, ...] = ()  # entries inside that stepsafe did not write (links too)
     files: tuple[str, ...] = ()  # every plain file inside, relative to the step
+    # A Complete step's metrics (``save(..., metrics=...)``), from the record its status read
+    metrics: dict[str, int | float] = field(default_factory=dict, hash=False)
 
     @property
     def complete(self) -> bool:
@@ -180,6 +182,7 @@ def scan_step(
         return StepEntry(
             step, name, path, size, len(walked.files), status, created, temporary,
             detail, tuple(foreign), tuple(walked.files),
+            dict(meta.metrics) if meta is not None and status == COMPLETE else {},
         )  # fmt: skip
 
     try:

@@ -24,11 +24,12 @@ from typing import Any
 from stepsafe.arrays import StagingBuffers
 from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint import committed_steps, snapshot, write
+from stepsafe.checkpoint.inspect import metadata as saved_tree
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
-from stepsafe.checkpoint.save import Snapshot, check_custom_metadata, take_part
+from stepsafe.checkpoint.save import Snapshot, check_custom_metadata, check_metrics, take_part
 from stepsafe.distributed import is_multiprocess, process_index
 from stepsafe.distributed.outcomes import on_process_0
-from stepsafe.errors import RunInUseError
+from stepsafe.errors import ConfigError, RunInUseError
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
 from stepsafe.manager.gc import remove_half_deleted
@@ -37,6 +38,8 @@ from stepsafe.manager.iterator_state import CheckpointableIterator, iterator_fil
 from stepsafe.manager.lease import Lease
 from stepsafe.manager.options import ManagerOptions
 from stepsafe.manager.resume import restore_newest, restore_step
+from stepsafe.manager.retention_policy import policy_of
+from stepsafe.manager.step_delete import delete_for_job
 from stepsafe.storage import remove_stale_temporaries, storage_for
 
 log = logging.getLogger("stepsafe")
@@ -152,6 +155,7 @@ class CheckpointManager:
         *,
         data_iterator: CheckpointableIterator | None = None,
         custom_metadata: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
         force: bool = False,
     ) -> bool:
         """Save ``state`` as ``step`` if the period says so (or ``force``).
@@ -168,6 +172,9 @@ class CheckpointManager:
                 ``get_state()``; its state (bytes or JSON) is saved under ``<step>/iter/``.
             custom_metadata (`dict`, *optional*): a JSON-serialisable dict stored with the step
                 (copied now: the caller may change its dict while the save runs).
+            metrics (`dict`, *optional*): str -> finite number (e.g. ``{"loss": 1.23}``),
+                stored in the step's commit record (``stepsafe ls`` shows them), what
+                ``ManagerOptions.best_fn`` scores for retention by metric.
             force (`bool`, defaults to `False`): save even if ``step`` is not on the period
                 (the final step, or on a stop request); never when checkpointing is disabled.
 
@@ -176,8 +183,9 @@ class CheckpointManager:
 
         Raises:
             UnsupportedLeafError: ``custom_metadata`` or the iterator's state is not
-                JSON-serialisable, or ``state`` holds a leaf that cannot be saved (checked
-                before anything is written).
+                JSON-serialisable, ``metrics`` is not a dict of str -> finite number, or
+                ``state`` holds a leaf that cannot be saved (checked before anything is
+                written).
             BackgroundSaveError: the previous background save failed (raised once).
             RunInUseError: another manager has taken this run's lease over.
             ConfigError: ``step`` is not a non-negative integer (Python, numpy or JAX).
@@ -193,6 +201,7 @@ class CheckpointManager:
         ```
         """
         custom_metadata = check_custom_metadata(custom_metadata)
+        metrics = check_metrics(metrics)
         if not self.options.enable_checkpointing:
             return False
         step = check_step(step)  # a numpy or JAX integer too; never one no listing counts
@@ -229,6 +238,7 @@ class CheckpointManager:
                 custom_metadata=custom_metadata,
                 step=step,
                 extra_files=extra,
+                metrics=metrics,
                 data_file_size_bytes=self.options.data_file_size_bytes,
                 storage=self.storage,
             )
@@ -240,8 +250,9 @@ class CheckpointManager:
             self.last_save_seconds = (blocked[0], total)
             if self._lease is not None:  # the run's one writer: process 0
                 apply_retention(
-                    self.storage, self.directory, self.options.max_to_keep, self._passed
-                )
+                    self.storage, self.directory, self.options.max_to_keep, self._passed,
+                    policy_of(self.options),
+                )  # fmt: skip
 
         if self.options.async_save:
             self._writer.submit(f"step {step}", job)
@@ -259,6 +270,34 @@ class CheckpointManager:
         except RunInUseError as e:
             return e
         return None
+
+    def delete(self, step: int) -> None:
+        """Delete committed step ``step`` as retention would (marker first), after the
+        in-flight save; process 0 deletes, every process returns or raises alike.
+
+        Raises:
+            CheckpointNotFoundError: there is no step ``step``.
+            DeletionError: not a committed stepsafe step of ours (unfinished, a link, another
+                tool's, holding files stepsafe did not write), the storage refused, or this
+                manager only reads (``enable_checkpointing=False``).
+            RunInUseError: another manager has taken this run's lease over.
+        """
+        step = check_step(step)
+        self._writer.wait()
+        name, lost = f"delete-{self._tag}-{step}", self._lease_lost()
+        read_only = not self.options.enable_checkpointing
+        delete_for_job(name, self.storage, self.directory, step, lost, read_only)
+        self._passed.damaged.discard(step)
+
+    def metadata(self, step: int, *, select: Any = None) -> Any:
+        """``stepsafe.metadata`` of ``step``: the saved tree with array shapes, dtypes and
+        shardings (the manifest only, no array bytes). Read-only: any process may call it.
+
+        Raises:
+            CheckpointNotFoundError: there is no step ``step``.
+            CorruptCheckpointError: its record or manifest is damaged.
+        """
+        return saved_tree(self.step_path(check_step(step)), select=select)
 
     def wait_until_finished(self) -> None:
         """Block until the in-flight save is committed; raise if it failed.
@@ -299,6 +338,7 @@ class CheckpointManager:
         target: Any = None,
         *,
         data_iterator: CheckpointableIterator | None = None,
+        select: Any = None,
     ) -> Any:
         """Restore ``step`` and the data iterator's position.
 
@@ -309,6 +349,8 @@ class CheckpointManager:
                 (e.g. ``jax.eval_shape`` of the initial state, for dtypes and shardings).
             data_iterator (`CheckpointableIterator`, *optional*): its ``set_state`` is called
                 with the state saved with the step.
+            select (`str` or sequence, *optional*): restore only this subtree (a key path,
+                as ``stepsafe.restore`` takes it); needs ``step``.
 
         Returns:
             `Any`: the state, as ``stepsafe.restore`` returns it.
@@ -325,12 +367,15 @@ class CheckpointManager:
         state = manager.restore(300, abstract_state, data_iterator=data)
         ```
         """
-        if step is None:
+        if step is None and select is None:
             return self.restore_newest(target, data_iterator=data_iterator)[1]
+        if step is None:
+            raise ConfigError("restore(select=...) needs a step: e.g. manager.latest_step()")
         self._writer.wait()
         return restore_step(
-            self.storage, self.step_path(step), step, target, data_iterator, self._single_replica
-        )
+            self.storage, self.step_path(step), step, target, data_iterator,
+            self._single_replica, select,
+        )  # fmt: skip
 
     def restore_newest(
         self, target: Any = None, *, data_iterator: CheckpointableIterator | None = None

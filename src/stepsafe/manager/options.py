@@ -7,7 +7,9 @@ that a user who only ever wrote the flag still recognises the value that was ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from stepsafe.errors import ConfigError
 from stepsafe.format.writer import ALIGN
@@ -21,9 +23,14 @@ FLAGS = {
     "concurrent_bytes": "checkpoint_storage_concurrent_gb",
     "enable_single_replica_ckpt_restoring": "enable_single_replica_ckpt_restoring",
     "replica_axis_index": "replica_axis_index",
+    "best_fn": None,
+    "best_mode": None,
+    "keep_period": None,
 }
 """``ManagerOptions`` field -> the MaxText flag that sets it (``stepsafe train`` maps them).
-``replica_axis_index`` is stepsafe's own flag: MaxText fixes it at 0 (its data axis)."""
+``replica_axis_index`` is stepsafe's own flag: MaxText fixes it at 0 (its data axis). None: no
+flag, library only: MaxText has none for ``best_fn``, ``best_mode`` or ``keep_period`` (Orbax's
+names; a callable cannot be a command-line flag anyway)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,15 @@ class ManagerOptions:
         replica_axis_index (`int`, defaults to `0`): the mesh axis along which the restored
             arrays are replicated (the data-parallel axis; flag ``replica_axis_index``,
             stepsafe's own: MaxText fixes it at 0).
+        best_fn (`Callable[[dict], float]`, *optional*): retention by metric (Orbax's name):
+            given a step's ``metrics`` (``save(..., metrics=...)``), its score; retention then
+            keeps the ``max_to_keep`` best intact steps plus the newest. Steps saved without
+            metrics (or whose ``best_fn`` raises) count as the worst, oldest first. None: keep
+            the newest ``max_to_keep``. No flag.
+        best_mode (`str`, defaults to `"max"`): ``"max"``: a higher score is better; ``"min"``:
+            lower is better (a loss). No flag.
+        keep_period (`int`, *optional*): steps that are a multiple of this are never deleted by
+            retention (nor counted in ``max_to_keep``); None: none is kept for good. No flag.
 
     Raises:
         ConfigError: a value out of range; the message names the field and its flag, e.g.
@@ -77,6 +93,9 @@ class ManagerOptions:
     concurrent_bytes: int | None = None  # bytes in flight to/from buckets, this manager's
     enable_single_replica_ckpt_restoring: bool = False  # replica 0 reads, the others receive
     replica_axis_index: int = 0  # the data-parallel mesh axis
+    best_fn: Callable[[dict[str, Any]], float] | None = None  # a step's metrics -> its score
+    best_mode: str = "max"  # "max" or "min": which scores are best
+    keep_period: int | None = None  # steps divisible by it are kept for good
 
     def __post_init__(self) -> None:
         if self.save_interval_steps < 1:
@@ -90,7 +109,16 @@ class ManagerOptions:
             raise _error("data_file_size_bytes", f"must be >= {ALIGN} bytes", size)
         if type(self.replica_axis_index) is not int or self.replica_axis_index < 0:
             raise _error("replica_axis_index", "must be an int >= 0", self.replica_axis_index)
+        if self.best_fn is not None and not callable(self.best_fn):
+            raise _error("best_fn", "must be a callable or None", self.best_fn)
+        if self.best_mode not in ("max", "min"):
+            raise _error("best_mode", 'must be "max" or "min"', self.best_mode)
+        period = self.keep_period
+        if period is not None and (type(period) is not int or period < 1):
+            raise _error("keep_period", "must be an int >= 1 or None", period)
 
 
 def _error(field: str, rule: str, value: object) -> ConfigError:
-    return ConfigError(f"ManagerOptions.{field} {rule} (flag {FLAGS[field]}), got {value!r}")
+    flag = FLAGS[field]
+    where = f" (flag {flag})" if flag else ""
+    return ConfigError(f"ManagerOptions.{field} {rule}{where}, got {value!r}")

@@ -28,8 +28,10 @@ def restore_step(
     target: Any,
     data_iterator: CheckpointableIterator | None,
     single_replica: SingleReplica | None = None,
+    select: Any = None,
 ) -> Any:
-    """The state at ``path`` (step ``step``), and the data iterator's position set; under
+    """The state at ``path`` (step ``step``), and the data iterator's position set (``select``:
+    part of the tree only, as ``stepsafe.restore`` takes it); under
     several processes every process restores it, or every process raises (the error of the
     first that failed, with its type: one process resuming while another gives up would
     split the job).
@@ -38,7 +40,7 @@ def restore_step(
         CorruptCheckpointError: the step is damaged (on any process).
         StepsafeError: as ``restore`` raises it, on any process.
     """
-    state, error = _try_restore(storage, path, target, data_iterator, single_replica)
+    state, error = _try_restore(storage, path, target, data_iterator, single_replica, select)
     _raise_first(gather_failures(f"restore-{step}", error), error)
     log.info("Restored step %d from %s", step, path)
     return state
@@ -50,10 +52,11 @@ def _try_restore(
     target: Any,
     data_iterator: CheckpointableIterator | None,
     single_replica: SingleReplica | None,
+    select: Any = None,
 ) -> tuple[Any, Exception | None]:
     try:
         with open_checkpoint(path, storage) as reader:
-            state = restore_from(reader, target, single_replica=single_replica)
+            state = restore_from(reader, target, select, single_replica=single_replica)
         if data_iterator is not None:
             restore_iterator(storage, path, data_iterator, process_index())
     except Exception as e:
