@@ -182,7 +182,7 @@ def _merge_and_commit(path: Path, parts_boxes: list[list]) -> None:
     with LocalStorage().transaction(str(path)) as txn:
         parts = [_part_of(txn, p, boxes) for p, boxes in enumerate(parts_boxes)]
         manifest = merge_parts(_structure(["w", "n"]), arrays, {"n": 3}, parts, SAVE_ID)
-        commit_manifest(txn, manifest, CommitRecord(step=5, save_id=SAVE_ID))
+        commit_manifest(txn, manifest.to_json(), CommitRecord(step=5, save_id=SAVE_ID))
 
 
 def test_parts_of_two_processes_merge_into_one_checkpoint(tmp_path):

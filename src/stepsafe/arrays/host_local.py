@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsafe.arrays.leaves import is_jax_array
-from stepsafe.errors import UnsupportedLeafError
+from stepsafe.arrays.leaves import is_jax_array, refuse_masked
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.plan import HostArray
 
@@ -37,11 +36,7 @@ def described(path: str, x: Any) -> HostArray:
     Raises:
         UnsupportedLeafError: a masked array, or a dtype the format cannot store.
     """
-    if isinstance(x, np.ma.MaskedArray):
-        raise UnsupportedLeafError(
-            f"leaf at {path or '<root>'!r} is a numpy masked array, whose mask would be lost: "
-            "save x.data and np.ma.getmaskarray(x) as two arrays"
-        )
+    refuse_masked(path, x)
     dtype = np.dtype(x.dtype)
     dtype_to_str(dtype, path)
     return HostArray(path, dtype, tuple(np.shape(x)), [])

@@ -70,11 +70,11 @@ def start_host_transfers(arrays: list[HostArray]) -> None:
         start_host_copies(pending)
 
 
-def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
-    """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given).
+def refuse_masked(path: str, x: Any) -> None:
+    """Refuse a numpy masked array: only its data would be saved, its mask lost.
 
     Raises:
-        UnsupportedLeafError: ``x`` is a numpy masked array, whose mask would be lost.
+        UnsupportedLeafError: naming the leaf and what to save instead.
     """
     if isinstance(x, np.ma.MaskedArray):
         raise UnsupportedLeafError(
@@ -82,6 +82,15 @@ def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = N
             "the data, so its mask would be lost: save x.data and np.ma.getmaskarray(x) "
             "as two arrays"
         )
+
+
+def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
+    """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given).
+
+    Raises:
+        UnsupportedLeafError: ``x`` is a numpy masked array, whose mask would be lost.
+    """
+    refuse_masked(path, x)
     if is_jax_array(x):
         from stepsafe.arrays.jax_arrays import describe_sharding, host_shards, mesh_device_ids
 

@@ -88,35 +88,32 @@ class CheckpointReader:
             path = self._paths[name] = self.storage.join(self.path, ITEMS_DIR, name)
         return path
 
-    def check_files(self, key: str | None = None) -> None:
-        """The data files of array ``key`` (None: of every array) exist and have the size the
-        manifest says: checked before anything is allocated, so a lying manifest cannot make
-        us allocate terabytes; and, for all of them, a cheap test (sizes only, no array bytes)
-        that retention and ``gc`` use to tell an intact step from a truncated one."""
-        if key is None:
-            names = list(self.manifest.files)
-            self._check_parts()
-        else:
-            names = [c.file for s in self.manifest.arrays[key].shards for c in s.chunks]
-        self._check_named(names)
-
-    def _check_parts(self) -> None:
-        """Version 2: every part file is there with the size the manifest lists (sizes only:
-        what tells an intact step from a damaged one cheaply, as for data files)."""
+    def check_files(self) -> None:
+        """Every data file and part file exists and has the size the manifest says: a cheap
+        test (sizes only, no array bytes) that retention and ``gc`` use to tell an intact
+        step from a truncated one. A read checks its own files the same way (``plan``), before
+        anything is allocated, so a lying manifest cannot make us allocate terabytes."""
+        self._check_named(list(self.manifest.files))
         for entry in self.manifest.parts.parts if self.manifest.parts is not None else []:
             if entry is None:
                 continue
             path = self.file_path(entry[0])
-            try:
-                size = self.storage.size(path)
-            except OSError:
-                size = None
+            size = self._size(path, "part file")
             if size != entry[1]:
                 has = "is missing" if size is None else f"has {size} bytes"
                 raise TruncatedDataError(
                     f"part file {path} {has}, the manifest says {entry[1]}: the checkpoint is "
                     "damaged"
                 )
+
+    def _size(self, path: str, what: str) -> int | None:
+        """The size of ``path``, None when it is missing."""
+        try:
+            return self.storage.size(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise TruncatedDataError(f"{what} {path} cannot be read: {e}") from e
 
     def _check_named(self, names: Sequence[str]) -> None:
         for name in names:
@@ -127,12 +124,7 @@ class CheckpointReader:
     def _check_file(self, name: str) -> None:
         path = self.file_path(name)
         want = self.manifest.files[name]
-        try:
-            size = self.storage.size(path)
-        except FileNotFoundError:
-            size = None
-        except OSError as e:
-            raise TruncatedDataError(f"data file {path} cannot be read: {e}") from e
+        size = self._size(path, "data file")
         if size != want:
             lost = self._arrays_in(name, min(size or 0, want))
             has = "is missing" if size is None else f"has {size} bytes, the manifest says {want}"

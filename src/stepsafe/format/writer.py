@@ -134,15 +134,14 @@ def commit_parts(
     return manifest
 
 
-def commit_manifest(txn: Transaction, manifest: Manifest | bytes, record: CommitRecord) -> None:
-    """Write the manifest (or its bytes) and the record (last) into ``txn`` and commit it;
+def commit_manifest(txn: Transaction, raw: bytes, record: CommitRecord) -> None:
+    """Write the manifest's bytes ``raw`` and the record (last) into ``txn`` and commit it;
     the data and extra files must be in ``txn`` already, their checksums in ``record``.
 
     Raises:
         UnsupportedLeafError: a manifest bigger than readers accept.
         StorageError, CheckpointExistsError: as the storage raised them.
     """
-    raw = manifest if isinstance(manifest, bytes) else manifest.to_json()
     txn.write_file(record.manifest_path, [raw])
     record.manifest_checksum = checksum(raw)
     record.commit_timestamp_nsecs = time.time_ns()
