@@ -47,7 +47,13 @@ class Snapshot:
         return sum(d.nbytes for a in self.arrays for _, d in a.shards)
 
 
-def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = None) -> Snapshot:
+def snapshot(
+    tree: Any,
+    *,
+    copy: bool = False,
+    staging: StagingBuffers | None = None,
+    own: bool = False,
+) -> Snapshot:
     """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
     caller's buffers (async saves): arrays on accelerators are copied where they lie, in one
     batched dispatch; host arrays are copied into ``staging`` when given, big copies on the I/O
@@ -65,7 +71,7 @@ def snapshot(tree: Any, *, copy: bool = False, staging: StagingBuffers | None = 
     copied: set[str] = set()
     if copy:
         leaves, copied = copy_accelerator_leaves(leaves)
-    others_write = process_index() != 0  # then host-local leaves are process 0's to write
+    others_write = process_index() != 0 and not own  # host-local leaves: process 0's
 
     def capture(px: tuple[str, Any]) -> HostArray:
         if others_write and is_host_local(px[1]):

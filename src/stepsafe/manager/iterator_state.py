@@ -42,12 +42,19 @@ def iterator_files(iterator: CheckpointableIterator, process_index: int = 0) -> 
 
 
 def restore_iterator(
-    storage: Storage, step_dir: str, iterator: CheckpointableIterator, process_index: int = 0
+    storage: Storage,
+    step_dir: str,
+    iterator: CheckpointableIterator,
+    process_index: int = 0,
+    processes: int | None = None,
 ) -> None:
+    """Set ``iterator``'s position from the state saved with the step at ``step_dir``.
+    ``processes``: how many processes' states the step holds (None: this job's count; 1 for a
+    local-tier step, which holds this process's own)."""
     name = f"{ITER_DIR}/process_{process_index}"
     record = read_commit_record(storage, step_dir)
     saved_by = {n.rsplit(".", 1)[0] for n in record.extra_files if n.startswith(f"{ITER_DIR}/")}
-    count = process_count()
+    count = process_count() if processes is None else processes
     if saved_by and len(saved_by) != count:
         raise StepsafeError(
             f"{step_dir} holds the data-iterator states of {len(saved_by)} process(es) and "

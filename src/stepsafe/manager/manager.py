@@ -30,16 +30,20 @@ from stepsafe.checkpoint.save import Snapshot, check_custom_metadata, check_metr
 from stepsafe.distributed import is_multiprocess, process_index
 from stepsafe.distributed.outcomes import on_process_0
 from stepsafe.errors import ConfigError, RunInUseError
+from stepsafe.format import CommitRecord
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
 from stepsafe.manager.gc import remove_half_deleted
 from stepsafe.manager.inventory import COMPLETE, INCOMPLETE, scan_steps
 from stepsafe.manager.iterator_state import CheckpointableIterator, iterator_files
 from stepsafe.manager.lease import Lease
+from stepsafe.manager.local_tier import LocalTier
 from stepsafe.manager.options import ManagerOptions
+from stepsafe.manager.promoter import Promoter
 from stepsafe.manager.resume import restore_newest, restore_step
 from stepsafe.manager.retention_policy import policy_of
 from stepsafe.manager.step_delete import delete_for_job
+from stepsafe.manager.tiers import restore_across_tiers, restore_local_step
 from stepsafe.storage import remove_stale_temporaries, storage_for
 
 log = logging.getLogger("stepsafe")
@@ -121,6 +125,38 @@ class CheckpointManager:
             for entry in scan_steps(self.storage, self.directory, sizes=False):
                 if entry.status not in (COMPLETE, INCOMPLETE):
                     self._passed.report(entry)
+        self.local = self._local_tier()  # None without local_directory
+        self._promoter = self._make_promoter()  # None unless multi-tier
+
+    def _local_tier(self) -> LocalTier | None:
+        o = self.options
+        if o.local_directory is None or not o.enable_checkpointing:
+            return None
+        return LocalTier(
+            o.local_directory, o.local_save_interval_steps, o.local_max_to_keep, self._tag
+        )
+
+    def _make_promoter(self) -> Promoter | None:
+        o = self.options
+        if not o.multi_tier or self.local is None:
+            return None
+        if is_multiprocess():
+            raise ConfigError(
+                "multi-tier checkpointing under several processes is not built yet: use "
+                "emergency checkpoints (a local tier beside the persistent one) instead"
+            )
+        steps = (
+            committed_steps(self.storage, self.directory)
+            if self.storage.is_dir(self.directory)
+            else []
+        )
+        self.local.pinned = lambda: promoter.pinned()
+        promoter = Promoter(
+            self.local, self.storage, self.directory,
+            every_steps=o.backup_interval_steps, every_minutes=o.backup_interval_minutes,
+            retention=self._apply_retention, last_step=steps[-1] if steps else None,
+        )  # fmt: skip
+        return promoter
 
     # -- what exists -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -134,9 +170,16 @@ class CheckpointManager:
         )
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None when there is none (``all_steps()[-1]``)."""
+        """The newest committed step, or None when there is none: ``all_steps()[-1]``, or with
+        a local tier the newest step of either tier that every process holds."""
         steps = self.all_steps()
+        if self.local is not None:
+            steps = sorted(set(steps) | set(self.local.common_steps()))
         return steps[-1] if steps else None
+
+    def local_steps(self) -> list[int]:
+        """This process's committed local-tier steps, oldest first (none without one)."""
+        return [] if self.local is None else self.local.steps()
 
     def step_path(self, step: int) -> str:
         """Where ``step`` lives: ``<directory>/<step>``, a path ``stepsafe.restore`` takes."""
@@ -145,8 +188,12 @@ class CheckpointManager:
     # -- saving ------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` saves: checkpointing is enabled and ``step`` is a
-        multiple of ``save_interval_steps``."""
-        return self.options.enable_checkpointing and step % self.options.save_interval_steps == 0
+        multiple of ``save_interval_steps`` (persistent tier; not in multi-tier mode, which
+        saves locally only) or of ``local_save_interval_steps`` (local tier)."""
+        o = self.options
+        persistent = not o.multi_tier and step % o.save_interval_steps == 0
+        local = self.local is not None and self.local.should_save(step)
+        return o.enable_checkpointing and (persistent or local)
 
     def save(
         self,
@@ -205,8 +252,42 @@ class CheckpointManager:
         if not self.options.enable_checkpointing:
             return False
         step = check_step(step)  # a numpy or JAX integer too; never one no listing counts
-        if not (force or self.should_save(step)):
-            return False
+        saved = False
+        if self.local is not None and (force or self.local.should_save(step)):
+            saved = self._save_local(step, state, data_iterator, custom_metadata, metrics, force)
+        if self.options.multi_tier or not (force or step % self.options.save_interval_steps == 0):
+            return saved
+        return self._save_persistent(step, state, data_iterator, custom_metadata, metrics) or saved
+
+    def _save_local(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: CheckpointableIterator | None,
+        custom_metadata: dict[str, Any] | None,
+        metrics: dict[str, float] | None,
+        force: bool,
+    ) -> bool:
+        assert self.local is not None
+        promoter = self._promoter
+        promote = promoter is not None and promoter.due(step, force)
+        record = CommitRecord(
+            step=step, custom_metadata=dict(custom_metadata or {}), metrics=dict(metrics or {})
+        )
+        return self.local.save(
+            step, state, data_iterator=data_iterator, record=record,
+            copy=self.options.async_save, background=self.options.async_save,
+            after_commit=promoter.offer if promote and promoter is not None else None,
+        )  # fmt: skip
+
+    def _save_persistent(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: CheckpointableIterator | None,
+        custom_metadata: dict[str, Any] | None,
+        metrics: dict[str, float] | None,
+    ) -> bool:
         lost = self._lease_lost()  # first: a forked child's writer thread does not exist
         if lost is None:
             self._writer.wait()
@@ -248,11 +329,7 @@ class CheckpointManager:
                 step, snap.nbytes / 1e6, blocked[0], total,
             )  # fmt: skip
             self.last_save_seconds = (blocked[0], total)
-            if self._lease is not None:  # the run's one writer: process 0
-                apply_retention(
-                    self.storage, self.directory, self.options.max_to_keep, self._passed,
-                    policy_of(self.options),
-                )  # fmt: skip
+            self._apply_retention()
 
         if self.options.async_save:
             self._writer.submit(f"step {step}", job)
@@ -260,6 +337,14 @@ class CheckpointManager:
         else:
             job()
         return True
+
+    def _apply_retention(self) -> None:
+        """The persistent tier's retention, on the run's one writer (process 0)."""
+        if self._lease is not None:
+            apply_retention(
+                self.storage, self.directory, self.options.max_to_keep, self._passed,
+                policy_of(self.options),
+            )  # fmt: skip
 
     def _lease_lost(self) -> RunInUseError | None:
         """Why this manager may no longer write the run (its lease was taken over), or None."""
@@ -283,7 +368,7 @@ class CheckpointManager:
             RunInUseError: another manager has taken this run's lease over.
         """
         step = check_step(step)
-        self._writer.wait()
+        self._wait_all()
         name, lost = f"delete-{self._tag}-{step}", self._lease_lost()
         read_only = not self.options.enable_checkpointing
         delete_for_job(name, self.storage, self.directory, step, lost, read_only)
@@ -309,7 +394,17 @@ class CheckpointManager:
             BackgroundSaveError: the background save failed (raised once; its cause is the
                 original error); the step was not committed, earlier ones are intact.
         """
-        self._writer.wait()
+        self._wait_all()
+
+    def _wait_all(self) -> None:
+        """The persistent save, the local one and the promotion in flight (each error once)."""
+        try:
+            self._writer.wait()
+        finally:
+            if self.local is not None:
+                self.local.wait()
+            if self._promoter is not None:
+                self._promoter.wait()
 
     def close(self) -> None:
         """Wait for the in-flight save, then release the run's lease (kept while a save still
@@ -322,7 +417,8 @@ class CheckpointManager:
         try:
             self.wait_until_finished()
         finally:
-            if self._release is not None and not self._writer.busy:
+            busy = self._writer.busy or (self._promoter is not None and self._promoter.busy)
+            if self._release is not None and not busy:
                 self._release()
 
     def __enter__(self) -> CheckpointManager:
@@ -371,7 +467,14 @@ class CheckpointManager:
             return self.restore_newest(target, data_iterator=data_iterator)[1]
         if step is None:
             raise ConfigError("restore(select=...) needs a step: e.g. manager.latest_step()")
-        self._writer.wait()
+        self._wait_all()
+        step = check_step(step)
+        local = self.local
+        if local is not None and select is None and step not in self.all_steps():  # noqa: SIM102
+            if step in local.common_steps():  # every process takes this same branch
+                state = restore_local_step(local, step, target, data_iterator)
+                local.resumed_at(step)
+                return state
         return restore_step(
             self.storage, self.step_path(step), step, target, data_iterator,
             self._single_replica, select,
@@ -405,8 +508,17 @@ class CheckpointManager:
             step, state = manager.restore_newest(abstract_state, data_iterator=data)
         ```
         """
-        self._writer.wait()
-        return restore_newest(
-            self.storage, self.directory, self.all_steps(), target, data_iterator,
-            self._passed.damaged, self._single_replica,
-        )  # fmt: skip
+        self._wait_all()
+        steps = self.all_steps()
+
+        def persistent() -> tuple[int, Any]:
+            return restore_newest(
+                self.storage, self.directory, steps, target, data_iterator,
+                self._passed.damaged, self._single_replica,
+            )  # fmt: skip
+
+        if self.local is None:
+            return persistent()
+        step, state = restore_across_tiers(self.local, steps, target, data_iterator, persistent)
+        self.local.resumed_at(step)
+        return step, state

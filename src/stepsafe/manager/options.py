@@ -26,11 +26,19 @@ FLAGS = {
     "best_fn": None,
     "best_mode": None,
     "keep_period": None,
+    "local_directory": "local_checkpoint_directory",
+    "local_save_interval_steps": "local_checkpoint_period",
+    "local_max_to_keep": "local_checkpoint_max_to_keep",
+    "multi_tier": "enable_multi_tier_checkpointing",
+    "backup_interval_minutes": "multi_tier_checkpointing_backup_interval_minutes",
+    "backup_interval_steps": "multi_tier_checkpointing_backup_interval_steps",
 }
 """``ManagerOptions`` field -> the MaxText flag that sets it (``stepsafe train`` maps them).
 ``replica_axis_index`` is stepsafe's own flag: MaxText fixes it at 0 (its data axis). None: no
 flag, library only: MaxText has none for ``best_fn``, ``best_mode`` or ``keep_period`` (Orbax's
-names; a callable cannot be a command-line flag anyway)."""
+names; a callable cannot be a command-line flag anyway). ``local_directory`` is the flag's
+directory joined with the run's name (``stepsafe train`` does it); ``local_checkpoint_max_to_keep``
+is stepsafe's own flag."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,24 @@ class ManagerOptions:
             lower is better (a loss). No flag.
         keep_period (`int`, *optional*): steps that are a multiple of this are never deleted by
             retention (nor counted in ``max_to_keep``); None: none is kept for good. No flag.
+        local_directory (`str`, *optional*): this process's local tier for the run, on a disk
+            of its own host (``<local_checkpoint_directory>/<run_name>``); None: no local tier.
+            With it (MaxText's emergency checkpoints) ``save`` also saves every
+            ``local_save_interval_steps`` there, and a resume takes the newest step across
+            both tiers (``manager/local_tier.py``).
+        local_save_interval_steps (`int`, defaults to `0`): the local tier's period, >= 1 with
+            ``local_directory`` (flag ``local_checkpoint_period``).
+        local_max_to_keep (`int`, defaults to `2`): committed local steps each process keeps,
+            >= 1 (flag ``local_checkpoint_max_to_keep``).
+        multi_tier (`bool`, defaults to `False`): saves go to the local tier only, and a
+            background promoter copies a committed local step to the persistent tier every
+            backup interval (flag ``enable_multi_tier_checkpointing``); needs
+            ``local_directory`` and exactly one backup interval.
+        backup_interval_minutes (`float`, *optional*): promote at most this often (flag
+            ``multi_tier_checkpointing_backup_interval_minutes``).
+        backup_interval_steps (`int`, *optional*): promote every this many steps, a multiple
+            of nothing in particular but >= ``local_save_interval_steps`` (flag
+            ``multi_tier_checkpointing_backup_interval_steps``).
 
     Raises:
         ConfigError: a value out of range; the message names the field and its flag, e.g.
@@ -96,6 +122,12 @@ class ManagerOptions:
     best_fn: Callable[[dict[str, Any]], float] | None = None  # a step's metrics -> its score
     best_mode: str = "max"  # "max" or "min": which scores are best
     keep_period: int | None = None  # steps divisible by it are kept for good
+    local_directory: str | None = None  # this process's local tier; None: none
+    local_save_interval_steps: int = 0  # the local tier's period
+    local_max_to_keep: int = 2  # committed local steps kept per process
+    multi_tier: bool = False  # save locally only, promote to the persistent tier
+    backup_interval_minutes: float | None = None  # promote at most this often
+    backup_interval_steps: int | None = None  # or every this many steps
 
     def __post_init__(self) -> None:
         if self.save_interval_steps < 1:
@@ -116,6 +148,42 @@ class ManagerOptions:
         period = self.keep_period
         if period is not None and (type(period) is not int or period < 1):
             raise _error("keep_period", "must be an int >= 1 or None", period)
+        self._check_tiers()
+
+    def _check_tiers(self) -> None:
+        local = self.local_directory
+        if local is not None and (not isinstance(local, str) or not local):
+            raise _error("local_directory", "must be a non-empty path or None", local)
+        if local is not None and self.local_save_interval_steps < 1:
+            raise _error(
+                "local_save_interval_steps", "must be >= 1 with a local directory",
+                self.local_save_interval_steps,
+            )  # fmt: skip
+        if self.local_max_to_keep < 1:
+            raise _error("local_max_to_keep", "must be >= 1", self.local_max_to_keep)
+        minutes, steps = self.backup_interval_minutes, self.backup_interval_steps
+        if not self.multi_tier:
+            if minutes is not None or steps is not None:
+                raise _error("multi_tier", "must be True for a backup interval", False)
+            return
+        if local is None:
+            raise _error("local_directory", "must be set for multi-tier checkpointing", None)
+        if (minutes is None) == (steps is None):
+            raise ConfigError(
+                "multi-tier checkpointing needs exactly one backup interval: "
+                "ManagerOptions.backup_interval_minutes (flag "
+                "multi_tier_checkpointing_backup_interval_minutes) or backup_interval_steps "
+                f"(flag multi_tier_checkpointing_backup_interval_steps), got {minutes!r} and "
+                f"{steps!r}"
+            )
+        if minutes is not None and not minutes > 0:
+            raise _error("backup_interval_minutes", "must be > 0", minutes)
+        if steps is not None and steps < self.local_save_interval_steps:
+            raise _error(
+                "backup_interval_steps",
+                f"must be >= local_save_interval_steps ({self.local_save_interval_steps})",
+                steps,
+            )
 
 
 def _error(field: str, rule: str, value: object) -> ConfigError:

@@ -1,0 +1,254 @@
+"""The local tier: frequent checkpoints on each process's own disk, beside the persistent ones.
+
+    <local_checkpoint_directory>/<run_name>/<step>/      one per process, on its own disk
+
+A preemption then loses at most ``local_checkpoint_period`` steps instead of
+``checkpoint_period``: the local disk is fast, and nothing leaves the host. With one process a
+local step is an ordinary checkpoint (so that promotion to the persistent tier copies its files
+as they are); under several, each process saves every shard it holds and its own data-iterator
+state (``checkpoint/own_shards.py``), so that it restores itself from its own disk alone.
+
+Each process writes its own local directory, in the background (its own writer and staging
+buffers: a slow persistent save never holds a local one up), and keeps the newest
+``local_checkpoint_max_to_keep`` committed steps, deleting older ones only after a newer one
+committed. A local step is never overwritten; those a run did not resume from (newer than
+where it started) belong to a past that was not resumed, and are deleted, loudly, before the
+first local save: otherwise one process's old step N beside another's new step N would later
+look like a step every process holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from stepsafe.arrays import StagingBuffers
+from stepsafe.checkpoint import committed_steps, snapshot
+from stepsafe.checkpoint.own_shards import (
+    DESCRIPTOR,
+    is_own_shards,
+    own_snapshot,
+    restore_own,
+    write_own,
+)
+from stepsafe.checkpoint.restore import open_checkpoint, restore_from
+from stepsafe.checkpoint.run_layout import step_name, step_number
+from stepsafe.distributed import coordinator, process_count, process_index
+from stepsafe.errors import ConfigError, StepsafeError
+from stepsafe.format import CommitRecord, delete_checkpoint
+from stepsafe.manager.async_writer import AsyncWriter
+from stepsafe.manager.gc import remove_half_deleted
+from stepsafe.manager.iterator_state import (
+    CheckpointableIterator,
+    iterator_files,
+    restore_iterator,
+)
+from stepsafe.storage import remove_stale_temporaries, storage_for
+
+log = logging.getLogger("stepsafe")
+
+
+class LocalTier:
+    """This process's local checkpoints of one run (see the module's docstring).
+
+    Args:
+        directory (`str`): this process's local directory for the run
+            (``<local_checkpoint_directory>/<run_name>``), on a local disk; created.
+        period (`int`): save steps that are a multiple of this (``local_checkpoint_period``).
+        keep (`int`): committed local steps to keep, >= 1 (``local_checkpoint_max_to_keep``).
+        tag (`str`): names this run's exchanges between processes.
+
+    Raises:
+        ConfigError: ``directory`` is a bucket URL, or another process of the job uses the
+            same directory on the same host.
+    """
+
+    def __init__(self, directory: str, period: int, keep: int, tag: str) -> None:
+        if "://" in str(directory):
+            raise ConfigError(
+                f"local_checkpoint_directory must be a local disk, got {directory}: the "
+                "persistent tier (base_output_directory) is the place for buckets"
+            )
+        self.storage, self.directory = storage_for(os.path.abspath(str(directory)))
+        self.period, self.keep, self.tag = period, keep, tag
+        self._writer = AsyncWriter()
+        self._staging = StagingBuffers()
+        self._resumed_at: int | None = None  # where this run started: later steps are stale
+        self._fresh = True  # no local save yet: stale steps are still to be dropped
+        self.pinned: Callable[[], set[int]] = set  # steps retention must keep (being promoted)
+        os.makedirs(self.directory, exist_ok=True)
+        self._refuse_shared_directory()
+        for path in remove_stale_temporaries(self.directory):
+            log.info("Removed the leftovers of an interrupted local save: %s", path)
+        for path in remove_half_deleted(self.storage, self.directory):
+            log.info("Removed the leftovers of an interrupted local deletion: %s", path)
+
+    def _refuse_shared_directory(self) -> None:
+        """Two processes on one host writing one local directory would mix their shards."""
+        c = coordinator()
+        if c.count == 1:
+            return
+        mine = json.dumps([socket.gethostname(), os.path.realpath(self.directory)]).encode()
+        seen = [tuple(json.loads(v)) for v in c.all_gather(f"local-dir-{self.tag}", mine)]
+        for p, where in enumerate(seen):
+            if where == seen[c.index] and p != c.index:
+                raise ConfigError(
+                    f"processes {min(p, c.index)} and {max(p, c.index)} both use local "
+                    f"checkpoint directory {where[1]} on host {where[0]}: each process needs "
+                    "its own (a per-host disk, or a directory per process)"
+                )
+
+    # -- what exists -------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """This process's committed local steps, oldest first."""
+        return committed_steps(self.storage, self.directory)
+
+    def common_steps(self) -> list[int]:
+        """The local steps every process of the job has committed, oldest first."""
+        mine = self.steps()
+        c = coordinator()
+        if c.count == 1:
+            return mine
+        lists = c.all_gather(f"local-steps-{self.tag}", json.dumps(mine).encode())
+        common = set(mine)
+        for raw in lists:
+            common &= set(json.loads(raw))
+        return sorted(common)
+
+    def step_path(self, step: int) -> str:
+        return self.storage.join(self.directory, step_name(step))
+
+    def should_save(self, step: int) -> bool:
+        return step % self.period == 0
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iterator: CheckpointableIterator | None,
+        record: CommitRecord,
+        copy: bool,
+        background: bool,
+        after_commit: Callable[[int], None] | None = None,
+    ) -> bool:
+        """Save ``state`` as local step ``step``; False (logged) when it is already there.
+        ``after_commit(step)`` runs once it committed (promotion, in multi-tier mode).
+
+        Raises:
+            BackgroundSaveError: the previous local save failed.
+            UnsupportedLeafError: a leaf, or the iterator's state, that cannot be saved.
+        """
+        self._writer.wait()
+        if self._fresh:
+            self._drop_stale(step)
+            self._fresh = False
+        path = self.step_path(step)
+        if step in self.steps():
+            log.info("Local checkpoint at step %d already exists; not saving it again", step)
+            return False
+        if self.storage.exists(path) or self.storage.is_link(path):
+            log.error(
+                "Local step %d is not saved: %s holds something that is not a committed "
+                "checkpoint; it is left in place (move it aside to save this step)", step, path,
+            )  # fmt: skip
+            return False
+        t0 = time.perf_counter()
+        extra = {} if data_iterator is None else iterator_files(data_iterator, process_index())
+        if process_count() == 1:
+            snap = snapshot(state, copy=copy, staging=self._staging)
+        else:
+            snap, descriptor = own_snapshot(state, copy=copy, staging=self._staging)
+            extra[DESCRIPTOR] = descriptor
+        blocked = time.perf_counter() - t0
+
+        def job() -> None:
+            write_own(self.storage, path, snap, record, extra)
+            log.info(
+                "Saved local checkpoint at step %d (%.1f MB, blocked %.3f s, total %.3f s)",
+                step, snap.nbytes / 1e6, blocked, time.perf_counter() - t0,
+            )  # fmt: skip
+            self._apply_retention(step)
+            if after_commit is not None:
+                after_commit(step)
+
+        if background:
+            self._writer.submit(f"local step {step}", job)
+        else:
+            job()
+        return True
+
+    def _apply_retention(self, newest: int) -> None:
+        """Keep the newest ``keep`` committed local steps (and those being promoted)."""
+        steps = [s for s in self.steps() if s <= newest]
+        pinned = self.pinned()
+        for step in steps[: max(0, len(steps) - self.keep)]:
+            if step in pinned:
+                continue
+            try:
+                delete_checkpoint(self.storage, self.step_path(step))
+            except (OSError, StepsafeError) as e:
+                log.error("Could not delete old local checkpoint %s: %s", self.step_path(step), e)
+                continue
+            log.info("Deleted old local checkpoint at step %d (keeping %d)", step, self.keep)
+
+    def resumed_at(self, step: int | None) -> None:
+        """The run starts after ``step`` (None: from scratch or from other weights)."""
+        self._resumed_at = step
+
+    def _drop_stale(self, first: int) -> None:
+        """Delete the local steps after where this run started (none: from ``first`` on)."""
+        after = self._resumed_at if self._resumed_at is not None else first - 1
+        names = self.storage.list_dir(self.directory)
+        for step in sorted(s for s in map(step_number, names) if s is not None):
+            if step <= after:
+                continue
+            path = self.step_path(step)
+            log.warning(
+                "Deleting local checkpoint at step %d (%s): it is newer than where this run "
+                "started (%s), so it belongs to a run that was not resumed, and a process's "
+                "old step beside another's new one would mix two runs",
+                step, path, f"step {after}" if self._resumed_at is not None else "scratch",
+            )  # fmt: skip
+            try:
+                delete_checkpoint(self.storage, path)
+            except (OSError, StepsafeError) as e:
+                log.error("Could not delete stale local checkpoint %s: %s", path, e)
+
+    def wait(self) -> None:
+        """Block until the in-flight local save is committed; raise if it failed.
+
+        Raises:
+            BackgroundSaveError: it failed (once).
+        """
+        self._writer.wait()
+
+    @property
+    def busy(self) -> bool:
+        return self._writer.busy
+
+    # -- restoring ---------------------------------------------------------------------------
+    def restore(self, step: int, target: Any, data_iterator: CheckpointableIterator | None) -> Any:
+        """This process's local step ``step`` onto ``target``, and the iterator's position.
+
+        Raises:
+            CorruptCheckpointError: the step is damaged.
+            TargetMismatchError: it was saved by other processes or on another mesh.
+        """
+        path = self.step_path(step)
+        if is_own_shards(self.storage, path):
+            state = restore_own(self.storage, path, target)
+            saved_by = 1  # a local step holds this process's iterator state only
+        else:
+            with open_checkpoint(path, self.storage) as reader:
+                state = restore_from(reader, target)
+            saved_by = None
+        if data_iterator is not None:
+            restore_iterator(self.storage, path, data_iterator, process_index(), saved_by)
+        return state
