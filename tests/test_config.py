@@ -48,9 +48,11 @@ def test_yaml_then_overrides_typed(tmp_path: Path):
         ("checkpoint_period=0", "checkpoint_period must be >= 1"),
         ("enable_checkpointing=maybe", "enable_checkpointing must be bool"),
         ("async_checkpointing", "not key=value"),
-        ("enable_emergency_checkpoint=true", "emergency"),
-        ("enable_multi_tier_checkpointing=true", "multi-tier"),
-        ("local_checkpoint_period=100", "local checkpoint tier"),
+        ("enable_emergency_checkpoint=true", "needs local_checkpoint_directory"),
+        ("enable_multi_tier_checkpointing=true", "needs local_checkpoint_directory"),
+        ("local_checkpoint_period=100", "neither enable_emergency_checkpoint"),
+        ("local_checkpoint_max_to_keep=0", "local_checkpoint_max_to_keep must be >= 1"),
+        ("multi_tier_checkpointing_backup_interval_steps=5", "without enable_multi_tier"),
         ("source_checkpoint_layout=safetensors", "safetensors"),
         ("checkpoint_storage_use_ocdbt=false", "packs"),
         ("checkpoint_storage_use_zarr3=false", "cannot write Zarr"),
@@ -88,3 +90,25 @@ def test_demo_config_loads():
     root = Path(__file__).resolve().parents[1]
     c = load_config(str(root / "examples/configs/demo.yml"))
     assert c.enable_checkpointing and c.checkpoint_period > 0
+
+
+def test_local_tier_flags_follow_maxtexts_checks():
+    local = ["local_checkpoint_directory=/tmp/x", "local_checkpoint_period=10"]
+    c = load_config(None, ["enable_emergency_checkpoint=true", *local])
+    assert c.local_checkpoint_period == 10 and c.local_checkpoint_max_to_keep == 2
+    multi = ["enable_multi_tier_checkpointing=true", *local]
+    c = load_config(None, [*multi, "multi_tier_checkpointing_backup_interval_steps=20"])
+    assert c.multi_tier_checkpointing_backup_interval_steps == 20
+    c = load_config(None, [*multi, "multi_tier_checkpointing_backup_interval_minutes=0.5"])
+    assert c.multi_tier_checkpointing_backup_interval_minutes == 0.5
+    for extra, message in [
+        ([], "exactly one of"),
+        (["multi_tier_checkpointing_backup_interval_steps=5"], "must be >= local_checkpoint_"),
+        (["multi_tier_checkpointing_backup_interval_minutes=0"], "must be > 0"),
+        (["enable_emergency_checkpoint=true", "multi_tier_checkpointing_backup_interval_steps=20"],
+         "set one"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [*multi, *extra])
+    with pytest.raises(ConfigError, match="local_checkpoint_period >= 1"):
+        load_config(None, ["enable_emergency_checkpoint=true", "local_checkpoint_directory=/x"])

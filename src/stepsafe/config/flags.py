@@ -42,11 +42,16 @@ class Config:
     enable_orbax_v1: bool = False
     source_checkpoint_layout: str = "orbax"
     checkpoint_conversion_fn: str | None = None
-    # emergency (local-tier) and multi-tier checkpointing (MaxText's checkpoint docs): not built
+    # emergency (local-tier) and multi-tier checkpointing (MaxText's checkpoint docs): frequent
+    # saves on each host's own disk under <local_checkpoint_directory>/<run_name>, beside the
+    # persistent ones (emergency), or promoted to them in the background (multi-tier)
     enable_emergency_checkpoint: bool = False
     local_checkpoint_directory: str = ""
     local_checkpoint_period: int = 0
+    local_checkpoint_max_to_keep: int = 2  # stepsafe's own: committed local steps per process
     enable_multi_tier_checkpointing: bool = False
+    multi_tier_checkpointing_backup_interval_minutes: float | None = None
+    multi_tier_checkpointing_backup_interval_steps: int | None = None
     # interruption (a scheduler's time limit): save and stop after this many seconds; 0 = off
     wall_clock_limit_seconds: float = 0.0
     # many hosts: the demo starts jax.distributed when a coordinator is named (this flag, else

@@ -39,10 +39,6 @@ _NOT_YET = {
         "comes with the conversion tools)"
     ),
     "checkpoint_conversion_fn": (None, "conversion functions come with the conversion tools"),
-    "enable_emergency_checkpoint": (False, "emergency (local-tier) checkpoints are not built yet"),
-    "local_checkpoint_directory": ("", "the local checkpoint tier is not built yet"),
-    "local_checkpoint_period": (0, "the local checkpoint tier is not built yet"),
-    "enable_multi_tier_checkpointing": (False, "multi-tier checkpointing is not built yet"),
 }  # fmt: skip
 
 
@@ -179,6 +175,7 @@ def validate(config: Config) -> None:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     _check_processes(config)
+    _check_tiers(config)
     size = config.checkpoint_storage_target_data_file_size_bytes
     if size is not None and size < 4096:
         raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
@@ -209,4 +206,63 @@ def _check_processes(config: Config) -> None:
         raise ConfigError(
             "set jax_num_processes and jax_process_id together (or neither, to let JAX detect "
             f"them on a cluster), got jax_num_processes={count}, jax_process_id={index}"
+        )
+
+
+def _check_tiers(config: Config) -> None:
+    """The local-tier flags make sense together (MaxText's checks: a directory and a period for
+    either mode, one backup interval of at least the local period for multi-tier)."""
+    emergency, multi = config.enable_emergency_checkpoint, config.enable_multi_tier_checkpointing
+    if emergency and multi:
+        raise ConfigError(
+            "enable_emergency_checkpoint and enable_multi_tier_checkpointing are two modes of "
+            "the local tier: set one"
+        )
+    if config.local_checkpoint_max_to_keep < 1:
+        raise ConfigError(
+            f"local_checkpoint_max_to_keep must be >= 1, got {config.local_checkpoint_max_to_keep}"
+        )
+    minutes = config.multi_tier_checkpointing_backup_interval_minutes
+    steps = config.multi_tier_checkpointing_backup_interval_steps
+    if not (emergency or multi):
+        if config.local_checkpoint_directory or config.local_checkpoint_period:
+            raise ConfigError(
+                "local_checkpoint_directory / local_checkpoint_period are set, but neither "
+                "enable_emergency_checkpoint nor enable_multi_tier_checkpointing is true: set "
+                "one to use the local tier"
+            )
+        if minutes is not None or steps is not None:
+            raise ConfigError(
+                "a multi_tier_checkpointing_backup_interval_* flag is set without "
+                "enable_multi_tier_checkpointing=true"
+            )
+        return
+    mode = "enable_emergency_checkpoint" if emergency else "enable_multi_tier_checkpointing"
+    if not config.local_checkpoint_directory:
+        raise ConfigError(f"{mode}=true needs local_checkpoint_directory (a disk on each host)")
+    if config.local_checkpoint_period < 1:
+        raise ConfigError(
+            f"{mode}=true needs local_checkpoint_period >= 1, got {config.local_checkpoint_period}"
+        )
+    if emergency:
+        if minutes is not None or steps is not None:
+            raise ConfigError(
+                "the multi_tier_checkpointing_backup_interval_* flags need "
+                "enable_multi_tier_checkpointing=true, not enable_emergency_checkpoint"
+            )
+        return
+    if (minutes is None) == (steps is None):
+        raise ConfigError(
+            "enable_multi_tier_checkpointing=true needs exactly one of "
+            "multi_tier_checkpointing_backup_interval_minutes and "
+            f"multi_tier_checkpointing_backup_interval_steps, got {minutes!r} and {steps!r}"
+        )
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(
+            f"multi_tier_checkpointing_backup_interval_minutes must be > 0, got {minutes}"
+        )
+    if steps is not None and steps < config.local_checkpoint_period:
+        raise ConfigError(
+            f"multi_tier_checkpointing_backup_interval_steps ({steps}) must be >= "
+            f"local_checkpoint_period ({config.local_checkpoint_period})"
         )

@@ -46,6 +46,21 @@ from stepsafe.manager import (
 log = logging.getLogger("stepsafe")
 
 
+def local_tier_options(config: Config) -> dict[str, Any]:
+    """``ManagerOptions`` fields of the local tier: ``<local_checkpoint_directory>/<run_name>``,
+    for either mode (none without one)."""
+    if not (config.enable_emergency_checkpoint or config.enable_multi_tier_checkpointing):
+        return {}
+    return {
+        "local_directory": os.path.join(config.local_checkpoint_directory, config.run_name),
+        "local_save_interval_steps": config.local_checkpoint_period,
+        "local_max_to_keep": config.local_checkpoint_max_to_keep,
+        "multi_tier": config.enable_multi_tier_checkpointing,
+        "backup_interval_minutes": config.multi_tier_checkpointing_backup_interval_minutes,
+        "backup_interval_steps": config.multi_tier_checkpointing_backup_interval_steps,
+    }
+
+
 def learning_rate_schedule(config: Config) -> optax.Schedule:
     """Linear warmup from 0 to the peak, then cosine decay to 0 at ``steps``."""
     return optax.warmup_cosine_decay_schedule(
@@ -118,6 +133,7 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
             concurrent_bytes=config.checkpoint_storage_concurrent_gb * 10**9,
             enable_single_replica_ckpt_restoring=config.enable_single_replica_ckpt_restoring,
             replica_axis_index=config.replica_axis_index,
+            **local_tier_options(config),
         ),
     )
     data = SyntheticData(  # the global batch; each process places its own devices' rows

@@ -46,8 +46,8 @@ def load_initial_state(
             "load_parameters_path and load_full_state_path are mutually exclusive: set one"
         )
     if manager.latest_step() is not None:
-        step, state = manager.restore_newest(abstract_state, data_iterator=data_iterator)
-        return Loaded("resume", state, manager.step_path(step))
+        _, state = manager.restore_newest(abstract_state, data_iterator=data_iterator)
+        return Loaded("resume", state, manager.restored_path)
     if load_parameters_path:
         path = open_checkpoint(load_parameters_path).path
         top = metadata(path)

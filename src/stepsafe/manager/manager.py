@@ -116,6 +116,7 @@ class CheckpointManager:
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()  # async snapshots reuse last save's host buffers
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
+        self.restored_path = ""  # where restore_newest found its step (either tier)
         if self._lease is not None and self.storage.is_dir(self.directory):
             # Only the run's writer cleans up: a reader must not delete what it did not write.
             for path in remove_stale_temporaries(self.directory):
@@ -517,8 +518,13 @@ class CheckpointManager:
                 self._passed.damaged, self._single_replica,
             )  # fmt: skip
 
+        path = ""
         if self.local is None:
-            return persistent()
-        step, state = restore_across_tiers(self.local, steps, target, data_iterator, persistent)
-        self.local.resumed_at(step)
+            step, state = persistent()
+        else:
+            step, state, path = restore_across_tiers(
+                self.local, steps, target, data_iterator, persistent
+            )
+            self.local.resumed_at(step)
+        self.restored_path = path or self.step_path(step)
         return step, state

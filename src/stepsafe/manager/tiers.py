@@ -28,8 +28,9 @@ def restore_across_tiers(
     target: Any,
     data_iterator: CheckpointableIterator | None,
     restore_persistent: Callable[[], tuple[int, Any]],
-) -> tuple[int, Any]:
-    """(step, state) from the newest step across both tiers that restores on every process.
+) -> tuple[int, Any, str]:
+    """(step, state, its path) from the newest step across both tiers that restores on every
+    process.
 
     Raises:
         CheckpointNotFoundError: neither tier holds a step (from ``restore_persistent``).
@@ -46,7 +47,7 @@ def restore_across_tiers(
                 "Restored step %d from the local tier (%s): %s",
                 step, local.step_path(step), _newer_than(latest),
             )  # fmt: skip
-            return step, state
+            return step, state, local.step_path(step)
         passed.append(str(step))
         log.error(
             "Local checkpoint at step %d cannot be restored on process %d (%s: %s); it is "
@@ -58,7 +59,7 @@ def restore_across_tiers(
         "Restored step %d from the persistent tier: %s",
         step, _why_persistent(local.steps(), common, latest, passed),
     )  # fmt: skip
-    return step, state
+    return step, state, ""
 
 
 def restore_local_step(
