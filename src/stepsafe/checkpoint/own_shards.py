@@ -51,14 +51,19 @@ def own_snapshot(
     arrays: dict[str, Any] = {}
     for i, x in enumerate(flat.leaves):
         if is_jax_array(x):
-            from stepsafe.arrays.jax_arrays import box_of
+            from stepsafe.arrays.jax_arrays import box_of, describe_sharding, mesh_device_ids
 
             shape = tuple(x.shape)
             held: dict[Box, Any] = {}
             for s in x.addressable_shards:
                 held.setdefault(box_of(s.index, shape), s.data)
             leaves.append(list(held.values()))
-            arrays[str(i)] = {"shape": list(shape), "boxes": [list(map(list, b)) for b in held]}
+            arrays[str(i)] = {
+                "shape": list(shape),
+                "boxes": [list(map(list, b)) for b in held],
+                "sharding": describe_sharding(x.sharding),  # where it lay: promotion puts
+                "devices": mesh_device_ids(x.sharding),  # it back there to write it whole
+            }
         elif is_array(x):
             a = np.asarray(x)
             leaves.append([a])
@@ -103,9 +108,12 @@ def is_own_shards(storage: Storage, path: str) -> bool:
     return DESCRIPTOR in read_commit_record(storage, path).extra_files
 
 
-def restore_own(storage: Storage, path: str, target: Any) -> Any:
+def restore_own(storage: Storage, path: str, target: Any, *, as_saved: bool = False) -> Any:
     """The state saved at ``path`` by ``own_snapshot`` + ``write_own``, onto ``target`` (the
     shardings of its ``jax.Array`` / ``ShapeDtypeStruct`` leaves say where each shard goes).
+    ``as_saved`` (no ``target``): every array on the devices and sharding it was saved from
+    (what promotion to the persistent tier writes from; arrays saved without a mesh come back
+    as numpy arrays, which every process holds whole).
 
     Raises:
         TargetMismatchError: another process index or count, another tree, or a target whose
@@ -128,7 +136,8 @@ def restore_own(storage: Storage, path: str, target: Any) -> Any:
     with open_checkpoint(path, storage) as reader:
         saved = restore_from(reader, None)["leaves"]
     if target is None:
-        values = dict(zip(d["paths"], _leaves(d, saved, [None] * len(saved), path)))
+        targets = _saved_targets(d, saved, path) if as_saved else [None] * len(saved)
+        values = dict(zip(d["paths"], _leaves(d, saved, targets, path)))
         return build_plain(d["structure"], values.__getitem__)
     flat = flatten(target, is_leaf=is_target_leaf)
     check_target_paths(d["paths"], flat.paths)
@@ -148,6 +157,34 @@ def _descriptor(raw: bytes, path: str) -> dict[str, Any]:
         return d
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{path}/{DESCRIPTOR} is corrupt ({e})") from e
+
+
+def _saved_targets(d: dict[str, Any], saved: list[Any], path: str) -> list[Any]:
+    """A ``ShapeDtypeStruct`` on the saved mesh for each array saved with one, else None."""
+    import jax
+
+    devices = {int(dev.id): dev for dev in jax.devices()}
+    out: list[Any] = []
+    for i, value in enumerate(saved):
+        info = d["arrays"].get(str(i)) or {}
+        sharding = info.get("sharding")
+        if not sharding or not info.get("devices") or not value:
+            out.append(None)
+            continue
+        try:
+            mesh_devices = np.array([devices[int(n)] for n in info["devices"]], dtype=object)
+            mesh = jax.sharding.Mesh(
+                mesh_devices.reshape(sharding["mesh"]["shape"]), sharding["mesh"]["axis_names"]
+            )
+            spec = jax.sharding.PartitionSpec(
+                *[tuple(e) if isinstance(e, list) else e for e in sharding["spec"]]
+            )
+            shape = tuple(int(n) for n in info["shape"])
+            named = jax.sharding.NamedSharding(mesh, spec)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ManifestError(f"{path}/{DESCRIPTOR}: leaf {i}'s sharding is bad ({e})") from e
+        out.append(jax.ShapeDtypeStruct(shape, value[0].dtype, sharding=named))
+    return out
 
 
 def _leaves(d: dict[str, Any], saved: list[Any], targets: list[Any], path: str) -> list[Any]:

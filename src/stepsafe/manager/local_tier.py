@@ -174,7 +174,7 @@ class LocalTier:
                 "Saved local checkpoint at step %d (%.1f MB, blocked %.3f s, total %.3f s)",
                 step, snap.nbytes / 1e6, blocked, time.perf_counter() - t0,
             )  # fmt: skip
-            self._apply_retention(step)
+            self.apply_retention(step)
             if after_commit is not None:
                 after_commit(step)
 
@@ -184,9 +184,10 @@ class LocalTier:
             job()
         return True
 
-    def _apply_retention(self, newest: int) -> None:
-        """Keep the newest ``keep`` committed local steps (and those being promoted)."""
-        steps = [s for s in self.steps() if s <= newest]
+    def apply_retention(self, newest: int | None = None) -> None:
+        """Keep the newest ``keep`` committed local steps up to ``newest`` (None: all), and
+        those being promoted; runs after each local commit, and after each promotion."""
+        steps = [s for s in self.steps() if newest is None or s <= newest]
         pinned = self.pinned()
         for step in steps[: max(0, len(steps) - self.keep)]:
             if step in pinned:

@@ -141,11 +141,6 @@ class CheckpointManager:
         o = self.options
         if not o.multi_tier or self.local is None:
             return None
-        if is_multiprocess():
-            raise ConfigError(
-                "multi-tier checkpointing under several processes is not built yet: use "
-                "emergency checkpoints (a local tier beside the persistent one) instead"
-            )
         steps = (
             committed_steps(self.storage, self.directory)
             if self.storage.is_dir(self.directory)

@@ -1,12 +1,19 @@
 """Multi-tier checkpointing's promoter: committed local steps copied to the persistent tier.
 
 Saves go to the local disk only (fast); every backup interval (steps, or minutes) the newest
-committed local step is copied, files as they are (``checkpoint/copy_step.py``), to the
-persistent tier, in a thread of its own: training never waits for it. When a newer step is
-ready before the previous copy started, the older one is skipped (its copy would be out of
-date before it finished). A step being copied is kept by local retention until the copy is
-over. A copy that fails is logged at ERROR and the next one is tried: the local step stays,
-and the persistent tier keeps its last committed step, never a half-copied one.
+committed local step is promoted to the persistent tier, in a thread of its own: training never
+waits for it. One process copies the step's files as they are (``checkpoint/copy_step.py``);
+when a newer step is ready before the previous copy started, the older one is skipped (its copy
+would be out of date before it finished). Under several processes each local step holds one
+process's shards (``checkpoint/own_shards.py``), so each process reads its own back and the
+job writes them as one checkpoint, every process its part, process 0 committing (the save
+protocol of ``checkpoint/collective_save.py``); every process promotes the same steps in the
+same order (the choice is made when the save starts, by process 0 for a backup interval in
+minutes), none skipped, since a skip on one process would leave the others waiting.
+
+A step waiting for promotion or being promoted is kept by local retention until it is over. A
+promotion that fails is logged at ERROR and the next one is tried: the local step stays, and
+the persistent tier keeps its last committed step, never a half-written one.
 """
 
 from __future__ import annotations
@@ -16,9 +23,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from stepsafe.checkpoint import committed_steps
+from stepsafe.checkpoint import committed_steps, snapshot, write
 from stepsafe.checkpoint.copy_step import copy_step
+from stepsafe.checkpoint.own_shards import is_own_shards, restore_own
 from stepsafe.checkpoint.run_layout import step_name
+from stepsafe.checkpoint.save import take_part
+from stepsafe.distributed import is_multiprocess
+from stepsafe.distributed.outcomes import on_process_0
+from stepsafe.format.step_files import read_commit_record, read_extra
+from stepsafe.manager.iterator_state import ITER_DIR
 from stepsafe.manager.local_tier import LocalTier
 from stepsafe.storage import Storage
 
@@ -47,8 +60,9 @@ class Promoter:
         self._last_step = last_step  # the newest step chosen (or found persistent at start)
         self._last_time = time.monotonic()
         self._lock = threading.Condition()
-        self._pending: int | None = None
+        self._queue: list[int] = []  # steps to promote, oldest first
         self._running: int | None = None
+        self._together = is_multiprocess()  # every process promotes every chosen step
         self._thread: threading.Thread | None = None
         self.promoted: list[int] = []  # in order, for logs and tests
         self.failed: list[tuple[int, str]] = []
@@ -59,8 +73,12 @@ class Promoter:
         if self.every_steps is not None:
             due = self._last_step is None or step - self._last_step >= self.every_steps
         else:
-            assert self.every_minutes is not None
-            due = time.monotonic() - self._last_time >= self.every_minutes * 60
+            minutes = self.every_minutes or 0.0
+
+            def clock() -> bool:
+                return time.monotonic() - self._last_time >= minutes * 60
+
+            due = on_process_0(f"promote-due-{self.local.tag}-{step}", clock)
         if due or force:
             self._last_step, self._last_time = step, time.monotonic()
         return due or force
@@ -69,11 +87,12 @@ class Promoter:
         """Promote ``step`` (committed locally) in the background, in place of any older step
         still waiting."""
         with self._lock:
-            if self._pending is not None and self._pending < step:
+            if self._queue and not self._together:
                 log.info(
-                    "Promotion of local step %d skipped: step %d is ready", self._pending, step
+                    "Promotion of local step %d skipped: step %d is ready", self._queue[0], step
                 )
-            self._pending = max(step, self._pending or step)
+                self._queue.clear()
+            self._queue.append(step)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="stepsafe-promoter", daemon=False
@@ -84,16 +103,16 @@ class Promoter:
     def pinned(self) -> set[int]:
         """The local steps that must stay: waiting for their copy, or being copied."""
         with self._lock:
-            return {s for s in (self._pending, self._running) if s is not None}
+            return set(self._queue) | ({self._running} if self._running is not None else set())
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                if self._pending is None:
+                if not self._queue:
                     self._thread = None
                     self._lock.notify_all()
                     return
-                step, self._pending, self._running = self._pending, None, self._pending
+                step = self._running = self._queue.pop(0)
             try:
                 self._promote(step)
             except Exception as e:  # never lost: logged, and the next step is tried
@@ -106,20 +125,53 @@ class Promoter:
             finally:
                 with self._lock:
                     self._running = None
+                self.local.apply_retention()  # the step is no longer held for its copy
 
     def _promote(self, step: int) -> None:
         dst = self.storage.join(self.directory, step_name(step))
-        if step in committed_steps(self.storage, self.directory):
+        there = on_process_0(
+            f"promote-{self.local.tag}-{step}",
+            lambda: step in committed_steps(self.storage, self.directory),
+        )
+        if there:
             log.info("Step %d is already in the persistent tier; not promoting it again", step)
             return
         t0 = time.perf_counter()
-        copied = copy_step(self.local.storage, self.local.step_path(step), self.storage, dst)
+        if self._together:
+            copied = self._write_together(step, dst)
+        else:
+            copied = copy_step(self.local.storage, self.local.step_path(step), self.storage, dst)
         self.promoted.append(step)
         log.info(
             "Promoted local step %d to %s (%.1f MB in %.3f s)",
             step, dst, copied / 1e6, time.perf_counter() - t0,
         )  # fmt: skip
         self.retention()
+
+    def _write_together(self, step: int, dst: str) -> int:
+        """Every process writes its part of step ``step`` from its own local step; process 0
+        commits. A process whose local step fails to read still takes part (with its error),
+        so that every process learns the same outcome."""
+        src, storage = self.local.step_path(step), self.local.storage
+
+        def capture() -> tuple:
+            if not is_own_shards(storage, src):
+                raise ValueError(f"{src} does not hold one process's shards")
+            record = read_commit_record(storage, src)
+            state = restore_own(storage, src, None, as_saved=True)
+            extra = {
+                name: read_extra(storage, src, name, record) or b""
+                for name in record.extra_files
+                if name.startswith(f"{ITER_DIR}/")
+            }
+            return snapshot(state), extra, record
+
+        snap, extra, record = take_part(dst, capture, self.storage)
+        write(
+            dst, snap, custom_metadata=record.custom_metadata, step=step, extra_files=extra,
+            metrics=record.metrics, storage=self.storage,
+        )  # fmt: skip
+        return snap.nbytes
 
     def wait(self) -> None:
         """Block until no promotion waits or runs."""
