@@ -80,6 +80,7 @@ class LocalTier:
         self._staging = StagingBuffers()
         self._resumed_at: int | None = None  # where this run started: later steps are stale
         self._fresh = True  # no local save yet: stale steps are still to be dropped
+        self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
         self.pinned: Callable[[], set[int]] = set  # steps retention must keep (being promoted)
         os.makedirs(self.directory, exist_ok=True)
         self._refuse_shared_directory()
@@ -170,9 +171,11 @@ class LocalTier:
 
         def job() -> None:
             write_own(self.storage, path, snap, record, extra)
+            total = time.perf_counter() - t0
+            self.last_save_seconds = (blocked, total)
             log.info(
                 "Saved local checkpoint at step %d (%.1f MB, blocked %.3f s, total %.3f s)",
-                step, snap.nbytes / 1e6, blocked, time.perf_counter() - t0,
+                step, snap.nbytes / 1e6, blocked, total,
             )  # fmt: skip
             self.apply_retention(step)
             if after_commit is not None:

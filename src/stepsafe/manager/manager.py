@@ -24,12 +24,11 @@ from typing import Any
 from stepsafe.arrays import StagingBuffers
 from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint import committed_steps, snapshot, write
-from stepsafe.checkpoint.inspect import metadata as saved_tree
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, check_step, step_name
 from stepsafe.checkpoint.save import Snapshot, check_custom_metadata, check_metrics, take_part
 from stepsafe.distributed import is_multiprocess, process_index
 from stepsafe.distributed.outcomes import on_process_0
-from stepsafe.errors import ConfigError, RunInUseError
+from stepsafe.errors import RunInUseError
 from stepsafe.format import CommitRecord
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention, save_is_blocked
@@ -37,13 +36,11 @@ from stepsafe.manager.gc import remove_half_deleted
 from stepsafe.manager.inventory import COMPLETE, INCOMPLETE, scan_steps
 from stepsafe.manager.iterator_state import CheckpointableIterator, iterator_files
 from stepsafe.manager.lease import Lease
-from stepsafe.manager.local_tier import LocalTier
 from stepsafe.manager.options import ManagerOptions
-from stepsafe.manager.promoter import Promoter
-from stepsafe.manager.resume import restore_newest, restore_step
+from stepsafe.manager.restoring import Restoring
 from stepsafe.manager.retention_policy import policy_of
 from stepsafe.manager.step_delete import delete_for_job
-from stepsafe.manager.tiers import restore_across_tiers, restore_local_step
+from stepsafe.manager.tier_setup import local_tier_for, promoter_for
 from stepsafe.storage import remove_stale_temporaries, storage_for
 
 log = logging.getLogger("stepsafe")
@@ -55,7 +52,7 @@ def run_checkpoint_dir(base_output_directory: str, run_name: str) -> str:
     return storage.join(base, run_name, CHECKPOINTS_DIR)
 
 
-class CheckpointManager:
+class CheckpointManager(Restoring):
     """A training run's checkpoints: saves every ``save_interval_steps``, in the background,
     keeps the newest ``max_to_keep``, and resumes from the newest step that restores.
 
@@ -126,33 +123,10 @@ class CheckpointManager:
             for entry in scan_steps(self.storage, self.directory, sizes=False):
                 if entry.status not in (COMPLETE, INCOMPLETE):
                     self._passed.report(entry)
-        self.local = self._local_tier()  # None without local_directory
-        self._promoter = self._make_promoter()  # None unless multi-tier
-
-    def _local_tier(self) -> LocalTier | None:
-        o = self.options
-        if o.local_directory is None or not o.enable_checkpointing:
-            return None
-        return LocalTier(
-            o.local_directory, o.local_save_interval_steps, o.local_max_to_keep, self._tag
-        )
-
-    def _make_promoter(self) -> Promoter | None:
-        o = self.options
-        if not o.multi_tier or self.local is None:
-            return None
-        steps = (
-            committed_steps(self.storage, self.directory)
-            if self.storage.is_dir(self.directory)
-            else []
-        )
-        self.local.pinned = lambda: promoter.pinned()
-        promoter = Promoter(
-            self.local, self.storage, self.directory,
-            every_steps=o.backup_interval_steps, every_minutes=o.backup_interval_minutes,
-            retention=self._apply_retention, last_step=steps[-1] if steps else None,
-        )  # fmt: skip
-        return promoter
+        self.local = local_tier_for(self.options, self._tag)  # None without local_directory
+        self._promoter = promoter_for(
+            self.options, self.local, self.storage, self.directory, self._apply_retention
+        )  # None unless multi-tier
 
     # -- what exists -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -370,16 +344,6 @@ class CheckpointManager:
         delete_for_job(name, self.storage, self.directory, step, lost, read_only)
         self._passed.damaged.discard(step)
 
-    def metadata(self, step: int, *, select: Any = None) -> Any:
-        """``stepsafe.metadata`` of ``step``: the saved tree with array shapes, dtypes and
-        shardings (the manifest only, no array bytes). Read-only: any process may call it.
-
-        Raises:
-            CheckpointNotFoundError: there is no step ``step``.
-            CorruptCheckpointError: its record or manifest is damaged.
-        """
-        return saved_tree(self.step_path(check_step(step)), select=select)
-
     def wait_until_finished(self) -> None:
         """Block until the in-flight save is committed; raise if it failed.
 
@@ -422,104 +386,3 @@ class CheckpointManager:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.close()
-
-    # -- restoring ---------------------------------------------------------------------------
-    def restore(
-        self,
-        step: int | None = None,
-        target: Any = None,
-        *,
-        data_iterator: CheckpointableIterator | None = None,
-        select: Any = None,
-    ) -> Any:
-        """Restore ``step`` and the data iterator's position.
-
-        Args:
-            step (`int`, *optional*): the step to restore; None: the newest committed step
-                that restores (see ``restore_newest``).
-            target (`Any`, *optional*): what to restore onto, as ``stepsafe.restore`` takes it
-                (e.g. ``jax.eval_shape`` of the initial state, for dtypes and shardings).
-            data_iterator (`CheckpointableIterator`, *optional*): its ``set_state`` is called
-                with the state saved with the step.
-            select (`str` or sequence, *optional*): restore only this subtree (a key path,
-                as ``stepsafe.restore`` takes it); needs ``step``.
-
-        Returns:
-            `Any`: the state, as ``stepsafe.restore`` returns it.
-
-        Raises:
-            CheckpointNotFoundError: ``step`` (or, for None, any committed step) is not there.
-            CorruptCheckpointError: ``step`` (or, for None, every committed step) is damaged.
-            TargetMismatchError: ``target`` does not fit the checkpoint.
-            StepsafeError: ``data_iterator`` given, and the step holds no iterator state.
-
-        Example:
-
-        ```python
-        state = manager.restore(300, abstract_state, data_iterator=data)
-        ```
-        """
-        if step is None and select is None:
-            return self.restore_newest(target, data_iterator=data_iterator)[1]
-        if step is None:
-            raise ConfigError("restore(select=...) needs a step: e.g. manager.latest_step()")
-        self._wait_all()
-        step = check_step(step)
-        local = self.local
-        if local is not None and select is None and step not in self.all_steps():  # noqa: SIM102
-            if step in local.common_steps():  # every process takes this same branch
-                state = restore_local_step(local, step, target, data_iterator)
-                local.resumed_at(step)
-                return state
-        return restore_step(
-            self.storage, self.step_path(step), step, target, data_iterator,
-            self._single_replica, select,
-        )  # fmt: skip
-
-    def restore_newest(
-        self, target: Any = None, *, data_iterator: CheckpointableIterator | None = None
-    ) -> tuple[int, Any]:
-        """(step, state) of the newest committed step that restores.
-
-        A resume must not stop at a damaged latest step (a flipped bit, a truncated file) when
-        an older one is intact: the damaged step is logged at ERROR and skipped, and left in
-        place, untouched, for the user to inspect (``stepsafe verify``); nothing is deleted.
-
-        Args:
-            target (`Any`, *optional*): what to restore onto (see ``restore``).
-            data_iterator (`CheckpointableIterator`, *optional*): restored with the step.
-
-        Returns:
-            `tuple[int, Any]`: the step restored and its state.
-
-        Raises:
-            CheckpointNotFoundError: there is no committed step.
-            CorruptCheckpointError: every committed step is damaged.
-            TargetMismatchError: ``target`` does not fit the newest intact step.
-
-        Example:
-
-        ```python
-        if manager.latest_step() is not None:
-            step, state = manager.restore_newest(abstract_state, data_iterator=data)
-        ```
-        """
-        self._wait_all()
-        steps = self.all_steps()
-
-        def persistent() -> tuple[int, Any]:
-            return restore_newest(
-                self.storage, self.directory, steps, target, data_iterator,
-                self._passed.damaged, self._single_replica,
-            )  # fmt: skip
-
-        path = ""
-        if self.local is None:
-            step, state = persistent()
-        else:
-            step, state, path = restore_across_tiers(
-                self.local, steps, target, data_iterator, persistent
-            )
-            self.local.resumed_at(step)
-        self.restored_path = path or self.step_path(step)
-        return step, state
