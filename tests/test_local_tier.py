@@ -174,3 +174,15 @@ def test_a_damaged_local_step_is_never_promoted(tmp_path, caplog):
             m.wait_until_finished()
         assert m.all_steps() == [1]
     assert "Promotion of local step 2" in caplog.text and "damaged" in caplog.text
+
+
+def test_restore_of_a_step_only_the_local_tier_holds(tmp_path):
+    with manager(tmp_path) as m:
+        train(m, 0, 13, Iterator())
+    it = Iterator()
+    with manager(tmp_path) as m:
+        state = m.restore(12, target(), data_iterator=it)
+        assert state["step"] == 12 and it.position == 12 * 7
+        w = m.restore(12, select="params")["w"]
+        np.testing.assert_array_equal(w, state_at(12)["params"]["w"])
+        assert m.restore(10, target())["step"] == 10  # in both tiers: the persistent one

@@ -39,7 +39,7 @@ from stepsafe.checkpoint.own_shards import (
 from stepsafe.checkpoint.restore import open_checkpoint, restore_from
 from stepsafe.checkpoint.run_layout import step_name, step_number
 from stepsafe.distributed import coordinator, process_count, process_index
-from stepsafe.errors import ConfigError, StepsafeError
+from stepsafe.errors import ConfigError, StepsafeError, TargetMismatchError
 from stepsafe.format import CommitRecord, delete_checkpoint
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.gc import remove_half_deleted
@@ -238,20 +238,33 @@ class LocalTier:
         return self._writer.busy
 
     # -- restoring ---------------------------------------------------------------------------
-    def restore(self, step: int, target: Any, data_iterator: CheckpointableIterator | None) -> Any:
-        """This process's local step ``step`` onto ``target``, and the iterator's position.
+    def restore(
+        self,
+        step: int,
+        target: Any,
+        data_iterator: CheckpointableIterator | None,
+        select: Any = None,
+    ) -> Any:
+        """This process's local step ``step`` onto ``target``, and the iterator's position;
+        ``select``: a subtree only (a one-process step only).
 
         Raises:
             CorruptCheckpointError: the step is damaged.
-            TargetMismatchError: it was saved by other processes or on another mesh.
+            TargetMismatchError: it was saved by other processes or on another mesh, or
+                ``select`` on one process's shards.
         """
         path = self.step_path(step)
         if is_own_shards(self.storage, path):
+            if select is not None:
+                raise TargetMismatchError(
+                    f"{path} holds one process's shards, which restore whole only: restore "
+                    "without select, or the subtree from the persistent tier"
+                )
             state = restore_own(self.storage, path, target)
             saved_by = 1  # a local step holds this process's iterator state only
         else:
             with open_checkpoint(path, self.storage) as reader:
-                state = restore_from(reader, target)
+                state = restore_from(reader, target, select)
             saved_by = None
         if data_iterator is not None:
             restore_iterator(self.storage, path, data_iterator, process_index(), saved_by)

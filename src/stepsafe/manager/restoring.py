@@ -61,8 +61,9 @@ class Restoring:
         """Restore ``step`` and the data iterator's position.
 
         Args:
-            step (`int`, *optional*): the step to restore; None: the newest committed step
-                that restores (see ``restore_newest``).
+            step (`int`, *optional*): the step to restore (from the persistent tier, or from
+                the local tier when only it holds the step on every process); None: the newest
+                committed step that restores (see ``restore_newest``).
             target (`Any`, *optional*): what to restore onto, as ``stepsafe.restore`` takes it
                 (e.g. ``jax.eval_shape`` of the initial state, for dtypes and shardings).
             data_iterator (`CheckpointableIterator`, *optional*): its ``set_state`` is called
@@ -92,15 +93,19 @@ class Restoring:
         self._wait_all()
         step = check_step(step)
         local = self.local
-        if local is not None and select is None and step not in self.all_steps():  # noqa: SIM102
+        if local is not None and step not in self.all_steps():  # noqa: SIM102
             if step in local.common_steps():  # every process takes this same branch
-                state = restore_local_step(local, step, target, data_iterator)
-                local.resumed_at(step)
+                state = restore_local_step(local, step, target, data_iterator, select)
+                if select is None:
+                    local.resumed_at(step)
                 return state
-        return restore_step(
+        state = restore_step(
             self.storage, self.step_path(step), step, target, data_iterator,
             self._single_replica, select,
         )  # fmt: skip
+        if local is not None and select is None:
+            local.resumed_at(step)  # a whole state: the run goes on from here
+        return state
 
     def restore_newest(
         self, target: Any = None, *, data_iterator: CheckpointableIterator | None = None

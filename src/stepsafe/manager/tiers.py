@@ -63,7 +63,11 @@ def restore_across_tiers(
 
 
 def restore_local_step(
-    local: LocalTier, step: int, target: Any, data_iterator: CheckpointableIterator | None
+    local: LocalTier,
+    step: int,
+    target: Any,
+    data_iterator: CheckpointableIterator | None,
+    select: Any = None,
 ) -> Any:
     """Local step ``step`` restored on every process, or the first process's error raised on
     all of them (one process resuming while another gives up would split the job).
@@ -71,7 +75,7 @@ def restore_local_step(
     Raises:
         StepsafeError: as the first failing process's restore raised it.
     """
-    state, error, first = _try_local(local, step, target, data_iterator)
+    state, error, first = _try_local(local, step, target, data_iterator, select)
     if first is None:
         log.info("Restored step %d from the local tier (%s)", step, local.step_path(step))
         return state
@@ -81,12 +85,16 @@ def restore_local_step(
 
 
 def _try_local(
-    local: LocalTier, step: int, target: Any, data_iterator: CheckpointableIterator | None
+    local: LocalTier,
+    step: int,
+    target: Any,
+    data_iterator: CheckpointableIterator | None,
+    select: Any = None,
 ) -> tuple[Any, Exception | None, dict[str, Any] | None]:
     """(state, this process's error, the first process's failure) of restoring ``step``."""
     state, error = None, None
     try:
-        state = local.restore(step, target, data_iterator)
+        state = local.restore(step, target, data_iterator, select)
     except Exception as e:  # the persistent tier is still there: never stop at a local step
         error = e
     failures = gather_failures(f"local-restore-{local.tag}-{step}", error)
