@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from stepsafe.errors import CorruptCheckpointError
-from stepsafe.format import COMMIT_FILE, ITEMS_DIR, CheckpointReader
+from stepsafe.format import COMMIT_FILE, CheckpointReader
 from stepsafe.format.check import check_checkpoint
 from stepsafe.format.layout import COMMIT_RECORD_MAX_BYTES
 from stepsafe.format.step_files import read_step_file
@@ -39,11 +39,7 @@ def copy_step(src_storage: Storage, src: str, dst_storage: Storage, dst: str) ->
             f"{src} is damaged ({first.kind}: {first.message}), so it is not copied; "
             f"{len(report.problems)} problem(s) in all (`stepsafe verify {src}`)"
         )
-    reader = CheckpointReader(src_storage, src)
-    record = reader.record
-    files = [record.manifest_path]
-    files += [f"{ITEMS_DIR}/{name}" for name in reader.manifest.files]
-    files += [record.extra_path(name) for name in record.extra_files]
+    files = CheckpointReader(src_storage, src).named_files()
     raw_record = read_step_file(src_storage, src, COMMIT_FILE, COMMIT_RECORD_MAX_BYTES)
     copied = 0
     with dst_storage.transaction(dst) as txn:

@@ -47,12 +47,17 @@ log = logging.getLogger("stepsafe")
 
 
 def local_tier_options(config: Config) -> dict[str, Any]:
-    """``ManagerOptions`` fields of the local tier: ``<local_checkpoint_directory>/<run_name>``,
-    for either mode (none without one)."""
+    """``ManagerOptions`` fields of the local tier, for either mode (none without one): this
+    process's directory is ``<local_checkpoint_directory>/<run_name>``, and under several
+    processes ``.../<run_name>/process_<p>``, so that processes sharing a host never share a
+    directory."""
     if not (config.enable_emergency_checkpoint or config.enable_multi_tier_checkpointing):
         return {}
+    directory = os.path.join(config.local_checkpoint_directory, config.run_name)
+    if jax.process_count() > 1:
+        directory = os.path.join(directory, f"process_{jax.process_index()}")
     return {
-        "local_directory": os.path.join(config.local_checkpoint_directory, config.run_name),
+        "local_directory": directory,
         "local_save_interval_steps": config.local_checkpoint_period,
         "local_max_to_keep": config.local_checkpoint_max_to_keep,
         "multi_tier": config.enable_multi_tier_checkpointing,

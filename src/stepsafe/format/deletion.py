@@ -212,9 +212,7 @@ def stray_files(storage: Storage, path: str, walked: StepFiles | None = None) ->
     """
     with CheckpointReader(storage, path) as reader:
         meta = reader.record
-        named = {f"{ITEMS_DIR}/{name}" for name in reader.manifest.files}
-        parts = reader.manifest.parts.parts if reader.manifest.parts is not None else []
-        named |= {f"{ITEMS_DIR}/{entry[0]}" for entry in parts if entry is not None}
+        named = set(reader.named_files())
     walked = walked if walked is not None else walk_step(storage, path)
     items = [f for f in walked.files if items_save_id(f) not in (None, meta.save_id)]
     items = [f for f in items if f not in named]

@@ -81,6 +81,17 @@ class CheckpointReader:
     def close(self) -> None:
         """Nothing stays open between reads; kept so that readers work as context managers."""
 
+    def named_files(self) -> list[str]:
+        """Every file the commit names, relative to the step, the record itself aside: the
+        manifest, the data files, the part files (version 2) and the extra files."""
+        parts = self.manifest.parts.parts if self.manifest.parts is not None else []
+        return [
+            self.record.manifest_path,
+            *(f"{ITEMS_DIR}/{name}" for name in self.manifest.files),
+            *(f"{ITEMS_DIR}/{entry[0]}" for entry in parts if entry is not None),
+            *(self.record.extra_path(name) for name in self.record.extra_files),
+        ]
+
     def file_path(self, name: str) -> str:
         """The path of data file ``name`` (a name the manifest lists)."""
         path = self._paths.get(name)

@@ -62,20 +62,23 @@ class LocalTier:
         period (`int`): save steps that are a multiple of this (``local_checkpoint_period``).
         keep (`int`): committed local steps to keep, >= 1 (``local_checkpoint_max_to_keep``).
         tag (`str`): names this run's exchanges between processes.
+        file_size (`int`, *optional*): where data files split; None: the local disk's default.
 
     Raises:
         ConfigError: ``directory`` is a bucket URL, or another process of the job uses the
             same directory on the same host.
     """
 
-    def __init__(self, directory: str, period: int, keep: int, tag: str) -> None:
+    def __init__(
+        self, directory: str, period: int, keep: int, tag: str, file_size: int | None = None
+    ) -> None:
         if "://" in str(directory):
             raise ConfigError(
                 f"local_checkpoint_directory must be a local disk, got {directory}: the "
                 "persistent tier (base_output_directory) is the place for buckets"
             )
         self.storage, self.directory = storage_for(os.path.abspath(str(directory)))
-        self.period, self.keep, self.tag = period, keep, tag
+        self.period, self.keep, self.tag, self.file_size = period, keep, tag, file_size
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()
         self._resumed_at: int | None = None  # where this run started: later steps are stale
@@ -140,7 +143,8 @@ class LocalTier:
         after_commit: Callable[[int], None] | None = None,
     ) -> bool:
         """Save ``state`` as local step ``step``; False (logged) when it is already there.
-        ``after_commit(step)`` runs once it committed (promotion, in multi-tier mode).
+        ``after_commit(step)`` runs once it committed, or at once when it was committed
+        already (promotion, in multi-tier mode).
 
         Raises:
             BackgroundSaveError: the previous local save failed.
@@ -153,6 +157,8 @@ class LocalTier:
         path = self.step_path(step)
         if step in self.steps():
             log.info("Local checkpoint at step %d already exists; not saving it again", step)
+            if after_commit is not None:  # e.g. the last step, saved on its period already
+                after_commit(step)
             return False
         if self.storage.exists(path) or self.storage.is_link(path):
             log.error(
@@ -170,7 +176,7 @@ class LocalTier:
         blocked = time.perf_counter() - t0
 
         def job() -> None:
-            write_own(self.storage, path, snap, record, extra)
+            write_own(self.storage, path, snap, record, extra, self.file_size)
             total = time.perf_counter() - t0
             self.last_save_seconds = (blocked, total)
             log.info(

@@ -123,10 +123,11 @@ class CheckpointManager(Restoring):
             for entry in scan_steps(self.storage, self.directory, sizes=False):
                 if entry.status not in (COMPLETE, INCOMPLETE):
                     self._passed.report(entry)
-        self.local = local_tier_for(self.options, self._tag)  # None without local_directory
+        self.local = local_tier_for(self.options, self._tag, self.storage)  # None: no local tier
         self._promoter = promoter_for(
-            self.options, self.local, self.storage, self.directory, self._apply_retention
-        )  # None unless multi-tier
+            self.options, self.local, self.storage, self.directory, self._save_is_blocked,
+            self._apply_retention,
+        )  # fmt: skip
 
     # -- what exists -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -241,6 +242,8 @@ class CheckpointManager(Restoring):
         assert self.local is not None
         promoter = self._promoter
         promote = promoter is not None and promoter.due(step, force)
+        if promote:  # a promotion writes the run: not once another manager took it over
+            on_process_0(f"lease-{self._tag}-{step}", self._check_lease)
         record = CommitRecord(
             step=step, custom_metadata=dict(custom_metadata or {}), metrics=dict(metrics or {})
         )
@@ -264,12 +267,8 @@ class CheckpointManager(Restoring):
         elif not is_multiprocess():
             raise lost
 
-        def blocked() -> bool:  # process 0 decides for the job: a lost lease fails everyone
-            if lost is not None:
-                raise lost
-            return save_is_blocked(self.storage, self.directory, step, self._passed)
-
-        if on_process_0(f"save-{self._tag}-{step}", blocked):
+        # process 0 decides for the job: a lost lease fails everyone
+        if on_process_0(f"save-{self._tag}-{step}", lambda: self._save_is_blocked(step)):
             return False
         t0 = time.perf_counter()
 
@@ -307,6 +306,18 @@ class CheckpointManager(Restoring):
         else:
             job()
         return True
+
+    def _save_is_blocked(self, step: int) -> bool:
+        """Whether ``step`` must not be written to the persistent tier (process 0 only): the
+        lease is lost (raised), or the step exists or its name holds something else (logged)."""
+        self._check_lease()
+        return save_is_blocked(self.storage, self.directory, step, self._passed)
+
+    def _check_lease(self) -> None:
+        """Raise ``RunInUseError`` when another manager has taken this run's lease over."""
+        lost = self._lease_lost()
+        if lost is not None:
+            raise lost
 
     def _apply_retention(self) -> None:
         """The persistent tier's retention, on the run's one writer (process 0)."""

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from stepsafe.checkpoint import committed_steps, snapshot, write
+from stepsafe.checkpoint import snapshot, write
 from stepsafe.checkpoint.copy_step import copy_step
 from stepsafe.checkpoint.own_shards import is_own_shards, restore_own
 from stepsafe.checkpoint.run_layout import step_name
@@ -40,8 +40,11 @@ log = logging.getLogger("stepsafe")
 
 class Promoter:
     """Copies committed local steps to the persistent tier (``storage``, ``directory``) every
-    ``every_steps`` steps or ``every_minutes`` minutes (exactly one is set); ``retention``
-    runs after each copy (the persistent tier's ``max_to_keep``)."""
+    ``every_steps`` steps or ``every_minutes`` minutes (exactly one is set). ``blocked(step)``,
+    run on process 0 before each promotion, says whether the step must not be written (it is
+    there already, or its name holds something else; it raises when the run's lease was lost),
+    as for any save; ``retention`` runs after each promotion (the persistent tier's
+    ``max_to_keep``); ``file_size`` splits data files when several processes write a step."""
 
     def __init__(
         self,
@@ -51,12 +54,14 @@ class Promoter:
         *,
         every_steps: int | None,
         every_minutes: float | None,
+        blocked: Callable[[int], bool],
         retention: Callable[[], None],
         last_step: int | None,
+        file_size: int | None = None,
     ) -> None:
         self.local, self.storage, self.directory = local, storage, directory
         self.every_steps, self.every_minutes = every_steps, every_minutes
-        self.retention = retention
+        self.blocked, self.retention, self.file_size = blocked, retention, file_size
         self._last_step = last_step  # the newest step chosen (or found persistent at start)
         self._last_time = time.monotonic()
         self._lock = threading.Condition()
@@ -129,13 +134,8 @@ class Promoter:
 
     def _promote(self, step: int) -> None:
         dst = self.storage.join(self.directory, step_name(step))
-        there = on_process_0(
-            f"promote-{self.local.tag}-{step}",
-            lambda: step in committed_steps(self.storage, self.directory),
-        )
-        if there:
-            log.info("Step %d is already in the persistent tier; not promoting it again", step)
-            return
+        if on_process_0(f"promote-{self.local.tag}-{step}", lambda: self.blocked(step)):
+            return  # logged by ``blocked``
         t0 = time.perf_counter()
         if self._together:
             copied = self._write_together(step, dst)
@@ -169,7 +169,7 @@ class Promoter:
         snap, extra, record = take_part(dst, capture, self.storage)
         write(
             dst, snap, custom_metadata=record.custom_metadata, step=step, extra_files=extra,
-            metrics=record.metrics, storage=self.storage,
+            metrics=record.metrics, data_file_size_bytes=self.file_size, storage=self.storage,
         )  # fmt: skip
         return snap.nbytes
 

@@ -11,14 +11,19 @@ from stepsafe.manager.promoter import Promoter
 from stepsafe.storage import Storage
 
 
-def local_tier_for(options: ManagerOptions, tag: str) -> LocalTier | None:
+def local_tier_for(options: ManagerOptions, tag: str, persistent: Storage) -> LocalTier | None:
     """This process's local tier; None without ``local_directory``, or for a manager that
-    only reads (it saves nothing, and must not clean what it did not write)."""
+    only reads (it saves nothing, and must not clean what it did not write). Its data files
+    split at ``data_file_size_bytes``, or in multi-tier mode at the ``persistent`` storage's
+    default (its files are promoted as they are: a bucket wants them smaller)."""
     if options.local_directory is None or not options.enable_checkpointing:
         return None
+    file_size = options.data_file_size_bytes
+    if file_size is None and options.multi_tier:
+        file_size = persistent.default_file_size
     return LocalTier(
         options.local_directory, options.local_save_interval_steps, options.local_max_to_keep,
-        tag,
+        tag, file_size,
     )  # fmt: skip
 
 
@@ -27,6 +32,7 @@ def promoter_for(
     local: LocalTier | None,
     storage: Storage,
     directory: str,
+    blocked: Callable[[int], bool],
     retention: Callable[[], None],
 ) -> Promoter | None:
     """The promoter of multi-tier mode (None otherwise), counting its interval from the
@@ -37,7 +43,8 @@ def promoter_for(
     promoter = Promoter(
         local, storage, directory,
         every_steps=options.backup_interval_steps, every_minutes=options.backup_interval_minutes,
-        retention=retention, last_step=steps[-1] if steps else None,
+        blocked=blocked, retention=retention, last_step=steps[-1] if steps else None,
+        file_size=options.data_file_size_bytes,
     )  # fmt: skip
     local.pinned = promoter.pinned
     return promoter

@@ -1,11 +1,12 @@
 """Which tier a run resumes from: the newest step that every process can restore whole.
 
 A local step counts only if every process has it committed on its own disk (the processes
-agree through the coordinator), and wins only when it is newer than the persistent tier's
-newest step. Each candidate is restored on every process; if any process fails (a checksum, a
-wiped or swapped disk, another mesh) all of them pass it by together, loudly, and try the next
-newest; otherwise the persistent tier's newest step that restores. The choice, and why, is
-logged.
+agree through the coordinator), and wins when it is at least as new as the persistent tier's
+newest step (the same step in both tiers, as multi-tier promotion leaves it, is read from the
+local disk: it is faster). Each candidate is restored on every process; if any process fails
+(a checksum, a wiped or swapped disk, another mesh) all of them pass it by together, loudly,
+and try the next newest; otherwise the persistent tier's newest step that restores. The
+choice, and why, is logged.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ def restore_across_tiers(
     """
     common = local.common_steps()
     latest = persistent_steps[-1] if persistent_steps else None
-    newer = [s for s in reversed(common) if latest is None or s > latest]
+    newer = [s for s in reversed(common) if latest is None or s >= latest]
     passed: list[str] = []
     for step in newer:
         state, _, first = _try_local(local, step, target, data_iterator)
         if first is None:
             log.info(
                 "Restored step %d from the local tier (%s): %s",
-                step, local.step_path(step), _newer_than(latest),
+                step, local.step_path(step), _newer_than(step, latest),
             )  # fmt: skip
             return step, state, local.step_path(step)
         passed.append(str(step))
@@ -101,9 +102,11 @@ def _try_local(
     return state, error, next((f for f in failures if f is not None), None)
 
 
-def _newer_than(latest: int | None) -> str:
+def _newer_than(step: int, latest: int | None) -> str:
     if latest is None:
         return "every process holds it, and the persistent tier has no step"
+    if step == latest:
+        return "every process holds it, and it is the persistent tier's newest step too"
     return f"every process holds it, and it is newer than the persistent tier's step {latest}"
 
 
@@ -117,4 +120,4 @@ def _why_persistent(
             f"no local step is on every process (this process holds {mine or 'none'}): a "
             "process lost its local disk, or never saved there"
         )
-    return f"the newest local step on every process ({common[-1]}) is not newer than {latest}"
+    return f"the newest local step on every process ({common[-1]}) is older than {latest}"
