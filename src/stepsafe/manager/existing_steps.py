@@ -89,11 +89,12 @@ def apply_retention(
     keep: int,
     passed: PassedSteps,
     policy: Callable[[list[StepEntry]], dict[int, str]] | None = None,
+    what: str = "checkpoint",
 ) -> None:
     """Delete committed steps beyond the newest ``keep`` intact ones (``plan_gc``'s rules:
     damaged, linked and foreign steps are kept and not counted); ``keep <= 0`` keeps all.
     ``policy``: which intact steps to keep instead (``retention_policy.policy_of``: by metric,
-    ``keep_period``).
+    ``keep_period``). ``what``: the steps' name in logs ("local checkpoint" for the local tier).
 
     Runs after a save committed, so nothing here may fail that save: a step another deleter
     (``stepsafe gc``) removed first is gone as wanted, and a deletion the storage refuses is
@@ -108,6 +109,6 @@ def apply_retention(
         try:
             delete_checkpoint(storage, a.entry.path)
         except (OSError, StepsafeError) as e:
-            log.error("Could not delete old checkpoint %s: %s", a.entry.path, e)
+            log.error("Could not delete old %s %s: %s", what, a.entry.path, e)
             continue
-        log.info("Deleted old checkpoint at step %d (keeping %d): %s", a.entry.step, keep, a.reason)
+        log.info("Deleted old %s at step %d (keeping %d): %s", what, a.entry.step, keep, a.reason)

@@ -113,7 +113,7 @@ def plan_gc(
         )
     done = run.complete
     newest = done[-1].step if done else None
-    why_delete = "not kept by the retention policy (best_fn, keep_period)"
+    why_delete = "not among the steps the retention policy keeps"
     if kept is None:
         kept = {e.step: f"among the newest {keep} intact" for e in done[-keep:]}
         why_delete = f"older than the newest {keep} intact"

@@ -42,7 +42,9 @@ from stepsafe.distributed import coordinator, process_count, process_index
 from stepsafe.errors import ConfigError, StepsafeError, TargetMismatchError
 from stepsafe.format import CommitRecord, delete_checkpoint
 from stepsafe.manager.async_writer import AsyncWriter
+from stepsafe.manager.existing_steps import PassedSteps, apply_retention
 from stepsafe.manager.gc import remove_half_deleted
+from stepsafe.manager.inventory import StepEntry, scan_step
 from stepsafe.manager.iterator_state import (
     CheckpointableIterator,
     iterator_files,
@@ -81,6 +83,7 @@ class LocalTier:
         self.period, self.keep, self.tag, self.file_size = period, keep, tag, file_size
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()
+        self._passed = PassedSteps()  # damaged, linked, foreign entries: kept, said once
         self._resumed_at: int | None = None  # where this run started: later steps are stale
         self._fresh = True  # no local save yet: stale steps are still to be dropped
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
@@ -151,6 +154,7 @@ class LocalTier:
             UnsupportedLeafError: a leaf, or the iterator's state, that cannot be saved.
         """
         self._writer.wait()
+        t0 = time.perf_counter()  # the caller's time from here
         if self._fresh:
             self._drop_stale(step)
             self._fresh = False
@@ -166,7 +170,6 @@ class LocalTier:
                 "checkpoint; it is left in place (move it aside to save this step)", step, path,
             )  # fmt: skip
             return False
-        t0 = time.perf_counter()
         extra = {} if data_iterator is None else iterator_files(data_iterator, process_index())
         if process_count() == 1:
             snap = snapshot(state, copy=copy, staging=self._staging)
@@ -183,7 +186,7 @@ class LocalTier:
                 "Saved local checkpoint at step %d (%.1f MB, blocked %.3f s, total %.3f s)",
                 step, snap.nbytes / 1e6, blocked, total,
             )  # fmt: skip
-            self.apply_retention(step)
+            self.apply_retention()
             if after_commit is not None:
                 after_commit(step)
 
@@ -193,38 +196,45 @@ class LocalTier:
             job()
         return True
 
-    def apply_retention(self, newest: int | None = None) -> None:
-        """Keep the newest ``keep`` committed local steps up to ``newest`` (None: all), and
-        those being promoted; runs after each local commit, and after each promotion."""
-        steps = [s for s in self.steps() if newest is None or s <= newest]
+    def apply_retention(self) -> None:
+        """Keep the newest ``keep`` intact local steps, and those waiting for promotion or
+        being promoted (the persistent tier's rules otherwise: damaged, linked and foreign
+        entries are kept, logged once); runs after each local commit and each promotion."""
         pinned = self.pinned()
-        for step in steps[: max(0, len(steps) - self.keep)]:
-            if step in pinned:
-                continue
-            try:
-                delete_checkpoint(self.storage, self.step_path(step))
-            except (OSError, StepsafeError) as e:
-                log.error("Could not delete old local checkpoint %s: %s", self.step_path(step), e)
-                continue
-            log.info("Deleted old local checkpoint at step %d (keeping %d)", step, self.keep)
+
+        def kept(done: list[StepEntry]) -> dict[int, str]:
+            out = {e.step: f"among the newest {self.keep} intact" for e in done[-self.keep :]}
+            out.update({e.step: "waiting for its promotion" for e in done if e.step in pinned})
+            return out
+
+        policy = kept if pinned else None  # None: the newest ``keep``, said as such
+        apply_retention(
+            self.storage, self.directory, self.keep, self._passed, policy, "local checkpoint"
+        )
 
     def resumed_at(self, step: int | None) -> None:
         """The run starts after ``step`` (None: from scratch or from other weights)."""
         self._resumed_at = step
 
     def _drop_stale(self, first: int) -> None:
-        """Delete the local steps after where this run started (none: from ``first`` on)."""
+        """Delete the local steps after where this run started (none: from ``first`` on),
+        those stepsafe wrote only: a link, or a step holding anything else, is left in place
+        and said (its step is then not saved here again)."""
         after = self._resumed_at if self._resumed_at is not None else first - 1
-        names = self.storage.list_dir(self.directory)
-        for step in sorted(s for s in map(step_number, names) if s is not None):
-            if step <= after:
+        since = f"step {after}" if self._resumed_at is not None else "scratch"
+        for name in self.storage.list_dir(self.directory):
+            step = step_number(name)
+            if step is None or step <= after:
                 continue
             path = self.step_path(step)
+            entry = scan_step(self.storage, path, name, step, sizes=False)
+            if not entry.ours or entry.foreign or self.storage.is_link(path):
+                self._passed.report(entry)
+                continue
             log.warning(
                 "Deleting local checkpoint at step %d (%s): it is newer than where this run "
                 "started (%s), so it belongs to a run that was not resumed, and a process's "
-                "old step beside another's new one would mix two runs",
-                step, path, f"step {after}" if self._resumed_at is not None else "scratch",
+                "old step beside another's new one would mix two runs", step, path, since,
             )  # fmt: skip
             try:
                 delete_checkpoint(self.storage, path)

@@ -267,10 +267,10 @@ class CheckpointManager(Restoring):
         elif not is_multiprocess():
             raise lost
 
+        t0 = time.perf_counter()  # the caller's time from here (the check lists the step)
         # process 0 decides for the job: a lost lease fails everyone
         if on_process_0(f"save-{self._tag}-{step}", lambda: self._save_is_blocked(step)):
             return False
-        t0 = time.perf_counter()
 
         def capture() -> tuple[Snapshot, dict[str, bytes] | None]:
             snap = snapshot(state, copy=self.options.async_save, staging=self._staging)
