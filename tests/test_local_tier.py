@@ -63,7 +63,7 @@ def test_local_steps_beside_persistent_ones_and_retention_per_tier(tmp_path):
         assert m.local_steps() == [20, 22]  # local_max_to_keep=2 by default
         assert m.latest_step() == 22
     local = tmp_path / "local" / "run"
-    assert sorted(p.name for p in local.iterdir()) == ["20", "22"]
+    assert sorted(p.name for p in local.iterdir()) == ["20", "22", "_LOCAL_TIER.json"]
     assert stepsafe.verify(str(local / "22")).ok
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from stepsafe.errors import CorruptCheckpointError
+from stepsafe.errors import CorruptCheckpointError, ManifestError
 from stepsafe.format import COMMIT_FILE, CheckpointReader
 from stepsafe.format.check import check_checkpoint
 from stepsafe.format.layout import COMMIT_RECORD_MAX_BYTES
@@ -23,12 +23,15 @@ from stepsafe.storage import Storage
 BLOCK_BYTES = 16 << 20  # one read and one write at a time per file
 
 
-def copy_step(src_storage: Storage, src: str, dst_storage: Storage, dst: str) -> int:
+def copy_step(
+    src_storage: Storage, src: str, dst_storage: Storage, dst: str, *, step: int | None = None
+) -> int:
     """Copy the committed checkpoint ``src`` to ``dst`` (which must not hold one); the bytes
-    copied.
+    copied. ``step``: the step ``src`` must hold (its record says).
 
     Raises:
-        CorruptCheckpointError: ``src`` fails a check (nothing is written then).
+        CorruptCheckpointError: ``src`` fails a check, or holds another step than ``step``
+            (nothing is written then).
         CheckpointExistsError: ``dst`` holds a committed checkpoint already.
         StorageError: either storage refused; nothing is committed at ``dst`` then.
     """
@@ -39,7 +42,12 @@ def copy_step(src_storage: Storage, src: str, dst_storage: Storage, dst: str) ->
             f"{src} is damaged ({first.kind}: {first.message}), so it is not copied; "
             f"{len(report.problems)} problem(s) in all (`stepsafe verify {src}`)"
         )
-    files = CheckpointReader(src_storage, src).named_files()
+    reader = CheckpointReader(src_storage, src)
+    if step is not None and reader.record.step != step:
+        raise ManifestError(
+            f"{src} holds the checkpoint of step {reader.record.step}, not {step}: not copied"
+        )
+    files = reader.named_files()
     raw_record = read_step_file(src_storage, src, COMMIT_FILE, COMMIT_RECORD_MAX_BYTES)
     copied = 0
     with dst_storage.transaction(dst) as txn:

@@ -108,6 +108,21 @@ def is_own_shards(storage: Storage, path: str) -> bool:
     return DESCRIPTOR in read_commit_record(storage, path).extra_files
 
 
+def own_shards_of(storage: Storage, path: str) -> tuple[int, int] | None:
+    """(process index, process count) of the process whose shards the committed step at
+    ``path`` holds; None for a whole state.
+
+    Raises:
+        CorruptCheckpointError: the step's record or descriptor is damaged.
+    """
+    record = read_commit_record(storage, path)
+    raw = read_extra(storage, path, DESCRIPTOR, record)
+    if raw is None:
+        return None
+    d = _descriptor(raw, path)
+    return d["process_index"], d["process_count"]
+
+
 def restore_own(storage: Storage, path: str, target: Any, *, as_saved: bool = False) -> Any:
     """The state saved at ``path`` by ``own_snapshot`` + ``write_own``, onto ``target`` (the
     shardings of its ``jax.Array`` / ``ShapeDtypeStruct`` leaves say where each shard goes).

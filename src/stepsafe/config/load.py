@@ -181,8 +181,11 @@ def validate(config: Config) -> None:
         raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
     if config.emb_dim % config.num_heads:
         raise ConfigError(f"emb_dim ({config.emb_dim}) must be divisible by num_heads")
-    if not config.run_name or "/" in config.run_name:
-        raise ConfigError(f"run_name must be a non-empty name without '/', got {config.run_name!r}")
+    if not config.run_name or "/" in config.run_name or config.run_name in (".", ".."):
+        raise ConfigError(
+            "run_name must be a non-empty name without '/' (nor '.' or '..'), got "
+            f"{config.run_name!r}"
+        )
 
 
 def _check_processes(config: Config) -> None:

@@ -25,6 +25,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from stepsafe.errors import BackgroundSaveError
 
@@ -85,11 +86,21 @@ class AsyncWriter:
 
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
+_after_writers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def finish_after_writers_at_exit(worker: Any) -> None:
+    """Have the interpreter's exit wait for ``worker`` (its ``_finish_at_exit()``) after every
+    writer's save, before the thread pools shut down: a background job that a save's commit
+    hands work to (multi-tier promotion) must finish with the pools it needs."""
+    _after_writers.add(worker)
 
 
 def _finish_all_at_exit() -> None:
     for writer in list(_writers):
         writer._finish_at_exit()
+    for worker in list(_after_writers):
+        worker._finish_at_exit()
 
 
 _register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9

@@ -22,16 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from stepsafe.arrays import StagingBuffers
-from stepsafe.checkpoint import committed_steps, snapshot
+from stepsafe.checkpoint import snapshot
 from stepsafe.checkpoint.own_shards import (
     DESCRIPTOR,
     is_own_shards,
+    own_shards_of,
     own_snapshot,
     restore_own,
     write_own,
@@ -39,20 +39,24 @@ from stepsafe.checkpoint.own_shards import (
 from stepsafe.checkpoint.restore import open_checkpoint, restore_from
 from stepsafe.checkpoint.run_layout import step_name, step_number
 from stepsafe.distributed import coordinator, process_count, process_index
-from stepsafe.errors import ConfigError, StepsafeError, TargetMismatchError
+from stepsafe.errors import ConfigError, ManifestError, StepsafeError, TargetMismatchError
 from stepsafe.format import CommitRecord, delete_checkpoint
+from stepsafe.format.step_files import read_commit_record
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention
 from stepsafe.manager.gc import remove_half_deleted
-from stepsafe.manager.inventory import StepEntry, scan_step
+from stepsafe.manager.inventory import StepEntry, scan_step, scan_steps
 from stepsafe.manager.iterator_state import (
     CheckpointableIterator,
     iterator_files,
     restore_iterator,
 )
+from stepsafe.manager.local_claim import claim_local_directory
 from stepsafe.storage import remove_stale_temporaries, storage_for
 
 log = logging.getLogger("stepsafe")
+
+FREE, COMMITTED, BLOCKED = "free", "committed", "blocked"  # what ``prepare`` finds
 
 
 class LocalTier:
@@ -72,7 +76,14 @@ class LocalTier:
     """
 
     def __init__(
-        self, directory: str, period: int, keep: int, tag: str, file_size: int | None = None
+        self,
+        directory: str,
+        period: int,
+        keep: int,
+        tag: str,
+        *,
+        persistent: str,
+        file_size: int | None = None,
     ) -> None:
         if "://" in str(directory):
             raise ConfigError(
@@ -85,35 +96,30 @@ class LocalTier:
         self._staging = StagingBuffers()
         self._passed = PassedSteps()  # damaged, linked, foreign entries: kept, said once
         self._resumed_at: int | None = None  # where this run started: later steps are stale
-        self._fresh = True  # no local save yet: stale steps are still to be dropped
+        self._fresh = True  # no local save since it started: stale steps still to be dropped
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
         self.pinned: Callable[[], set[int]] = set  # steps retention must keep (being promoted)
-        os.makedirs(self.directory, exist_ok=True)
-        self._refuse_shared_directory()
+        claim_local_directory(self.directory, persistent, tag)
         for path in remove_stale_temporaries(self.directory):
             log.info("Removed the leftovers of an interrupted local save: %s", path)
         for path in remove_half_deleted(self.storage, self.directory):
             log.info("Removed the leftovers of an interrupted local deletion: %s", path)
 
-    def _refuse_shared_directory(self) -> None:
-        """Two processes on one host writing one local directory would mix their shards."""
-        c = coordinator()
-        if c.count == 1:
-            return
-        mine = json.dumps([socket.gethostname(), os.path.realpath(self.directory)]).encode()
-        seen = [tuple(json.loads(v)) for v in c.all_gather(f"local-dir-{self.tag}", mine)]
-        for p, where in enumerate(seen):
-            if where == seen[c.index] and p != c.index:
-                raise ConfigError(
-                    f"processes {min(p, c.index)} and {max(p, c.index)} both use local "
-                    f"checkpoint directory {where[1]} on host {where[0]}: each process needs "
-                    "its own (a per-host disk, or a directory per process)"
-                )
-
     # -- what exists -------------------------------------------------------------------------
     def steps(self) -> list[int]:
-        """This process's committed local steps, oldest first."""
-        return committed_steps(self.storage, self.directory)
+        """This process's committed local steps that it can restore, oldest first: intact,
+        holding only files stepsafe wrote, saved by this process of a job of this size (one
+        process's shards restore nowhere else)."""
+        here = None if process_count() == 1 else (process_index(), process_count())
+        out = []
+        for e in scan_steps(self.storage, self.directory, sizes=False):
+            if e.complete and not e.temporary and not e.foreign:
+                try:
+                    if own_shards_of(self.storage, e.path) == here:
+                        out.append(e.step)
+                except (OSError, StepsafeError):
+                    continue  # damaged: a restore would fail on it
+        return out
 
     def common_steps(self) -> list[int]:
         """The local steps every process of the job has committed, oldest first."""
@@ -134,6 +140,32 @@ class LocalTier:
         return step % self.period == 0
 
     # -- saving ------------------------------------------------------------------------------
+    def prepare(self, step: int) -> str:
+        """Whether step ``step`` can be saved here: ``FREE``, ``COMMITTED`` (already, intact:
+        not saved again) or ``BLOCKED`` (its name holds something else: left in place, said).
+        Waits for the previous local save first, and before the first save since the run
+        started deletes the local steps past where it started.
+
+        Raises:
+            BackgroundSaveError: the previous local save failed.
+        """
+        self._writer.wait()
+        if self._fresh:
+            self._drop_stale(step)
+            self._fresh = False
+        path = self.step_path(step)
+        if step in self.steps():
+            log.info("Local checkpoint at step %d already exists; not saving it again", step)
+            return COMMITTED
+        if self.storage.exists(path) or self.storage.is_link(path):
+            log.error(
+                "Local step %d is not saved: %s holds something that is not a committed "
+                "checkpoint of this process; it is left in place (move it aside to save this "
+                "step)", step, path,
+            )  # fmt: skip
+            return BLOCKED
+        return FREE
+
     def save(
         self,
         step: int,
@@ -144,32 +176,16 @@ class LocalTier:
         copy: bool,
         background: bool,
         after_commit: Callable[[int], None] | None = None,
-    ) -> bool:
-        """Save ``state`` as local step ``step``; False (logged) when it is already there.
-        ``after_commit(step)`` runs once it committed, or at once when it was committed
-        already (promotion, in multi-tier mode).
+    ) -> None:
+        """Save ``state`` as local step ``step`` (``prepare`` said ``FREE``).
+        ``after_commit(step)`` runs once the write is over, committed or failed (promotion, in
+        multi-tier mode: under several processes every process must take part in it).
 
         Raises:
-            BackgroundSaveError: the previous local save failed.
             UnsupportedLeafError: a leaf, or the iterator's state, that cannot be saved.
         """
-        self._writer.wait()
-        t0 = time.perf_counter()  # the caller's time from here
-        if self._fresh:
-            self._drop_stale(step)
-            self._fresh = False
+        t0 = time.perf_counter()
         path = self.step_path(step)
-        if step in self.steps():
-            log.info("Local checkpoint at step %d already exists; not saving it again", step)
-            if after_commit is not None:  # e.g. the last step, saved on its period already
-                after_commit(step)
-            return False
-        if self.storage.exists(path) or self.storage.is_link(path):
-            log.error(
-                "Local step %d is not saved: %s holds something that is not a committed "
-                "checkpoint; it is left in place (move it aside to save this step)", step, path,
-            )  # fmt: skip
-            return False
         extra = {} if data_iterator is None else iterator_files(data_iterator, process_index())
         if process_count() == 1:
             snap = snapshot(state, copy=copy, staging=self._staging)
@@ -179,22 +195,23 @@ class LocalTier:
         blocked = time.perf_counter() - t0
 
         def job() -> None:
-            write_own(self.storage, path, snap, record, extra, self.file_size)
-            total = time.perf_counter() - t0
-            self.last_save_seconds = (blocked, total)
-            log.info(
-                "Saved local checkpoint at step %d (%.1f MB, blocked %.3f s, total %.3f s)",
-                step, snap.nbytes / 1e6, blocked, total,
-            )  # fmt: skip
-            self.apply_retention()
-            if after_commit is not None:
-                after_commit(step)
+            try:
+                write_own(self.storage, path, snap, record, extra, self.file_size)
+                total = time.perf_counter() - t0
+                self.last_save_seconds = (blocked, total)
+                log.info(
+                    "Saved local checkpoint at step %d (%.1f MB, blocked %.3f s, total %.3f s)",
+                    step, snap.nbytes / 1e6, blocked, total,
+                )  # fmt: skip
+                self.apply_retention()
+            finally:
+                if after_commit is not None:
+                    after_commit(step)
 
         if background:
             self._writer.submit(f"local step {step}", job)
         else:
             job()
-        return True
 
     def apply_retention(self) -> None:
         """Keep the newest ``keep`` intact local steps, and those waiting for promotion or
@@ -213,8 +230,10 @@ class LocalTier:
         )
 
     def resumed_at(self, step: int | None) -> None:
-        """The run starts after ``step`` (None: from scratch or from other weights)."""
+        """The run goes on after ``step`` (None: from scratch or from other weights): local
+        steps past it are dropped before the next local save."""
         self._resumed_at = step
+        self._fresh = True
 
     def _drop_stale(self, first: int) -> None:
         """Delete the local steps after where this run started (none: from ``first`` on),
@@ -270,6 +289,12 @@ class LocalTier:
                 ``select`` on one process's shards.
         """
         path = self.step_path(step)
+        saved = read_commit_record(self.storage, path).step
+        if saved != step:
+            raise ManifestError(
+                f"{path} holds the checkpoint of step {saved}, not {step}: something moved "
+                "files between steps; it is not restored"
+            )
         if is_own_shards(self.storage, path):
             if select is not None:
                 raise TargetMismatchError(

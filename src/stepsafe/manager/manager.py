@@ -36,6 +36,7 @@ from stepsafe.manager.gc import remove_half_deleted
 from stepsafe.manager.inventory import COMPLETE, INCOMPLETE, scan_steps
 from stepsafe.manager.iterator_state import CheckpointableIterator, iterator_files
 from stepsafe.manager.lease import Lease
+from stepsafe.manager.local_save import save_local
 from stepsafe.manager.options import ManagerOptions
 from stepsafe.manager.restoring import Restoring
 from stepsafe.manager.retention_policy import policy_of
@@ -123,7 +124,7 @@ class CheckpointManager(Restoring):
             for entry in scan_steps(self.storage, self.directory, sizes=False):
                 if entry.status not in (COMPLETE, INCOMPLETE):
                     self._passed.report(entry)
-        self.local = local_tier_for(self.options, self._tag, self.storage)  # None: no local tier
+        self.local = local_tier_for(self.options, self._tag, self.storage, self.directory)
         self._promoter = promoter_for(
             self.options, self.local, self.storage, self.directory, self._save_is_blocked,
             self._apply_retention,
@@ -240,17 +241,13 @@ class CheckpointManager(Restoring):
         force: bool,
     ) -> bool:
         assert self.local is not None
-        promoter = self._promoter
-        promote = promoter is not None and promoter.due(step, force)
-        if promote:  # a promotion writes the run: not once another manager took it over
-            on_process_0(f"lease-{self._tag}-{step}", self._check_lease)
         record = CommitRecord(
             step=step, custom_metadata=dict(custom_metadata or {}), metrics=dict(metrics or {})
         )
-        return self.local.save(
-            step, state, data_iterator=data_iterator, record=record,
-            copy=self.options.async_save, background=self.options.async_save,
-            after_commit=promoter.offer if promote and promoter is not None else None,
+        return save_local(
+            self.local, self._promoter, step, state, data_iterator=data_iterator,
+            record=record, background=self.options.async_save, force=force,
+            check_lease=self._check_lease,
         )  # fmt: skip
 
     def _save_persistent(

@@ -30,7 +30,9 @@ from stepsafe.checkpoint.run_layout import step_name
 from stepsafe.checkpoint.save import take_part
 from stepsafe.distributed import is_multiprocess
 from stepsafe.distributed.outcomes import on_process_0
+from stepsafe.errors import ManifestError
 from stepsafe.format.step_files import read_commit_record, read_extra
+from stepsafe.manager.async_writer import finish_after_writers_at_exit
 from stepsafe.manager.iterator_state import ITER_DIR
 from stepsafe.manager.local_tier import LocalTier
 from stepsafe.storage import Storage
@@ -71,6 +73,7 @@ class Promoter:
         self._thread: threading.Thread | None = None
         self.promoted: list[int] = []  # in order, for logs and tests
         self.failed: list[tuple[int, str]] = []
+        finish_after_writers_at_exit(self)  # the last promotion finishes before exit
 
     def due(self, step: int, force: bool = False) -> bool:
         """Whether local step ``step``, once committed, is to be promoted (decided when the
@@ -140,7 +143,8 @@ class Promoter:
         if self._together:
             copied = self._write_together(step, dst)
         else:
-            copied = copy_step(self.local.storage, self.local.step_path(step), self.storage, dst)
+            src = self.local.step_path(step)
+            copied = copy_step(self.local.storage, src, self.storage, dst, step=step)
         self.promoted.append(step)
         log.info(
             "Promoted local step %d to %s (%.1f MB in %.3f s)",
@@ -158,6 +162,8 @@ class Promoter:
             if not is_own_shards(storage, src):
                 raise ValueError(f"{src} does not hold one process's shards")
             record = read_commit_record(storage, src)
+            if record.step != step:
+                raise ManifestError(f"{src} holds the checkpoint of step {record.step}")
             state = restore_own(storage, src, None, as_saved=True)
             extra = {
                 name: read_extra(storage, src, name, record) or b""
@@ -178,6 +184,9 @@ class Promoter:
         with self._lock:
             while self._thread is not None:
                 self._lock.wait()
+
+    def _finish_at_exit(self) -> None:
+        self.wait()  # a failure was logged where it happened
 
     @property
     def busy(self) -> bool:

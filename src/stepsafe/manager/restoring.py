@@ -138,15 +138,15 @@ class Restoring:
         self._wait_all()
         steps = self.all_steps()
 
-        def persistent() -> tuple[int, Any]:
+        def persistent(among: list[int]) -> tuple[int, Any]:
             return restore_newest(
-                self.storage, self.directory, steps, target, data_iterator,
+                self.storage, self.directory, among, target, data_iterator,
                 self._passed.damaged, self._single_replica,
             )  # fmt: skip
 
         path = ""
         if self.local is None:
-            step, state = persistent()
+            step, state = persistent(steps)
         else:
             step, state, path = restore_across_tiers(
                 self.local, steps, target, data_iterator, persistent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from stepsafe.checkpoint import committed_steps
@@ -11,19 +12,23 @@ from stepsafe.manager.promoter import Promoter
 from stepsafe.storage import Storage
 
 
-def local_tier_for(options: ManagerOptions, tag: str, persistent: Storage) -> LocalTier | None:
-    """This process's local tier; None without ``local_directory``, or for a manager that
-    only reads (it saves nothing, and must not clean what it did not write). Its data files
-    split at ``data_file_size_bytes``, or in multi-tier mode at the ``persistent`` storage's
-    default (its files are promoted as they are: a bucket wants them smaller)."""
+def local_tier_for(
+    options: ManagerOptions, tag: str, storage: Storage, directory: str
+) -> LocalTier | None:
+    """This process's local tier beside the persistent one (``directory`` on ``storage``);
+    None without ``local_directory``, or for a manager that only reads (it saves nothing, and
+    must not clean what it did not write). Its data files split at ``data_file_size_bytes``,
+    or in multi-tier mode at the persistent storage's default (its files are promoted as they
+    are: a bucket wants them smaller)."""
     if options.local_directory is None or not options.enable_checkpointing:
         return None
     file_size = options.data_file_size_bytes
     if file_size is None and options.multi_tier:
-        file_size = persistent.default_file_size
+        file_size = storage.default_file_size
+    persistent = directory if "://" in directory else os.path.abspath(directory)
     return LocalTier(
         options.local_directory, options.local_save_interval_steps, options.local_max_to_keep,
-        tag, file_size,
+        tag, persistent=persistent, file_size=file_size,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from stepsafe.distributed import process_count, process_index
 from stepsafe.distributed.outcomes import as_error, gather_failures
+from stepsafe.errors import CorruptCheckpointError
 from stepsafe.manager.iterator_state import CheckpointableIterator
 from stepsafe.manager.local_tier import LocalTier
 
@@ -28,20 +29,31 @@ def restore_across_tiers(
     persistent_steps: list[int],
     target: Any,
     data_iterator: CheckpointableIterator | None,
-    restore_persistent: Callable[[], tuple[int, Any]],
+    restore_persistent: Callable[[list[int]], tuple[int, Any]],
 ) -> tuple[int, Any, str]:
-    """(step, state, its path) from the newest step across both tiers that restores on every
-    process.
+    """(step, state, its path: "" for the persistent tier's) from the newest step across
+    both tiers that restores on every process: the tiers' steps are walked together, newest
+    first, a local step before a persistent step of the same number; a damaged persistent
+    step does not hide a newer local one behind it.
 
     Raises:
-        CheckpointNotFoundError: neither tier holds a step (from ``restore_persistent``).
-        CorruptCheckpointError: every persistent step is damaged and no local one restores.
+        CheckpointNotFoundError: neither tier holds a step.
+        CorruptCheckpointError: every step of both tiers failed, the persistent ones damaged.
+        StepsafeError: no persistent step, and every local step failed: the first failure
+            (e.g. ``TargetMismatchError`` when the model changed).
     """
     common = local.common_steps()
-    latest = persistent_steps[-1] if persistent_steps else None
-    newer = [s for s in reversed(common) if latest is None or s >= latest]
+    pending = list(persistent_steps)  # oldest first; tried newest first, in runs
     passed: list[str] = []
-    for step in newer:
+    first_failure: dict[str, Any] | None = None
+    latest = pending[-1] if pending else None
+    for step in reversed(common):
+        newer = [s for s in pending if s > step]
+        if newer:
+            try:
+                return _persistent(restore_persistent, newer, local, common, passed)
+            except CorruptCheckpointError:
+                pending = [s for s in pending if s <= step]  # each logged as damaged
         state, _, first = _try_local(local, step, target, data_iterator)
         if first is None:
             log.info(
@@ -50,15 +62,28 @@ def restore_across_tiers(
             )  # fmt: skip
             return step, state, local.step_path(step)
         passed.append(str(step))
+        first_failure = first_failure or first
         log.error(
             "Local checkpoint at step %d cannot be restored on process %d (%s: %s); it is "
             "passed by, and the next newest step is tried",
             step, first["process"], first["type"], first["message"],
         )  # fmt: skip
-    step, state = restore_persistent()
+    if not pending and first_failure is not None:
+        raise as_error(first_failure, process_count())
+    return _persistent(restore_persistent, pending, local, common, passed)
+
+
+def _persistent(
+    restore_persistent: Callable[[list[int]], tuple[int, Any]],
+    steps: list[int],
+    local: LocalTier,
+    common: list[int],
+    passed: list[str],
+) -> tuple[int, Any, str]:
+    step, state = restore_persistent(steps)
     log.info(
         "Restored step %d from the persistent tier: %s",
-        step, _why_persistent(local.steps(), common, latest, passed),
+        step, _why_persistent(local.steps(), common, step, passed),
     )  # fmt: skip
     return step, state, ""
 
@@ -110,9 +135,7 @@ def _newer_than(step: int, latest: int | None) -> str:
     return f"every process holds it, and it is newer than the persistent tier's step {latest}"
 
 
-def _why_persistent(
-    mine: list[int], common: list[int], latest: int | None, passed: list[str]
-) -> str:
+def _why_persistent(mine: list[int], common: list[int], step: int, passed: list[str]) -> str:
     if passed:
         return f"the newer local steps ({', '.join(passed)}) did not restore on every process"
     if not common:
@@ -120,4 +143,4 @@ def _why_persistent(
             f"no local step is on every process (this process holds {mine or 'none'}): a "
             "process lost its local disk, or never saved there"
         )
-    return f"the newest local step on every process ({common[-1]}) is older than {latest}"
+    return f"the newest local step on every process ({common[-1]}) is older than {step}"
