@@ -11,13 +11,11 @@ same size: worth seeing before copying a local disk to another host.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from stepsafe.checkpoint.own_shards import DESCRIPTOR
+from stepsafe.checkpoint.own_shards import DESCRIPTOR, own_shards_of
 from stepsafe.checkpoint.run_layout import step_of
 from stepsafe.errors import CheckpointNotFoundError, StepsafeError
-from stepsafe.format.step_files import read_commit_record, read_extra
 from stepsafe.manager.inventory import StepEntry, scan_steps
 from stepsafe.storage import Storage, storage_for
 
@@ -75,16 +73,12 @@ def _local_step(storage: Storage, entry: StepEntry) -> LocalStep:
     if not entry.complete:
         return LocalStep(entry, None)
     try:
-        record = read_commit_record(storage, entry.path)
-        if DESCRIPTOR not in record.extra_files:
-            return LocalStep(entry, WHOLE)
-        doc = json.loads(read_extra(storage, entry.path, DESCRIPTOR, record) or b"null")
-        p, n = doc["process_index"], doc["process_count"]
-        if type(p) is not int or type(n) is not int:
-            raise ValueError(f"process_index {p!r}, process_count {n!r}")
-    except (StepsafeError, OSError, ValueError, KeyError, TypeError) as e:
+        held = own_shards_of(storage, entry.path)
+    except (StepsafeError, OSError) as e:
         return LocalStep(entry, f"one process's shards: {DESCRIPTOR} unreadable ({e})")
-    return LocalStep(entry, holds_text(p, n), p, n)
+    if held is None:
+        return LocalStep(entry, WHOLE)
+    return LocalStep(entry, holds_text(*held), *held)
 
 
 def _runs_below(storage: Storage, path: str) -> list[str]:
