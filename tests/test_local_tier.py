@@ -97,11 +97,15 @@ def test_a_corrupted_local_step_is_passed_by_loudly(tmp_path, caplog):
     raw = bytearray(data.read_bytes())
     raw[0] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with caplog.at_level(logging.INFO, "stepsafe"), manager(tmp_path) as m:
+    with caplog.at_level(logging.INFO, "stepsafe"), manager(tmp_path, local_max_to_keep=3) as m:
         step, state = m.restore_newest(target())
-    assert step == 12 and state["step"] == 12
-    assert "Local checkpoint at step 14 cannot be restored" in caplog.text
-    assert any(r.levelno == logging.ERROR for r in caplog.records)
+        assert step == 12 and state["step"] == 12
+        assert "Local checkpoint at step 14 cannot be restored" in caplog.text
+        assert any(r.levelno == logging.ERROR for r in caplog.records)
+        train(m, 12, 14)  # step 14 again: the damaged one is moved aside, kept to inspect
+        assert m.local_steps() == [10, 12, 14]
+    (aside,) = (tmp_path / "local" / "run").glob("14.damaged-*")
+    assert not stepsafe.verify(str(aside)).ok and "aside" in caplog.text
 
 
 def test_steps_past_where_the_run_resumed_are_dropped_before_saving_again(tmp_path, caplog):

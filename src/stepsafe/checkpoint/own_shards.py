@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from stepsafe.arrays import StagingBuffers, is_array, is_jax_array, is_leaf, start_host_transfers
-from stepsafe.checkpoint.restore import is_target_leaf, open_checkpoint, restore_from
+from stepsafe.checkpoint.restore import OWN_SHARDS, is_target_leaf, open_checkpoint, restore_from
 from stepsafe.checkpoint.save import Snapshot, snapshot
 from stepsafe.distributed import process_count, process_index
 from stepsafe.errors import ManifestError, TargetMismatchError
@@ -31,7 +31,7 @@ from stepsafe.format.step_files import read_commit_record, read_extra
 from stepsafe.storage import Storage
 from stepsafe.tree import build_plain, check_target_paths, flatten
 
-DESCRIPTOR = "own_shards.json"
+DESCRIPTOR = OWN_SHARDS
 KIND = "stepsafe-own-shards"
 
 Box = tuple[tuple[int, int], ...]

@@ -20,6 +20,8 @@ from stepsafe.storage import Storage, storage_for
 from stepsafe.tree import build_plain, check_target_paths, concat, flatten, structure_paths, subtree
 from stepsafe.tree import join as join_key
 
+OWN_SHARDS = "own_shards.json"  # the descriptor of one process's shards (own_shards.py)
+
 
 def open_checkpoint(path: str, storage: Storage | None = None) -> CheckpointReader:
     """A reader of the checkpoint ``path`` designates (see ``checkpoint.locate``), in
@@ -204,6 +206,15 @@ def restore(
     ```
     """
     with open_checkpoint(path) as reader:
+        if OWN_SHARDS in reader.record.extra_files:  # a local-tier step of one process
+            from stepsafe.checkpoint.own_shards import restore_own
+
+            if select is not None:
+                raise TargetMismatchError(
+                    f"{reader.path} holds one process's shards (a local-tier step), which "
+                    "restore whole only: restore without select"
+                )
+            return restore_own(reader.storage, reader.path, target)
         return restore_from(reader, target, select, verify, allow_cast, single_replica)
 
 

@@ -2,8 +2,9 @@
 
     <local_checkpoint_directory>/<run_name>/<step>/      one per process, on its own disk
 
-A preemption then loses at most ``local_checkpoint_period`` steps instead of
-``checkpoint_period``: the local disk is fast, and nothing leaves the host. With one process a
+A preemption then loses at most ``local_checkpoint_period`` steps (plus those run while the
+newest local save was still being written, with async saves) instead of ``checkpoint_period``:
+the local disk is fast, and nothing leaves the host. With one process a
 local step is an ordinary checkpoint (so that promotion to the persistent tier copies its files
 as they are); under several, each process saves every shard it holds and its own data-iterator
 state (``checkpoint/own_shards.py``), so that it restores itself from its own disk alone.
@@ -37,21 +38,28 @@ from stepsafe.checkpoint.own_shards import (
     write_own,
 )
 from stepsafe.checkpoint.restore import open_checkpoint, restore_from
-from stepsafe.checkpoint.run_layout import step_name, step_number
+from stepsafe.checkpoint.run_layout import step_name
 from stepsafe.distributed import coordinator, process_count, process_index
-from stepsafe.errors import ConfigError, ManifestError, StepsafeError, TargetMismatchError
-from stepsafe.format import CommitRecord, delete_checkpoint
+from stepsafe.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    ManifestError,
+    StepsafeError,
+    TargetMismatchError,
+)
+from stepsafe.format import CommitRecord
 from stepsafe.format.step_files import read_commit_record
 from stepsafe.manager.async_writer import AsyncWriter
 from stepsafe.manager.existing_steps import PassedSteps, apply_retention
 from stepsafe.manager.gc import remove_half_deleted
-from stepsafe.manager.inventory import StepEntry, scan_step, scan_steps
+from stepsafe.manager.inventory import StepEntry, scan_steps
 from stepsafe.manager.iterator_state import (
     CheckpointableIterator,
     iterator_files,
     restore_iterator,
 )
 from stepsafe.manager.local_claim import claim_local_directory
+from stepsafe.manager.local_stale import drop_stale
 from stepsafe.storage import remove_stale_temporaries, storage_for
 
 log = logging.getLogger("stepsafe")
@@ -95,6 +103,8 @@ class LocalTier:
         self._writer = AsyncWriter()
         self._staging = StagingBuffers()
         self._passed = PassedSteps()  # damaged, linked, foreign entries: kept, said once
+        self._damaged: set[int] = set()  # steps a restore found damaged: kept for inspection
+        self._left: set[int] = set()  # stale steps that could not be deleted: never counted
         self._resumed_at: int | None = None  # where this run started: later steps are stale
         self._fresh = True  # no local save since it started: stale steps still to be dropped
         self.last_save_seconds: tuple[float, float] | None = None  # (blocked, total)
@@ -113,7 +123,7 @@ class LocalTier:
         here = None if process_count() == 1 else (process_index(), process_count())
         out = []
         for e in scan_steps(self.storage, self.directory, sizes=False):
-            if e.complete and not e.temporary and not e.foreign:
+            if e.complete and not e.temporary and not e.foreign and e.step not in self._left:
                 try:
                     if own_shards_of(self.storage, e.path) == here:
                         out.append(e.step)
@@ -123,15 +133,19 @@ class LocalTier:
 
     def common_steps(self) -> list[int]:
         """The local steps every process of the job has committed, oldest first."""
+        lists = self.steps_by_process()
+        return sorted(set(lists[0]).intersection(*lists[1:]))
+
+    def steps_by_process(self) -> list[list[int]]:
+        """Every process's ``steps()``, in process order (an exchange under several)."""
         mine = self.steps()
         c = coordinator()
         if c.count == 1:
-            return mine
-        lists = c.all_gather(f"local-steps-{self.tag}", json.dumps(mine).encode())
-        common = set(mine)
-        for raw in lists:
-            common &= set(json.loads(raw))
-        return sorted(common)
+            return [mine]
+        return [
+            json.loads(v)
+            for v in c.all_gather(f"local-steps-{self.tag}", json.dumps(mine).encode())
+        ]
 
     def step_path(self, step: int) -> str:
         return self.storage.join(self.directory, step_name(step))
@@ -236,29 +250,13 @@ class LocalTier:
         self._fresh = True
 
     def _drop_stale(self, first: int) -> None:
-        """Delete the local steps after where this run started (none: from ``first`` on),
-        those stepsafe wrote only: a link, or a step holding anything else, is left in place
-        and said (its step is then not saved here again)."""
+        """The local steps after where this run started (none: from ``first`` on) go: see
+        ``local_stale.drop_stale``; those that cannot are never counted as this process's."""
         after = self._resumed_at if self._resumed_at is not None else first - 1
         since = f"step {after}" if self._resumed_at is not None else "scratch"
-        for name in self.storage.list_dir(self.directory):
-            step = step_number(name)
-            if step is None or step <= after:
-                continue
-            path = self.step_path(step)
-            entry = scan_step(self.storage, path, name, step, sizes=False)
-            if not entry.ours or entry.foreign or self.storage.is_link(path):
-                self._passed.report(entry)
-                continue
-            log.warning(
-                "Deleting local checkpoint at step %d (%s): it is newer than where this run "
-                "started (%s), so it belongs to a run that was not resumed, and a process's "
-                "old step beside another's new one would mix two runs", step, path, since,
-            )  # fmt: skip
-            try:
-                delete_checkpoint(self.storage, path)
-            except (OSError, StepsafeError) as e:
-                log.error("Could not delete stale local checkpoint %s: %s", path, e)
+        self._left |= drop_stale(
+            self.storage, self.directory, after, since, self._damaged, self._passed
+        )
 
     def wait(self) -> None:
         """Block until the in-flight local save is committed; raise if it failed.
@@ -288,6 +286,15 @@ class LocalTier:
             TargetMismatchError: it was saved by other processes or on another mesh, or
                 ``select`` on one process's shards.
         """
+        try:
+            return self._restore(step, target, data_iterator, select)
+        except CorruptCheckpointError:
+            self._damaged.add(step)  # moved aside, not deleted, if a new save needs its name
+            raise
+
+    def _restore(
+        self, step: int, target: Any, data_iterator: CheckpointableIterator | None, select: Any
+    ) -> Any:
         path = self.step_path(step)
         saved = read_commit_record(self.storage, path).step
         if saved != step:

@@ -12,7 +12,7 @@ from typing import Any
 from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint.inspect import metadata as saved_tree
 from stepsafe.checkpoint.run_layout import check_step
-from stepsafe.errors import ConfigError
+from stepsafe.errors import CheckpointNotFoundError, ConfigError
 from stepsafe.manager.existing_steps import PassedSteps
 from stepsafe.manager.iterator_state import CheckpointableIterator
 from stepsafe.manager.local_tier import LocalTier
@@ -93,8 +93,16 @@ class Restoring:
         self._wait_all()
         step = check_step(step)
         local = self.local
-        if local is not None and step not in self.all_steps():  # noqa: SIM102
-            if step in local.common_steps():  # every process takes this same branch
+        if local is not None and step not in self.all_steps():
+            held = [step in steps for steps in local.steps_by_process()]  # alike everywhere
+            if any(held) and not all(held):
+                raise CheckpointNotFoundError(
+                    f"step {step} is not in the persistent tier, and in the local tier of "
+                    f"process(es) {', '.join(str(p) for p, h in enumerate(held) if h)} only: "
+                    "restore a step every process holds (manager.latest_step()), or one of "
+                    "the persistent tier's (manager.all_steps())"
+                )
+            if all(held):
                 state = restore_local_step(local, step, target, data_iterator, select)
                 if select is None:
                     local.resumed_at(step)

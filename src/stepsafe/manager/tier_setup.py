@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
 from stepsafe.checkpoint import committed_steps
+from stepsafe.distributed import is_multiprocess
 from stepsafe.manager.local_tier import LocalTier
 from stepsafe.manager.options import ManagerOptions
 from stepsafe.manager.promoter import Promoter
 from stepsafe.storage import Storage
+
+log = logging.getLogger("stepsafe")
 
 
 def local_tier_for(
@@ -26,6 +30,12 @@ def local_tier_for(
     if file_size is None and options.multi_tier:
         file_size = storage.default_file_size
     persistent = directory if "://" in directory else os.path.abspath(directory)
+    if is_multiprocess() and options.local_max_to_keep == 1:
+        log.warning(
+            "local_checkpoint_max_to_keep=1 under several processes: each deletes its older "
+            "local step once its own newer one commits, so a kill between two processes' "
+            "commits leaves no local step all of them hold; 2 (the default) keeps one"
+        )
     return LocalTier(
         options.local_directory, options.local_save_interval_steps, options.local_max_to_keep,
         tag, persistent=persistent, file_size=file_size,
