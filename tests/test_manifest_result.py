@@ -154,7 +154,9 @@ def test_every_planned_piece_must_be_written_exactly_once(tmp_path, second, prob
     'v' is pieces 0 and 1, and the second file holds piece ``second``)."""
     data = memoryview(np.arange(32, dtype=np.uint8))
     files = [
-        FilePlan(f"process_0.0000{n}.{SAVE_ID}.data", [Piece(i, "v", 0, data[16 * n :][:16])], 16)
+        FilePlan(
+            f"process_0.0000{n}.{SAVE_ID}.data", [Piece(i, "v", 0, 16, data[16 * n :][:16])], 16
+        )
         for n, i in enumerate([0, second])
     ]
     plan = WritePlan(files, [PlannedShard("v", ((0, 32),), range(2))], 3)

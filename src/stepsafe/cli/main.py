@@ -30,6 +30,7 @@ import sys
 from types import ModuleType
 
 from stepsafe.cli import common
+from stepsafe.cli import convert as convert_cmd
 from stepsafe.cli import diff as diff_cmd
 from stepsafe.cli import gc as gc_cmd
 from stepsafe.cli import inspect as inspect_cmd
@@ -56,6 +57,7 @@ COMMANDS: dict[str, ModuleType] = {
     "verify": verify_cmd,
     "gc": gc_cmd,
     "diff": diff_cmd,
+    "convert": convert_cmd,
     "train": train_cmd,
 }
 
@@ -63,7 +65,8 @@ COMMANDS: dict[str, ModuleType] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepsafe",
-        description="Fast, atomic, verified checkpoints: list, inspect, verify, clean, compare.",
+        description="Fast, atomic, verified checkpoints: list, inspect, verify, clean, compare, "
+        "convert.",
         epilog="example: stepsafe ls outputs   (stepsafe COMMAND --help for each command)\n\n"
         f"exit status:\n{EXIT_STATUS_TABLE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -3,8 +3,11 @@
 Every shard's bytes are cut into pieces (at most ``knobs.CHUNK_BYTES`` each, the checksum
 granularity) packed one after another into data files, each piece starting on an ``ALIGN``
 boundary; a file is closed once it reaches the target size. Pieces are views of the caller's
-memory: planning copies nothing. Each piece has a number, by which the record of what was
-written (``written.py``) names it, so that the manifest can be built from that record alone.
+memory: planning copies nothing. A shard may also be made on demand (``LazyShard``: a
+conversion's output leaf): its pieces then hold only their byte range, read from it when the
+file is written, so that a whole model need never be in memory at once. Each piece has a
+number, by which the record of what was written (``written.py``) names it, so that the
+manifest can be built from that record alone.
 """
 
 from __future__ import annotations
@@ -40,15 +43,37 @@ class HostArray:
     devices: tuple[int, ...] | None = None
 
 
+class LazyShard:
+    """A shard whose bytes are made only when they are written: ``nbytes`` long, bytes
+    ``[start, stop)`` from ``bytes_at`` (C order). Subclasses decide how (and for how long) they
+    hold what they made."""
+
+    nbytes: int
+
+    def bytes_at(self, start: int, stop: int) -> memoryview:
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
 class Piece:
-    """Bytes ``view`` of array ``key``, to be written at ``offset`` of its file; ``id`` is its
-    number in the plan."""
+    """Bytes ``[start, start + size)`` of a shard of array ``key``, to be written at ``offset``
+    of its file: a view of the caller's memory (``view``), or of a ``LazyShard`` (``lazy``),
+    made when the file is written; ``id`` is its number in the plan."""
 
     id: int
     key: str
     offset: int
-    view: memoryview
+    size: int
+    view: memoryview | None = None
+    lazy: LazyShard | None = None
+    start: int = 0
+
+    def data(self) -> memoryview:
+        """The piece's bytes (a lazy shard's are made now)."""
+        if self.view is not None:
+            return self.view
+        assert self.lazy is not None
+        return self.lazy.bytes_at(self.start, self.start + self.size)
 
 
 @dataclass
@@ -97,24 +122,29 @@ def plan_files(
     for arr in arrays:
         for index, data in arr.shards:
             check_box(arr.path, arr.shape, index)
-            view = _as_bytes(data)
+            lazy = data if isinstance(data, LazyShard) else None
+            view = None if lazy is not None else _as_bytes(data)
+            nbytes = lazy.nbytes if lazy is not None else len(view)  # type: ignore[arg-type]
             expected = math.prod(hi - lo for lo, hi in index) * np.dtype(arr.dtype).itemsize
-            if len(view) != expected:
+            if nbytes != expected:
                 raise ManifestError(
-                    f"array {arr.path!r}: shard {index} holds {len(view)} bytes, its box "
+                    f"array {arr.path!r}: shard {index} holds {nbytes} bytes, its box "
                     f"{expected}: nothing was committed"
                 )
             first = next_id
             pos = 0
-            while pos < len(view):
+            while pos < nbytes:
                 f = files[-1]
                 start = -(-f.size // ALIGN) * ALIGN
                 room = file_size - start
                 if room <= 0 and f.size > 0:
                     files.append(FilePlan(data_file_name(process_index, len(files), save_id)))
                     continue
-                n = min(len(view) - pos, chunk, max(room, 1))
-                f.pieces.append(Piece(next_id, arr.path, start, view[pos : pos + n]))
+                n = min(nbytes - pos, chunk, max(room, 1))
+                if view is not None:
+                    f.pieces.append(Piece(next_id, arr.path, start, n, view[pos : pos + n]))
+                else:
+                    f.pieces.append(Piece(next_id, arr.path, start, n, lazy=lazy, start=pos))
                 next_id += 1
                 f.size = start + n
                 pos += n

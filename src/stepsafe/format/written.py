@@ -119,7 +119,12 @@ def write_files(txn: Transaction, plan: WritePlan) -> WrittenPart:
             written exactly once; nothing is committed then.
         StorageError: as the storage raised it.
     """
-    written = run_all(lambda f: _write_file(txn, f), plan.files)
+    if any(p.lazy is not None for f in plan.files for p in f.pieces):
+        # Made on demand (a conversion): one file at a time, in order, so that a shard split
+        # across two files is made once and never waits on a file that waits on it.
+        written = [_write_file(txn, f) for f in plan.files]
+    else:
+        written = run_all(lambda f: _write_file(txn, f), plan.files)
     found: list[Chunk | None] = [None] * plan.num_pieces
     for w in written:
         for piece, chunk in w.chunks:
@@ -149,21 +154,27 @@ def _write_file(txn: Transaction, f: FilePlan) -> WrittenFile:
         pos = 0
         small = bytearray()
         for p in f.pieces:
-            record.chunks.append((p.id, Chunk(f.name, p.offset, len(p.view), checksum(p.view))))
-            if len(p.view) >= gather:
+            view = p.data()
+            if len(view) != p.size:
+                raise ManifestError(
+                    f"array {p.key!r}: a piece of {p.size} bytes came out {len(view)} bytes "
+                    "long: nothing was committed"
+                )
+            record.chunks.append((p.id, Chunk(f.name, p.offset, p.size, checksum(view))))
+            if p.size >= gather:
                 if small:
                     yield bytes(small)
                     small.clear()
                 if p.offset > pos:
                     yield bytes(p.offset - pos)
-                yield p.view
+                yield view
             else:
                 small += bytes(p.offset - pos)
-                small += p.view
+                small += view
                 if len(small) >= gather:
                     yield bytes(small)
                     small.clear()
-            pos = p.offset + len(p.view)
+            pos = p.offset + p.size
         if small:
             yield bytes(small)
         record.size = pos  # reached only once every byte was handed over

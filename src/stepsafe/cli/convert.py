@@ -1,0 +1,74 @@
+"""``stepsafe convert``: write a checkpoint as another kind (MaxText's): param-only (inference:
+``params`` only, as step 0, optionally cast, e.g. to bfloat16), and stacked (scanned) <->
+unstacked (``layers_0`` ..) layers. One array at a time: the memory it needs is about the
+largest array, whatever the model's size; the output is committed like any save."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from stepsafe.cli import common
+from stepsafe.cli.common import ExitCode
+from stepsafe.convert.kinds import convert_checkpoint
+
+HELP = "write a checkpoint as another kind: param-only, unstacked or stacked layers"
+EXAMPLE = (
+    "stepsafe convert outputs/demo/checkpoints/300 outputs/demo-params/checkpoints/0 "
+    "--param-only --dtype bfloat16 --unstack --scan-axis 0"
+)
+HINT = (
+    "SRC is a committed step (or a run: its latest); DST a new step directory, e.g. "
+    "<base_output_directory>/<run_name>/checkpoints/0"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="a committed step, or a run (its latest step)")
+    p.add_argument("dst", metavar="DST", help="the new step directory (must not exist)")
+    p.add_argument(
+        "--param-only", action="store_true",
+        help="keep only the parameters (the state's 'params'), saved as step 0",
+    )  # fmt: skip
+    p.add_argument("--params-key", default="params", help="the parameters' top key")
+    p.add_argument("--dtype", help="cast floating arrays, e.g. bfloat16 (MaxText's param-only)")
+    layers = p.add_mutually_exclusive_group()
+    layers.add_argument(
+        "--unstack", action="store_true",
+        help="stacked layers -> layers_0 .. layers_{L-1} (MaxText's force_unroll)",
+    )  # fmt: skip
+    layers.add_argument("--stack", action="store_true", help="layers_0 .. -> stacked layers")
+    p.add_argument(
+        "--scan-axis", type=int, default=1,
+        help="the layer axis of stacked arrays (MaxText's param_scan_axis: 1; the demo's: 0)",
+    )  # fmt: skip
+    p.add_argument("--layers-key", default="layers", help="the stacked layers' key")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = Progress(
+        TextColumn("convert"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=common.err(), transient=True, disable=args.no_progress or args.json,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("convert", total=None)
+        done = convert_checkpoint(
+            args.src, args.dst, param_only=args.param_only, params_key=args.params_key,
+            dtype=args.dtype, unstack=args.unstack, stack=args.stack, scan_axis=args.scan_axis,
+            layers_key=args.layers_key, on_bytes=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+    if args.json:
+        common.print_json(done)
+        return ExitCode.OK
+    what = "param-only" if args.param_only else "full state"
+    layers = ", unstacked" if args.unstack else ", stacked" if args.stack else ""
+    sets = f" ({done.layer_sets} layer set(s))" if done.layer_sets else ""
+    common.out().print(
+        f"Wrote {escape(done.path)}: step {done.step}, {what}{layers}{sets}, "
+        f"{common.human_bytes(done.nbytes)} of arrays"
+    )
+    return ExitCode.OK

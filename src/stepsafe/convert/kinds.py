@@ -1,0 +1,137 @@
+"""``convert_checkpoint``: one checkpoint into another kind, streaming, atomically committed.
+
+The kinds are MaxText's: a training checkpoint (the whole state: params, optimizer state,
+step) or a param-only one (inference: ``{"params": ...}`` only, saved as step 0, like MaxText's
+``generate_param_only_checkpoint``), each stacked (scanned layers) or unstacked
+(``layers_0`` ..). The output is written one array at a time, each made from the source when
+the writer needs it (``lazy_leaf.py``): the peak memory is about the largest array, whatever
+the model's size; and it is committed like any save, so an interrupted conversion leaves none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.convert.source import open_source, source_tree
+from stepsafe.convert.stacking import stack_layers, unstack_layers
+from stepsafe.convert.write_tree import write_tree
+from stepsafe.errors import ConfigError
+from stepsafe.format.dtypes import dtype_from_str
+from stepsafe.storage import storage_for
+
+
+@dataclass
+class Converted:
+    """What ``convert_checkpoint`` wrote: where, which step, how many array bytes, and how
+    many layer subtrees it unstacked or stacked."""
+
+    path: str
+    step: int | None
+    nbytes: int
+    layer_sets: int
+
+
+def convert_checkpoint(
+    src: str,
+    dst: str,
+    *,
+    param_only: bool = False,
+    params_key: str = "params",
+    dtype: str | None = None,
+    unstack: bool = False,
+    stack: bool = False,
+    scan_axis: int = 1,
+    layers_key: str = "layers",
+    data_file_size_bytes: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Converted:
+    """Write checkpoint ``src`` as another kind at ``dst`` (a new step directory).
+
+    Args:
+        src (`str`): a committed stepsafe checkpoint (a step, or a run: its latest step).
+        dst (`str`): where the new one goes (it must not exist), local or a bucket URL.
+        param_only (`bool`): keep only ``params_key``'s subtree, as step 0.
+        params_key (`str`): the parameters' key at the top of the state.
+        dtype (`str`, *optional*): cast every floating array to it (e.g. ``"bfloat16"``, as
+            MaxText's param-only checkpoints); None keeps every dtype.
+        unstack (`bool`): every ``layers_key`` subtree becomes ``layers_0`` .. (``force_unroll``).
+        stack (`bool`): the reverse.
+        scan_axis (`int`): the layer axis of stacked arrays (MaxText's ``param_scan_axis``: 1;
+            stepsafe's demo model: 0).
+        layers_key (`str`): the key of the stacked layers (MaxText's ``layers``).
+        data_file_size_bytes (`int`, *optional*): where data files split; None: the default.
+        on_bytes (`Callable[[int], None]`, *optional*): called with each run of bytes written.
+
+    Returns:
+        `Converted`: where and what was written.
+
+    Raises:
+        ConfigError: both ``unstack`` and ``stack``; nothing to (un)stack; no ``params_key``;
+            an unknown ``dtype``.
+        CheckpointNotFoundError, CorruptCheckpointError: as reading ``src`` raises them.
+        CheckpointExistsError: ``dst`` holds a committed checkpoint already.
+    """
+    if unstack and stack:
+        raise ConfigError("unstack and stack are opposite: ask for one")
+    reader = open_source(src)
+    tree = source_tree(reader)
+    step = reader.record.step
+    if param_only:
+        if not isinstance(tree, dict) or params_key not in tree:
+            top = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
+            raise ConfigError(
+                f"{reader.path} has no {params_key!r} at its top ({top}): name the parameters' "
+                "key (--params-key)"
+            )
+        tree, step = {params_key: tree[params_key]}, 0
+    sets = 0
+    if unstack or stack:
+        change = unstack_layers if unstack else stack_layers
+        tree, sets = change(tree, axis=scan_axis, key=layers_key)
+        if sets == 0:
+            what = f"a {layers_key!r} subtree" if unstack else f"{layers_key}_0 .."
+            raise ConfigError(f"{reader.path} holds no {what} to {'un' * unstack}stack")
+    if dtype is not None:
+        tree = _cast(tree, _float_dtype(dtype))
+    storage, path = storage_for(str(dst))
+    nbytes = write_tree(
+        storage, path, tree, step=step,
+        custom_metadata=reader.record.custom_metadata,
+        file_size=data_file_size_bytes, on_bytes=on_bytes,
+    )  # fmt: skip
+    return Converted(path, step, nbytes, sets)
+
+
+def _float_dtype(name: str) -> np.dtype:
+    try:
+        dt = dtype_from_str(name)
+    except Exception as e:
+        raise ConfigError(f"unknown dtype {name!r}: e.g. bfloat16, float16, float32") from e
+    if not np.issubdtype(dt, np.floating) and dt.kind != "V":
+        raise ConfigError(f"dtype {name!r} is not a floating type: floating arrays are cast to it")
+    return dt
+
+
+def _cast(node: Any, dt: np.dtype) -> Any:
+    if isinstance(node, OutLeaf):
+        if not _is_float(node.dtype) or node.dtype == dt:
+            return node
+        part = node.part
+        return OutLeaf(
+            node.shape, dt, lambda: node.make().astype(dt),
+            None if part is None else lambda box: part(box).astype(dt),
+        )  # fmt: skip
+    if isinstance(node, dict):
+        return {k: _cast(v, dt) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(_cast(v, dt) for v in node)
+    return node
+
+
+def _is_float(dt: np.dtype) -> bool:
+    return np.issubdtype(dt, np.floating) or dt.name in ("bfloat16",) or "float8" in dt.name

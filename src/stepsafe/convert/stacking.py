@@ -1,0 +1,174 @@
+"""Stacked <-> unstacked layers (MaxText's scanned and unscanned checkpoints).
+
+A scanned model keeps each per-layer weight once, stacked along one axis of length
+``num_layers`` (``param_scan_axis``: 1 in MaxText, 0 in stepsafe's demo model), under one key
+(``layers``); an unscanned one keeps ``layers_0`` .. ``layers_{L-1}``, each with that axis
+removed. Both directions work on trees of ``OutLeaf`` s: unstacking reads only layer i's region
+of a stacked array for ``layers_i`` (when the source can read regions), stacking makes each
+stacked array from its L parts; nothing is read until the writer needs it. Round trips are bit
+for bit: slicing and stacking move bytes, never change them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.errors import ConfigError
+
+
+def unstack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any, int]:
+    """``tree`` with every dict entry ``key`` (a stacked subtree) replaced by ``key_0`` ..
+    ``key_{L-1}``, in its place; and how many subtrees were unstacked.
+
+    Raises:
+        ConfigError: a stacked array has no ``axis``, or the arrays of one subtree disagree on
+            its length (the layer count).
+    """
+    found = 0
+
+    def visit(node: Any, path: str) -> Any:
+        nonlocal found
+        if isinstance(node, dict):
+            out: dict = {}
+            for k, v in node.items():
+                if k == key and not isinstance(v, OutLeaf):
+                    found += 1
+                    layers = _layer_count(v, axis, f"{path}/{k}")
+                    for i in range(layers):
+                        out[f"{key}_{i}"] = _map(v, lambda x, i=i: _slice(x, axis, i))
+                else:
+                    out[k] = visit(v, f"{path}/{k}")
+            return out
+        if isinstance(node, list | tuple):
+            return type(node)(visit(v, f"{path}/{i}") for i, v in enumerate(node))
+        return node
+
+    return visit(tree, ""), found
+
+
+def stack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any, int]:
+    """``tree`` with every set of dict entries ``key_0`` .. ``key_{L-1}`` replaced by one
+    entry ``key`` whose arrays stack theirs along ``axis``, in ``key_0``'s place; and how many
+    sets were stacked.
+
+    Raises:
+        ConfigError: the layers are not numbered 0 .. L-1, or differ in keys, shapes or dtypes.
+    """
+    pattern = re.compile(rf"^{re.escape(key)}_(0|[1-9][0-9]*)$")
+    found = 0
+
+    def visit(node: Any, path: str) -> Any:
+        nonlocal found
+        if isinstance(node, dict):
+            numbered = {int(m.group(1)): k for k in node if (m := pattern.match(str(k)))}
+            if numbered and key in node:
+                raise ConfigError(f"{path or '/'} holds both {key!r} and {key}_0..: stack which?")
+            if numbered and sorted(numbered) != list(range(len(numbered))):
+                last = len(numbered) - 1
+                raise ConfigError(
+                    f"{path or '/'}: layers {sorted(numbered)} are not numbered 0..{last}"
+                )
+            out: dict = {}
+            for k, v in node.items():
+                if numbered and k == numbered[0]:
+                    found += 1
+                    parts = [node[numbered[i]] for i in range(len(numbered))]
+                    out[key] = _stack(parts, axis, f"{path}/{key}")
+                elif k not in numbered.values():
+                    out[k] = visit(v, f"{path}/{k}")
+            return out
+        if isinstance(node, list | tuple):
+            return type(node)(visit(v, f"{path}/{i}") for i, v in enumerate(node))
+        return node
+
+    return visit(tree, ""), found
+
+
+def _map(node: Any, fn: Callable[[OutLeaf], Any]) -> Any:
+    if isinstance(node, OutLeaf):
+        return fn(node)
+    if isinstance(node, dict):
+        return {k: _map(v, fn) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(_map(v, fn) for v in node)
+    return node  # a value: the same in every layer
+
+
+def _leaves(node: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [x for k, v in node.items() for x in _leaves(v, f"{path}/{k}")]
+    if isinstance(node, list | tuple):
+        return [x for i, v in enumerate(node) for x in _leaves(v, f"{path}/{i}")]
+    return [(path, node)]
+
+
+def _layer_count(subtree: Any, axis: int, path: str) -> int:
+    counts = set()
+    for where, leaf in _leaves(subtree, path):
+        if isinstance(leaf, OutLeaf):
+            if not -len(leaf.shape) <= axis < len(leaf.shape):
+                raise ConfigError(
+                    f"{where} has shape {leaf.shape}: no axis {axis} to unstack along (the "
+                    "layer axis, param_scan_axis: 1 in MaxText, 0 in the demo model)"
+                )
+            counts.add(leaf.shape[axis])
+    if len(counts) != 1:
+        raise ConfigError(
+            f"{path}: its arrays disagree on the length of axis {axis} ({sorted(counts)}): "
+            "is that the layer axis?"
+        )
+    return counts.pop()
+
+
+def _slice(leaf: OutLeaf, axis: int, i: int) -> OutLeaf:
+    ax = axis % len(leaf.shape)
+    shape = (*leaf.shape[:ax], *leaf.shape[ax + 1 :])
+    box = tuple((i, i + 1) if d == ax else (0, n) for d, n in enumerate(leaf.shape))
+    part = leaf.part
+
+    def make() -> np.ndarray:
+        whole = (
+            part(box) if part is not None else leaf.make()[tuple(slice(lo, hi) for lo, hi in box)]
+        )
+        return whole.reshape(shape)
+
+    return OutLeaf(shape, leaf.dtype, make)
+
+
+def _stack(parts: list[Any], axis: int, path: str) -> Any:
+    first = _leaves(parts[0], "")
+    for i, p in enumerate(parts[1:], 1):
+        other = _leaves(p, "")
+        if [k for k, _ in other] != [k for k, _ in first] or any(
+            isinstance(a, OutLeaf) != isinstance(b, OutLeaf)
+            or (isinstance(a, OutLeaf) and (a.shape, a.dtype) != (b.shape, b.dtype))
+            for (_, a), (_, b) in zip(first, other)
+        ):
+            raise ConfigError(
+                f"{path}: layer {i} differs from layer 0 in its keys, shapes or dtypes"
+            )
+    flat = [dict(_leaves(p, "")) for p in parts]
+
+    def stacked(where: str, leaf: OutLeaf) -> OutLeaf:
+        ax = axis % (len(leaf.shape) + 1)
+        shape = (*leaf.shape[:ax], len(parts), *leaf.shape[ax:])
+        return OutLeaf(
+            shape, leaf.dtype, lambda: np.stack([f[where].make() for f in flat], axis=ax)
+        )
+
+    return _rebuild(parts[0], "", stacked)
+
+
+def _rebuild(node: Any, path: str, fn: Callable[[str, OutLeaf], OutLeaf]) -> Any:
+    if isinstance(node, OutLeaf):
+        return fn(path, node)
+    if isinstance(node, dict):
+        return {k: _rebuild(v, f"{path}/{k}", fn) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(_rebuild(v, f"{path}/{i}", fn) for i, v in enumerate(node))
+    return node

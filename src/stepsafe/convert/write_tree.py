@@ -1,0 +1,56 @@
+"""Write a tree of ``OutLeaf`` s and plain values as one committed checkpoint, streaming.
+
+The tree's structure and values go in the manifest as any save's; each ``OutLeaf`` becomes a
+one-shard array made on demand (``lazy_leaf.py``), so the bytes flow from the source through
+the conversion into the data files one array at a time, with the same commit as any save: an
+interrupted conversion leaves no checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stepsafe.arrays import is_array, is_leaf
+from stepsafe.convert.lazy_leaf import LazyLeaf, OutLeaf
+from stepsafe.format import CommitRecord, write_checkpoint
+from stepsafe.format.plan import HostArray
+from stepsafe.storage import Storage
+from stepsafe.tree import flatten
+
+
+def write_tree(
+    storage: Storage,
+    path: str,
+    tree: Any,
+    *,
+    step: int | None,
+    custom_metadata: dict[str, Any] | None = None,
+    file_size: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Commit ``tree`` at ``path``; the bytes of array data written.
+
+    Raises:
+        CheckpointExistsError: ``path`` holds a committed checkpoint already.
+        UnsupportedLeafError: a leaf that cannot be saved.
+        StorageError: as the storage raised it; nothing is committed then.
+    """
+    flat = flatten(tree, is_leaf=lambda x: isinstance(x, OutLeaf) or is_leaf(x))
+    arrays: list[HostArray] = []
+    values: dict[str, Any] = {}
+    for key, x in zip(flat.paths, flat.leaves):
+        if is_array(x):
+            x = OutLeaf(tuple(x.shape), np.dtype(x.dtype), lambda a=x: np.asarray(a))
+        if isinstance(x, OutLeaf):
+            box = tuple((0, n) for n in x.shape)
+            arrays.append(HostArray(key, x.dtype, x.shape, [(box, LazyLeaf(key, x, on_bytes))]))
+        else:
+            values[key] = x
+    record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
+    write_checkpoint(
+        storage, path, flat.structure, arrays, values, record=record, file_size=file_size
+    )
+    return sum(a.shards[0][1].nbytes for a in arrays)
