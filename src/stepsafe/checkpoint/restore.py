@@ -62,7 +62,7 @@ def _restore_value(key: str, value: Any, target: Any, allow_cast: bool) -> Any:
                 f"an array of shape {tuple(target.shape)}"
             )
         check_cast(key, value_dtype(value), target, allow_cast)
-        return _converted(key, value, lambda: _restore_array_host(key, np.asarray(value), target))
+        return _converted(key, value, lambda: place_array(key, np.asarray(value), target))
     raise TargetMismatchError(
         f"{key!r}: the checkpoint holds a {type(value).__name__}, "
         f"the target a {type(target).__name__}"
@@ -77,7 +77,10 @@ def _converted(key: str, value: Any, convert: Callable[[], Any]) -> Any:
         raise TargetMismatchError(f"{key!r}: {value!r} cannot be cast to the target ({e})") from e
 
 
-def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
+def place_array(key: str, arr: np.ndarray, target: Any) -> Any:
+    """The host array ``arr`` (leaf ``key``) as ``target`` wants it: a Python scalar, a numpy
+    array of its dtype, or a ``jax.Array`` on its sharding (JAX's default device without
+    one). Dtypes are the caller's to check (``casting.check_cast``)."""
     if isinstance(target, (bool, int, float)):
         if arr.ndim != 0:
             raise TargetMismatchError(
@@ -93,8 +96,11 @@ def _restore_array_host(key: str, arr: np.ndarray, target: Any) -> Any:
     sharding = getattr(target, "sharding", None)
     if sharding is None:
         sharding = default_sharding(key, None)  # an inline value: no saved sharding
-    boxes = local_boxes(arr.shape, sharding)  # a 0-d array: every box is the whole of it
-    return assemble(arr.shape, np.dtype(target.dtype), sharding, dict.fromkeys(boxes, arr))
+    regions = {  # a 0-d array: every box is the whole of it
+        box: arr[tuple(slice(lo, hi) for lo, hi in box)] if box else arr
+        for box in local_boxes(arr.shape, sharding)
+    }
+    return assemble(arr.shape, np.dtype(target.dtype), sharding, regions)
 
 
 def _wants_jax(target: Any) -> bool:
@@ -132,7 +138,7 @@ def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool)
         return LeafPlan(lambda: reader.plan(key), lambda read: read.outs.popitem()[1])
     return LeafPlan(
         lambda: reader.plan(key),
-        lambda read: _restore_array_host(key, read.outs.popitem()[1], target),
+        lambda read: place_array(key, read.outs.popitem()[1], target),
     )
 
 
@@ -282,7 +288,7 @@ def _restore_leaves(
         sharding=sharding,
         check=check,
         read=lambda ks, ts: _restore_all(reader, ks, ts, verify, allow_cast),
-        finish_host=lambda key, a, t: a if t is None else _restore_array_host(key, a, t),
+        finish_host=lambda key, a, t: a if t is None else place_array(key, a, t),
     )
     return restore_single_replica(source, keys, targets, single_replica)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from stepsafe.config import Config
 
 Params = dict[str, Any]
+SCAN_AXIS = 0  # the layer axis of the stacked weights (MaxText's param_scan_axis is 1)
 
 
 def init_params(config: Config, key: jax.Array) -> Params:

@@ -25,9 +25,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 
 from stepsafe.config import Config
+from stepsafe.convert import load_parameters
 from stepsafe.demo.data import SyntheticData
 from stepsafe.demo.distributed import start_distributed
-from stepsafe.demo.model import init_params, loss_fn
+from stepsafe.demo.model import SCAN_AXIS, init_params, loss_fn
 from stepsafe.demo.sharding import (
     batch_sharding,
     global_batch,
@@ -163,6 +164,7 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
         load_parameters_path=config.load_parameters_path,
         load_full_state_path=config.load_full_state_path,
         data_iterator=data,
+        load_parameters=partial(load_parameters, scan_axis=SCAN_AXIS),
     )
     if loaded.source in ("resume", "full_state"):
         state = loaded.state

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,25 @@ def load_initial_state(
     load_full_state_path: str = "",
     data_iterator: CheckpointableIterator | None = None,
     params_key: str = "params",
+    load_parameters: Callable[[str, Any], Any] | None = None,
 ) -> Loaded:
+    """The state a run starts from, by the priority above.
+
+    Args:
+        manager (`CheckpointManager`): the run's manager (its steps come first).
+        abstract_state (`Any`): the state's shapes, dtypes and shardings.
+        load_parameters_path (`str`): parameters from another run's checkpoint.
+        load_full_state_path (`str`): a whole state from another run's checkpoint.
+        data_iterator (`CheckpointableIterator`, *optional*): restored with a resume.
+        params_key (`str`): where the parameters lie in the state.
+        load_parameters (`Callable[[str, Any], Any]`, *optional*): how to read the
+            parameters at a path onto their target (``stepsafe.convert.load_parameters``
+            also takes a checkpoint whose layers are of the other kind); None: a restore.
+
+    Raises:
+        ConfigError: both load paths.
+        StepsafeError: as the restore it runs raises.
+    """
     if load_parameters_path and load_full_state_path:
         raise ConfigError(
             "load_parameters_path and load_full_state_path are mutually exclusive: set one"
@@ -50,9 +69,12 @@ def load_initial_state(
         return Loaded("resume", state, manager.restored_path)
     if load_parameters_path:
         path = open_checkpoint(load_parameters_path).path
-        top = metadata(path)
-        select = params_key if isinstance(top, dict) and params_key in top else None
-        params = restore(path, abstract_state[params_key], select=select)
+        if load_parameters is not None:
+            params = load_parameters(path, abstract_state[params_key])
+        else:
+            top = metadata(path)
+            select = params_key if isinstance(top, dict) and params_key in top else None
+            params = restore(path, abstract_state[params_key], select=select)
         log.info("Restored parameters from %s", path)
         return Loaded("parameters", params, path)
     if load_full_state_path:
