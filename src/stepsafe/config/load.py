@@ -24,7 +24,11 @@ _TYPES = typing.get_type_hints(Config)
 # flag -> (value that works, why any other value is refused)
 _NOT_YET = {
     "lora_input_adapters_path": ("", "LoRA adapter loading is not built yet"),
-    "force_unroll": (False, "param-only export with unrolling comes with the conversion tools"),
+    "force_unroll": (
+        False, "MaxText unrolls layers only when it generates a param-only checkpoint; stepsafe "
+        "does that with `stepsafe convert SRC DST --param-only --unstack` (and "
+        "load_parameters_path takes stacked or unstacked parameters)"
+    ),
     "checkpoint_storage_use_ocdbt": (
         True, "stepsafe always packs many arrays per data file (OCDBT's purpose); it has no "
         "one-file-per-array mode"

@@ -99,9 +99,11 @@ def convert_checkpoint(
     if dtype is not None:
         tree = _cast(tree, _float_dtype(dtype))
     storage, path = storage_for(str(dst))
+    custom = dict(reader.record.custom_metadata)
+    if unstack or stack:
+        custom["scan_layers"] = stack  # what MaxText records, and reads to build the model
     nbytes = write_tree(
-        storage, path, tree, step=step,
-        custom_metadata=reader.record.custom_metadata,
+        storage, path, tree, step=step, custom_metadata=custom,
         file_size=data_file_size_bytes, on_bytes=on_bytes,
     )  # fmt: skip
     return Converted(path, step, nbytes, sets)
