@@ -123,11 +123,7 @@ def _cast(node: Any, dt: np.dtype) -> Any:
     if isinstance(node, OutLeaf):
         if not _is_float(node.dtype) or node.dtype == dt:
             return node
-        part = node.part
-        return OutLeaf(
-            node.shape, dt, lambda: node.make().astype(dt),
-            None if part is None else lambda box: part(box).astype(dt),
-        )  # fmt: skip
+        return OutLeaf(node.shape, dt, lambda: node.make().astype(dt), node.group)
     if isinstance(node, dict):
         return {k: _cast(v, dt) for k, v in node.items()}
     if isinstance(node, list | tuple):

@@ -17,19 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from stepsafe.errors import ManifestError
-from stepsafe.format.manifest import Box
 from stepsafe.format.plan import LazyShard
 
 
 @dataclass(frozen=True)
 class OutLeaf:
-    """An output array to be made by ``make()`` (shape ``shape``, dtype ``dtype``);
-    ``part(box)``, when given, makes only the region ``box`` (reading less than the whole)."""
+    """An output array to be made by ``make()`` (shape ``shape``, dtype ``dtype``). Leaves of
+    one ``group`` (the slices of one stacked array) are written one after another,
+    whatever their places in the tree, so that what they share is read once and held briefly."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     make: Callable[[], np.ndarray]
-    part: Callable[[Box], np.ndarray] | None = None
+    group: str | None = None
 
     @property
     def nbytes(self) -> int:

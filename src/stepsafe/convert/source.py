@@ -23,17 +23,14 @@ def open_source(path: str) -> CheckpointReader:
 
 
 def source_tree(reader: CheckpointReader) -> Any:
-    """The checkpoint's tree as plain containers: arrays as ``OutLeaf`` s that read them (or a
-    region: only the chunks that hold it) when made, values as saved."""
+    """The checkpoint's tree as plain containers: arrays as ``OutLeaf`` s that read them when
+    made, values as saved."""
     manifest = reader.manifest
 
     def leaf(key: str) -> Any:
         if key in manifest.values:
             return manifest.values[key]
         entry = manifest.arrays[key]
-        return OutLeaf(
-            entry.shape, entry.dtype, lambda: reader.read_array(key),
-            lambda box: reader.read_box(key, box),
-        )  # fmt: skip
+        return OutLeaf(entry.shape, entry.dtype, lambda: reader.read_array(key))
 
     return build_plain(manifest.structure, leaf)

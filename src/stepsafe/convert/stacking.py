@@ -3,15 +3,17 @@
 A scanned model keeps each per-layer weight once, stacked along one axis of length
 ``num_layers`` (``param_scan_axis``: 1 in MaxText, 0 in stepsafe's demo model), under one key
 (``layers``); an unscanned one keeps ``layers_0`` .. ``layers_{L-1}``, each with that axis
-removed. Both directions work on trees of ``OutLeaf`` s: unstacking reads only layer i's region
-of a stacked array for ``layers_i`` (when the source can read regions), stacking makes each
-stacked array from its L parts; nothing is read until the writer needs it. Round trips are bit
+removed. Both directions work on trees of ``OutLeaf`` s: unstacking reads each stacked array
+once and writes its L slices one after another (``OutLeaf.group``), stacking makes each stacked
+array from its L parts; nothing is read until the writer needs it, and one array (with one
+slice or part) is held at a time. Round trips are bit
 for bit: slicing and stacking move bytes, never change them.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +41,9 @@ def unstack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[An
                 if k == key and not isinstance(v, OutLeaf):
                     found += 1
                     layers = _layer_count(v, axis, f"{path}/{k}")
+                    stacked = _map(v, lambda x, n=layers: _Stacked(x, axis, n))
                     for i in range(layers):
-                        out[f"{key}_{i}"] = _map(v, lambda x, i=i: _slice(x, axis, i))
+                        out[f"{key}_{i}"] = _map(stacked, lambda x, i=i: x.slice(i))
                 else:
                     out[k] = visit(v, f"{path}/{k}")
             return out
@@ -89,8 +92,8 @@ def stack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any,
     return visit(tree, ""), found
 
 
-def _map(node: Any, fn: Callable[[OutLeaf], Any]) -> Any:
-    if isinstance(node, OutLeaf):
+def _map(node: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(node, OutLeaf | _Stacked):
         return fn(node)
     if isinstance(node, dict):
         return {k: _map(v, fn) for k, v in node.items()}
@@ -125,19 +128,30 @@ def _layer_count(subtree: Any, axis: int, path: str) -> int:
     return counts.pop()
 
 
-def _slice(leaf: OutLeaf, axis: int, i: int) -> OutLeaf:
-    ax = axis % len(leaf.shape)
-    shape = (*leaf.shape[:ax], *leaf.shape[ax + 1 :])
-    box = tuple((i, i + 1) if d == ax else (0, n) for d, n in enumerate(leaf.shape))
-    part = leaf.part
+class _Stacked:
+    """One stacked array, read once for all its layer slices (written one after another: they
+    share a ``group``) and dropped after the last: an unstack along a middle axis (MaxText's 1)
+    would otherwise read the whole array again for every layer."""
 
-    def make() -> np.ndarray:
-        whole = (
-            part(box) if part is not None else leaf.make()[tuple(slice(lo, hi) for lo, hi in box)]
-        )
-        return whole.reshape(shape)
+    def __init__(self, leaf: OutLeaf, axis: int, layers: int) -> None:
+        self.leaf, self.axis, self.left = leaf, axis % len(leaf.shape), layers
+        self.group = f"stacked-{id(self)}"
+        self._lock = threading.Lock()
+        self._data: np.ndarray | None = None
 
-    return OutLeaf(shape, leaf.dtype, make)
+    def layer(self, i: int) -> np.ndarray:
+        with self._lock:
+            if self._data is None:
+                self._data = np.asarray(self.leaf.make())
+            out = np.ascontiguousarray(np.take(self._data, i, axis=self.axis))
+            self.left -= 1
+            if self.left == 0:
+                self._data = None
+            return out
+
+    def slice(self, i: int) -> OutLeaf:
+        shape = (*self.leaf.shape[: self.axis], *self.leaf.shape[self.axis + 1 :])
+        return OutLeaf(shape, self.leaf.dtype, lambda: self.layer(i), group=self.group)
 
 
 def _stack(parts: list[Any], axis: int, path: str) -> Any:

@@ -49,8 +49,18 @@ def write_tree(
             arrays.append(HostArray(key, x.dtype, x.shape, [(box, LazyLeaf(key, x, on_bytes))]))
         else:
             values[key] = x
+    first: dict[str, int] = {}  # a group's leaves go where its first one is, one after another
+    groups = [_group(a, first, i) for i, a in enumerate(arrays)]
+    arrays = [a for _, a in sorted(zip(groups, arrays), key=lambda ga: ga[0])]
     record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
     write_checkpoint(
         storage, path, flat.structure, arrays, values, record=record, file_size=file_size
     )
     return sum(a.shards[0][1].nbytes for a in arrays)
+
+
+def _group(a: HostArray, first: dict[str, int], i: int) -> tuple[int, int]:
+    """(where its group starts, its place): the order that keeps a group's leaves together."""
+    leaf = a.shards[0][1]
+    group = leaf.leaf.group if isinstance(leaf, LazyLeaf) else None
+    return (first.setdefault(group, i) if group is not None else i, i)
