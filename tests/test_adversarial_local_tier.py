@@ -15,21 +15,11 @@ import textwrap
 import jax_processes
 import numpy as np
 import pytest
+from iterators import Counter as Iterator
 
 import stepsafe
 from stepsafe.errors import ConfigError, StepsafeError, TargetMismatchError
 from stepsafe.manager import CheckpointManager, ManagerOptions
-
-
-class Iterator:
-    def __init__(self) -> None:
-        self.position = 0
-
-    def get_state(self) -> dict:
-        return {"position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def state_at(step: int, mark: int = 0) -> dict:

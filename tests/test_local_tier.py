@@ -12,21 +12,11 @@ import socket
 
 import numpy as np
 import pytest
+from iterators import Counter as Iterator
 
 import stepsafe
 from stepsafe.errors import ConfigError
 from stepsafe.manager import CheckpointManager, ManagerOptions
-
-
-class Iterator:
-    def __init__(self) -> None:
-        self.position = 0
-
-    def get_state(self) -> dict:
-        return {"position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def state_at(step: int) -> dict:

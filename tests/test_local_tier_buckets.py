@@ -17,6 +17,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from iterators import Counter as Iterator
 from trees import assert_bit_exact
 
 import stepsafe
@@ -51,17 +52,6 @@ def target() -> dict[str, Any]:
         "params": {"w": np.zeros((64, 48), np.float32), "b": np.zeros(48, ml_dtypes.bfloat16)},
         "count": np.zeros((7, 5), np.int64),
     }
-
-
-class Iterator:
-    def __init__(self) -> None:
-        self.position = 0
-
-    def get_state(self) -> dict:
-        return {"position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def manager(url: str, local: str, **options: Any) -> CheckpointManager:
