@@ -180,3 +180,23 @@ def test_restore_of_a_step_only_the_local_tier_holds(tmp_path):
         w = m.restore(12, select="params")["w"]
         np.testing.assert_array_equal(w, state_at(12)["params"]["w"])
         assert m.restore(10, target())["step"] == 10  # in both tiers: the persistent one
+
+
+def test_a_copy_checks_every_chunk_as_it_streams_and_commits_nothing_on_damage(tmp_path):
+    from stepsafe.checkpoint.copy_step import copy_step
+    from stepsafe.errors import ChecksumMismatchError
+    from stepsafe.storage import storage_for
+
+    state = {f"a{i}": np.full((64, 64), i, np.float32) for i in range(8)}
+    stepsafe.save(str(tmp_path / "src"), state, data_file_size_bytes=40_000)
+    storage, _ = storage_for(str(tmp_path))
+    copied = copy_step(storage, str(tmp_path / "src"), storage, str(tmp_path / "ok"), step=None)
+    assert stepsafe.verify(str(tmp_path / "ok")).ok and copied > 8 * 64 * 64 * 4
+    files = sorted((tmp_path / "src" / "items").glob("*.data"))
+    assert len(files) > 2
+    raw = bytearray(files[-1].read_bytes())  # the last file: earlier ones stream first
+    raw[100] ^= 1
+    files[-1].write_bytes(bytes(raw))
+    with pytest.raises(ChecksumMismatchError, match="does not match its checksum"):
+        copy_step(storage, str(tmp_path / "src"), storage, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
