@@ -82,6 +82,10 @@ KNOBS = {
              "copied together into one write."),
         Knob("DIFF_BLOCK_ELEMENTS", 1 << 20, "elements", "``diff --values`` compares arrays in "
              "blocks of this many (8 MiB of float64)."),
+        Knob("CONVERT_BUCKET_FILE_BYTES", 32 << 20, "bytes", "A conversion to a bucket splits "
+             "its data files at this size unless told otherwise: a bucket upload holds a whole "
+             "file, twice, so smaller files keep a conversion's memory near its largest array "
+             "(a save's default there is 128 MiB).", minimum=64),
         # -- local disk --
         Knob("SYNC_NOW_BYTES", 1 << 20, "bytes", "A data file at least this big is fsynced as "
              "soon as it is written, so the disk works while other threads still write; "

@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.source import open_source, source_tree
 from stepsafe.convert.stacking import stack_layers, unstack_layers
 from stepsafe.convert.write_tree import write_tree
 from stepsafe.errors import ConfigError
-from stepsafe.format.dtypes import dtype_from_str
+from stepsafe.format import CheckpointReader
+from stepsafe.format.step_files import read_extra
 from stepsafe.storage import storage_for
 
 
@@ -99,22 +101,27 @@ def convert_checkpoint(
     if dtype is not None:
         tree = _cast(tree, _float_dtype(dtype))
     storage, path = storage_for(str(dst))
+    if data_file_size_bytes is None and "://" in str(dst):
+        data_file_size_bytes = int(knobs.CONVERT_BUCKET_FILE_BYTES)
+    extras = {} if param_only else _extra_files(reader)  # e.g. the data iterators' states
     custom = dict(reader.record.custom_metadata)
     if unstack or stack:
         custom["scan_layers"] = stack  # what MaxText records, and reads to build the model
     nbytes = write_tree(
-        storage, path, tree, step=step, custom_metadata=custom,
+        storage, path, tree, step=step, custom_metadata=custom, extra_files=extras,
         file_size=data_file_size_bytes, on_bytes=on_bytes,
     )  # fmt: skip
     return Converted(path, step, nbytes, sets)
 
 
 def _float_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
     try:
-        dt = dtype_from_str(name)
-    except Exception as e:
+        dt = np.dtype(getattr(ml_dtypes, name, name))
+    except TypeError as e:
         raise ConfigError(f"unknown dtype {name!r}: e.g. bfloat16, float16, float32") from e
-    if not np.issubdtype(dt, np.floating) and dt.kind != "V":
+    if not _is_float(dt):
         raise ConfigError(f"dtype {name!r} is not a floating type: floating arrays are cast to it")
     return dt
 
@@ -132,4 +139,22 @@ def _cast(node: Any, dt: np.dtype) -> Any:
 
 
 def _is_float(dt: np.dtype) -> bool:
-    return np.issubdtype(dt, np.floating) or dt.name in ("bfloat16",) or "float8" in dt.name
+    """numpy's floats, and ml_dtypes' (bfloat16, float8_*), not its int4 or uint4."""
+    import ml_dtypes
+
+    if np.issubdtype(dt, np.floating):
+        return True
+    try:
+        ml_dtypes.finfo(dt)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _extra_files(reader: CheckpointReader) -> dict[str, bytes]:
+    """The source's extra files (a trainer's data-iterator states), checked, as they were."""
+    record = reader.record
+    return {
+        name: read_extra(reader.storage, reader.path, name, record) or b""
+        for name in record.extra_files
+    }

@@ -38,7 +38,7 @@ def unstack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[An
         if isinstance(node, dict):
             out: dict = {}
             for k, v in node.items():
-                if k == key and not isinstance(v, OutLeaf):
+                if k == key and _holds_arrays(v):
                     found += 1
                     layers = _layer_count(v, axis, f"{path}/{k}")
                     stacked = _map(v, lambda x, n=layers: _Stacked(x, axis, n))
@@ -90,6 +90,13 @@ def stack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any,
         return node
 
     return visit(tree, ""), found
+
+
+def _holds_arrays(node: Any) -> bool:
+    """A container with an array in it (a stacked subtree), not an array or a plain value."""
+    return isinstance(node, dict | list | tuple) and any(
+        isinstance(x, OutLeaf) for _, x in _leaves(node, "")
+    )
 
 
 def _map(node: Any, fn: Callable[[Any], Any]) -> Any:
@@ -169,11 +176,22 @@ def _stack(parts: list[Any], axis: int, path: str) -> Any:
     flat = [dict(_leaves(p, "")) for p in parts]
 
     def stacked(where: str, leaf: OutLeaf) -> OutLeaf:
+        if not -(len(leaf.shape) + 1) <= axis <= len(leaf.shape):
+            raise ConfigError(
+                f"{path}{where}: layers of shape {leaf.shape} cannot be stacked along axis "
+                f"{axis} (the layer axis, param_scan_axis: 1 in MaxText, 0 in the demo model)"
+            )
         ax = axis % (len(leaf.shape) + 1)
         shape = (*leaf.shape[:ax], len(parts), *leaf.shape[ax:])
-        return OutLeaf(
-            shape, leaf.dtype, lambda: np.stack([f[where].make() for f in flat], axis=ax)
-        )
+
+        def make() -> np.ndarray:  # one layer at a time into the output, each dropped after
+            out = np.empty(shape, leaf.dtype)
+            for i, f in enumerate(flat):
+                index = (slice(None),) * ax + (i,)
+                out[index] = f[where].make()
+            return out
+
+        return OutLeaf(shape, leaf.dtype, make)
 
     return _rebuild(parts[0], "", stacked)
 

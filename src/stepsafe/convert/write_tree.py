@@ -28,6 +28,7 @@ def write_tree(
     *,
     step: int | None,
     custom_metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
     file_size: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> int:
@@ -54,8 +55,9 @@ def write_tree(
     arrays = [a for _, a in sorted(zip(groups, arrays), key=lambda ga: ga[0])]
     record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
     write_checkpoint(
-        storage, path, flat.structure, arrays, values, record=record, file_size=file_size
-    )
+        storage, path, flat.structure, arrays, values, record=record,
+        extra_files=extra_files, file_size=file_size,
+    )  # fmt: skip
     return sum(a.shards[0][1].nbytes for a in arrays)
 
 
