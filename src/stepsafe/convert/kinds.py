@@ -80,6 +80,7 @@ def convert_checkpoint(
     """
     if unstack and stack:
         raise ConfigError("unstack and stack are opposite: ask for one")
+    cast = None if dtype is None else _float_dtype(dtype)  # refused before anything is read
     reader = open_source(src)
     tree = source_tree(reader)
     step = reader.record.step
@@ -98,8 +99,8 @@ def convert_checkpoint(
         if sets == 0:
             what = f"a {layers_key!r} subtree" if unstack else f"{layers_key}_0 .."
             raise ConfigError(f"{reader.path} holds no {what} to {'un' * unstack}stack")
-    if dtype is not None:
-        tree = _cast(tree, _float_dtype(dtype))
+    if cast is not None:
+        tree = _cast(tree, cast)
     storage, path = storage_for(str(dst))
     if data_file_size_bytes is None and "://" in str(dst):
         data_file_size_bytes = int(knobs.CONVERT_BUCKET_FILE_BYTES)
