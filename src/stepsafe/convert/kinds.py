@@ -97,7 +97,7 @@ def convert_checkpoint(
         change = unstack_layers if unstack else stack_layers
         tree, sets = change(tree, axis=scan_axis, key=layers_key)
         if sets == 0:
-            what = f"a {layers_key!r} subtree" if unstack else f"{layers_key}_0 .."
+            what = f"{layers_key!r} subtree" if unstack else f"{layers_key}_0 .. entries"
             raise ConfigError(f"{reader.path} holds no {what} to {'un' * unstack}stack")
     if cast is not None:
         tree = _cast(tree, cast)
@@ -145,6 +145,8 @@ def _is_float(dt: np.dtype) -> bool:
 
     if np.issubdtype(dt, np.floating):
         return True
+    if dt.kind in "cbiuOSUM":  # complex (finfo takes it), and everything plainly not a float
+        return False
     try:
         ml_dtypes.finfo(dt)
     except (ValueError, TypeError):

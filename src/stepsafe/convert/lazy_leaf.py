@@ -13,11 +13,14 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from stepsafe.errors import ManifestError
 from stepsafe.format.plan import LazyShard
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,23 @@ class OutLeaf:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Made now, for code that wants an array (a conversion function written for arrays:
+        it then holds what it made; ``convert.ops`` keeps it lazy)."""
+        a = np.asarray(self.make())
+        return a if dtype is None else a.astype(dtype)
+
+
+def grouped(items: list[tuple[T, OutLeaf]]) -> list[tuple[T, OutLeaf]]:
+    """``items`` in order, except that the leaves of one ``group`` follow its first one: what
+    they share is then made once and dropped after the last of them."""
+    first: dict[str, int] = {}
+    keys = [
+        (first.setdefault(leaf.group, i) if leaf.group is not None else i, i)
+        for i, (_, leaf) in enumerate(items)
+    ]
+    return [item for _, item in sorted(zip(keys, items), key=lambda ki: ki[0])]
 
 
 class LazyLeaf(LazyShard):

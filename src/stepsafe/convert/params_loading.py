@@ -15,7 +15,7 @@ from typing import Any
 
 from stepsafe.checkpoint.casting import check_cast
 from stepsafe.checkpoint.restore import is_target_leaf, place_array, restore_from
-from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.convert.lazy_leaf import OutLeaf, grouped
 from stepsafe.convert.source import open_source, source_tree
 from stepsafe.convert.stacking import stack_layers, unstack_layers
 from stepsafe.errors import ConfigError, TargetMismatchError
@@ -64,11 +64,20 @@ def load_parameters(
             leaves = dict(zip(*_flat(converted)))
             if sets and set(leaves) == set(want.paths):
                 log.info("Loading %s's parameters with their layers %s", reader.path, what)
-                return want.rebuild(
-                    [_place(k, leaves[k], t) for k, t in zip(want.paths, want.leaves)]
-                )
+                return want.rebuild(_placed(leaves, want.paths, want.leaves))
         check_target_paths(have, want.paths)  # raises, saying which keys differ
         raise TargetMismatchError(f"{reader.path}: the parameters do not fit the target")
+
+
+def _placed(leaves: dict[str, Any], keys: list[str], targets: list[Any]) -> list[Any]:
+    """Each target's leaf made and placed, in ``grouped`` order (a stacked array's slices one
+    after another, so it is read once and held briefly), returned in the targets' order."""
+    out: list[Any] = [None] * len(keys)
+    order = [(i, leaves[k]) for i, k in enumerate(keys)]
+    lazy = grouped([(i, x) for i, x in order if isinstance(x, OutLeaf)])
+    for i, x in [*lazy, *((i, x) for i, x in order if not isinstance(x, OutLeaf))]:
+        out[i] = _place(keys[i], x, targets[i])
+    return out
 
 
 def _flat(tree: Any) -> tuple[list[str], list[Any]]:

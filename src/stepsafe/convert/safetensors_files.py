@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.convert.lazy_leaf import OutLeaf, grouped
 from stepsafe.errors import ConfigError, CorruptCheckpointError, StepsafeError
 from stepsafe.storage import storage_for
 
@@ -78,7 +78,7 @@ def write_safetensors(
         raise ConfigError(f"tensor name {dup!r} is given twice: each name must be unique")
     for name, leaf in tensors:
         _dtype_name(name, leaf.dtype)
-    groups = _split(tensors, max_shard_bytes)
+    groups = _split(grouped(tensors), max_shard_bytes)  # the index says where each one is
     files = shard_names(len(groups))
     storage, path = storage_for(os.path.abspath(str(directory)))
     with storage.transaction(path) as txn:

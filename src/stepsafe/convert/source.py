@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepsafe.checkpoint.restore import open_checkpoint
+from stepsafe.checkpoint.restore import OWN_SHARDS, open_checkpoint
 from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
 from stepsafe.tree import build_plain
 
@@ -18,8 +19,15 @@ def open_source(path: str) -> CheckpointReader:
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError: as
             ``stepsafe.restore`` raises them.
+        TargetMismatchError: a local-tier step of one process (its shards, not a state).
     """
-    return open_checkpoint(path)
+    reader = open_checkpoint(path)
+    if OWN_SHARDS in reader.record.extra_files:
+        raise TargetMismatchError(
+            f"{reader.path} is a local-tier step of one process (its own shards), not a "
+            "state: convert a step of the persistent tier"
+        )
+    return reader
 
 
 def source_tree(reader: CheckpointReader) -> Any:

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe.arrays import is_leaf
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.errors import ConfigError
+from stepsafe.tree import Flat, flatten
 
 
 def unstack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any, int]:
@@ -28,9 +30,10 @@ def unstack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[An
     ``key_{L-1}``, in its place; and how many subtrees were unstacked.
 
     Raises:
-        ConfigError: a stacked array has no ``axis``, or the arrays of one subtree disagree on
-            its length (the layer count).
+        ConfigError: a stacked array has no ``axis``, the arrays of one subtree disagree on
+            its length (the layer count) or it is 0, or ``key_<i>`` entries sit beside it.
     """
+    pattern = _numbered(key)
     found = 0
 
     def visit(node: Any, path: str) -> Any:
@@ -40,6 +43,10 @@ def unstack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[An
             for k, v in node.items():
                 if k == key and _holds_arrays(v):
                     found += 1
+                    if any(pattern.match(str(other)) for other in node):
+                        raise ConfigError(
+                            f"{path or '/'} holds both {key!r} and {key}_<i>: unstack which?"
+                        )
                     layers = _layer_count(v, axis, f"{path}/{k}")
                     stacked = _map(v, lambda x, n=layers: _Stacked(x, axis, n))
                     for i in range(layers):
@@ -62,7 +69,7 @@ def stack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any,
     Raises:
         ConfigError: the layers are not numbered 0 .. L-1, or differ in keys, shapes or dtypes.
     """
-    pattern = re.compile(rf"^{re.escape(key)}_(0|[1-9][0-9]*)$")
+    pattern = _numbered(key)
     found = 0
 
     def visit(node: Any, path: str) -> Any:
@@ -90,6 +97,10 @@ def stack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any,
         return node
 
     return visit(tree, ""), found
+
+
+def _numbered(key: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(key)}_(0|[1-9][0-9]*)$")
 
 
 def _holds_arrays(node: Any) -> bool:
@@ -127,6 +138,8 @@ def _layer_count(subtree: Any, axis: int, path: str) -> int:
                     "layer axis, param_scan_axis: 1 in MaxText, 0 in the demo model)"
                 )
             counts.add(leaf.shape[axis])
+    if counts == {0}:
+        raise ConfigError(f"{path}: its arrays hold 0 layers on axis {axis}: nothing to unstack")
     if len(counts) != 1:
         raise ConfigError(
             f"{path}: its arrays disagree on the length of axis {axis} ({sorted(counts)}): "
@@ -162,45 +175,45 @@ class _Stacked:
 
 
 def _stack(parts: list[Any], axis: int, path: str) -> Any:
-    first = _leaves(parts[0], "")
-    for i, p in enumerate(parts[1:], 1):
-        other = _leaves(p, "")
-        if [k for k, _ in other] != [k for k, _ in first] or any(
-            isinstance(a, OutLeaf) != isinstance(b, OutLeaf)
-            or (isinstance(a, OutLeaf) and (a.shape, a.dtype) != (b.shape, b.dtype))
-            for (_, a), (_, b) in zip(first, other)
-        ):
-            raise ConfigError(
-                f"{path}: layer {i} differs from layer 0 in its keys, shapes or dtypes"
+    flats = [_flat(p) for p in parts]
+    first = flats[0]
+    for i, other in enumerate(flats[1:], 1):
+        if other.structure != first.structure:
+            raise ConfigError(f"{path}: layer {i} differs from layer 0 in its keys or containers")
+        for key, a, b in zip(first.paths, first.leaves, other.leaves):
+            same = (
+                (a.shape, np.dtype(a.dtype)) == (b.shape, np.dtype(b.dtype))
+                if isinstance(a, OutLeaf) and isinstance(b, OutLeaf)
+                else not isinstance(a, OutLeaf) and not isinstance(b, OutLeaf) and a == b
             )
-    flat = [dict(_leaves(p, "")) for p in parts]
+            if not same:
+                raise ConfigError(
+                    f"{path}/{key}: layer {i} differs from layer 0 (shape, dtype or value): "
+                    "layers stack only when alike"
+                )
 
-    def stacked(where: str, leaf: OutLeaf) -> OutLeaf:
+    def stacked(j: int, leaf: Any) -> Any:
+        if not isinstance(leaf, OutLeaf):
+            return leaf  # a value, the same in every layer
         if not -(len(leaf.shape) + 1) <= axis <= len(leaf.shape):
             raise ConfigError(
-                f"{path}{where}: layers of shape {leaf.shape} cannot be stacked along axis "
-                f"{axis} (the layer axis, param_scan_axis: 1 in MaxText, 0 in the demo model)"
+                f"{path}/{first.paths[j]}: layers of shape {leaf.shape} cannot be stacked along "
+                f"axis {axis} (the layer axis, param_scan_axis: 1 in MaxText, 0 in the demo model)"
             )
         ax = axis % (len(leaf.shape) + 1)
         shape = (*leaf.shape[:ax], len(parts), *leaf.shape[ax:])
 
         def make() -> np.ndarray:  # one layer at a time into the output, each dropped after
             out = np.empty(shape, leaf.dtype)
-            for i, f in enumerate(flat):
-                index = (slice(None),) * ax + (i,)
-                out[index] = f[where].make()
+            for i, f in enumerate(flats):
+                out[(slice(None),) * ax + (i,)] = f.leaves[j].make()
             return out
 
         return OutLeaf(shape, leaf.dtype, make)
 
-    return _rebuild(parts[0], "", stacked)
+    return first.rebuild([stacked(j, x) for j, x in enumerate(first.leaves)])
 
 
-def _rebuild(node: Any, path: str, fn: Callable[[str, OutLeaf], OutLeaf]) -> Any:
-    if isinstance(node, OutLeaf):
-        return fn(path, node)
-    if isinstance(node, dict):
-        return {k: _rebuild(v, f"{path}/{k}", fn) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return type(node)(_rebuild(v, f"{path}/{i}", fn) for i, v in enumerate(node))
-    return node
+def _flat(node: Any) -> Flat:
+    """A layer's tree flattened with escaped key paths and its containers' structure."""
+    return flatten(node, is_leaf=lambda x: isinstance(x, OutLeaf) or is_leaf(x))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from stepsafe.arrays import is_array, is_leaf
-from stepsafe.convert.lazy_leaf import LazyLeaf, OutLeaf
+from stepsafe.convert.lazy_leaf import LazyLeaf, OutLeaf, grouped
 from stepsafe.format import CommitRecord, write_checkpoint
 from stepsafe.format.plan import HostArray
 from stepsafe.storage import Storage
@@ -40,29 +40,24 @@ def write_tree(
         StorageError: as the storage raised it; nothing is committed then.
     """
     flat = flatten(tree, is_leaf=lambda x: isinstance(x, OutLeaf) or is_leaf(x))
-    arrays: list[HostArray] = []
+    leaves: list[tuple[str, OutLeaf]] = []
     values: dict[str, Any] = {}
     for key, x in zip(flat.paths, flat.leaves):
         if is_array(x):
             x = OutLeaf(tuple(x.shape), np.dtype(x.dtype), lambda a=x: np.asarray(a))
         if isinstance(x, OutLeaf):
-            box = tuple((0, n) for n in x.shape)
-            arrays.append(HostArray(key, x.dtype, x.shape, [(box, LazyLeaf(key, x, on_bytes))]))
+            leaves.append((key, x))
         else:
             values[key] = x
-    first: dict[str, int] = {}  # a group's leaves go where its first one is, one after another
-    groups = [_group(a, first, i) for i, a in enumerate(arrays)]
-    arrays = [a for _, a in sorted(zip(groups, arrays), key=lambda ga: ga[0])]
+    arrays = [
+        HostArray(
+            key, x.dtype, x.shape, [(tuple((0, n) for n in x.shape), LazyLeaf(key, x, on_bytes))]
+        )
+        for key, x in grouped(leaves)  # a group's leaves one after another
+    ]
     record = CommitRecord(step=step, custom_metadata=dict(custom_metadata or {}))
     write_checkpoint(
         storage, path, flat.structure, arrays, values, record=record,
         extra_files=extra_files, file_size=file_size,
     )  # fmt: skip
-    return sum(a.shards[0][1].nbytes for a in arrays)
-
-
-def _group(a: HostArray, first: dict[str, int], i: int) -> tuple[int, int]:
-    """(where its group starts, its place): the order that keeps a group's leaves together."""
-    leaf = a.shards[0][1]
-    group = leaf.leaf.group if isinstance(leaf, LazyLeaf) else None
-    return (first.setdefault(group, i) if group is not None else i, i)
+    return sum(x.nbytes for _, x in leaves)
