@@ -1,7 +1,11 @@
 """``stepsafe convert``: write a checkpoint as another kind (MaxText's): param-only (inference:
 ``params`` only, as step 0, optionally cast, e.g. to bfloat16), and stacked (scanned) <->
-unstacked (``layers_0`` ..) layers. One array at a time: the memory it needs is about the
-largest array, whatever the model's size; the output is committed like any save."""
+unstacked (``layers_0`` ..) layers; or a Hugging Face safetensors model directory, out of a
+checkpoint's parameters (``--to safetensors``) or into a param-only checkpoint
+(``--from safetensors``), through a conversion function (``module:function``; the demo
+model's: ``stepsafe.convert.hf_demo:to_hf`` / ``:from_hf``). One array at a time: the memory it
+needs is about the largest array, whatever the model's size; the output appears whole or not
+at all."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from stepsafe.cli import common
 from stepsafe.cli.common import ExitCode
+from stepsafe.convert.hf import conversion_function, export_safetensors, import_safetensors
 from stepsafe.convert.kinds import convert_checkpoint
+from stepsafe.convert.safetensors_files import HF_SHARD_BYTES
+from stepsafe.errors import ConfigError
 
 HELP = "write a checkpoint as another kind: param-only, unstacked or stacked layers"
 EXAMPLE = (
@@ -45,6 +52,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the layer axis of stacked arrays (MaxText's param_scan_axis: 1; the demo's: 0)",
     )  # fmt: skip
     p.add_argument("--layers-key", default="layers", help="the stacked layers' key")
+    hf = p.add_mutually_exclusive_group()
+    hf.add_argument(
+        "--to", choices=["safetensors"],
+        help="write DST as a Hugging Face model directory (needs --conversion-fn)",
+    )  # fmt: skip
+    hf.add_argument(
+        "--from", dest="source", choices=["safetensors"],
+        help="SRC is a Hugging Face model directory (needs --conversion-fn)",
+    )  # fmt: skip
+    p.add_argument(
+        "--conversion-fn", metavar="MODULE:FUNCTION",
+        help="Hugging Face names <-> the model's tree, e.g. stepsafe.convert.hf_demo:to_hf",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-shard-bytes", type=int, default=HF_SHARD_BYTES,
+        help="split safetensors files at this size (Hugging Face's 5 GB by default)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -54,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("convert"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         console=common.err(), transient=True, disable=args.no_progress or args.json,
     )  # fmt: skip
+    if args.to or args.source:
+        return _hugging_face(args, progress)
     with progress:
         task = progress.add_task("convert", total=None)
         done = convert_checkpoint(
@@ -71,4 +97,29 @@ def run(args: argparse.Namespace) -> int:
         f"Wrote {escape(done.path)}: step {done.step}, {what}{layers}{sets}, "
         f"{common.human_bytes(done.nbytes)} of arrays"
     )
+    return ExitCode.OK
+
+
+def _hugging_face(args: argparse.Namespace, progress: Progress) -> int:
+    if not args.conversion_fn:
+        raise ConfigError(
+            "--to/--from safetensors needs --conversion-fn module:function (the demo model's: "
+            "stepsafe.convert.hf_demo:to_hf and :from_hf)"
+        )
+    fn = conversion_function(args.conversion_fn)
+    with progress:
+        task = progress.add_task("convert", total=None)
+        if args.to:
+            files = export_safetensors(
+                args.src, args.dst, fn, params_key=args.params_key,
+                max_shard_bytes=args.max_shard_bytes, on_bytes=lambda n: progress.advance(task, n),
+            )  # fmt: skip
+            what = f"{len(files)} file(s): {', '.join(files[:3])}{' ...' * (len(files) > 3)}"
+        else:
+            nbytes = import_safetensors(args.src, args.dst, fn, params_key=args.params_key)
+            what = f"step 0, param-only, {common.human_bytes(nbytes)} of arrays"
+    if args.json:
+        common.print_json({"path": args.dst, "written": what})
+    else:
+        common.out().print(f"Wrote {escape(args.dst)}: {escape(what)}")
     return ExitCode.OK

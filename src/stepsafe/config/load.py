@@ -38,11 +38,6 @@ _NOT_YET = {
         "cannot write Zarr"
     ),
     "enable_orbax_v1": (False, "stepsafe is not Orbax; there is no v1 API to switch to"),
-    "source_checkpoint_layout": (
-        "orbax", "only checkpoints written by stepsafe can be loaded so far (safetensors import "
-        "comes with the conversion tools)"
-    ),
-    "checkpoint_conversion_fn": (None, "conversion functions come with the conversion tools"),
 }  # fmt: skip
 
 
@@ -180,6 +175,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     _check_processes(config)
     _check_tiers(config)
+    _check_source(config)
     size = config.checkpoint_storage_target_data_file_size_bytes
     if size is not None and size < 4096:
         raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
@@ -272,4 +268,32 @@ def _check_tiers(config: Config) -> None:
         raise ConfigError(
             f"multi_tier_checkpointing_backup_interval_steps ({steps}) must be >= "
             f"local_checkpoint_period ({config.local_checkpoint_period})"
+        )
+
+
+def _check_source(config: Config) -> None:
+    """What ``load_parameters_path`` holds: a stepsafe checkpoint ("orbax", MaxText's name for
+    its own layout), or a Hugging Face safetensors model read through a conversion function."""
+    layout, fn = config.source_checkpoint_layout, config.checkpoint_conversion_fn
+    if layout not in ("orbax", "safetensors"):
+        raise ConfigError(
+            f"source_checkpoint_layout must be 'orbax' (a checkpoint) or 'safetensors' (a "
+            f"Hugging Face model directory), got {layout!r}"
+        )
+    if layout == "safetensors":
+        if not config.load_parameters_path:
+            raise ConfigError(
+                "source_checkpoint_layout=safetensors reads load_parameters_path: set it to the "
+                "Hugging Face model directory"
+            )
+        if not fn:
+            raise ConfigError(
+                "source_checkpoint_layout=safetensors needs checkpoint_conversion_fn (module:"
+                "function, Hugging Face names -> the model's tree; the demo model's is "
+                "stepsafe.convert.hf_demo:from_hf)"
+            )
+    elif fn:
+        raise ConfigError(
+            "checkpoint_conversion_fn applies to source_checkpoint_layout=safetensors only; "
+            "a checkpoint's parameters load as they are (stacked or unstacked)"
         )

@@ -48,25 +48,38 @@ def load_parameters(
         TargetMismatchError: the parameters fit the target neither as saved nor with their
             layers stacked or unstacked.
     """
-    with open_source(path) as reader:
-        tree = source_tree(reader)
-        has_key = isinstance(tree, dict) and params_key in tree
-        params = tree[params_key] if has_key else tree
-        want = flatten(target, is_leaf=is_target_leaf)
-        have = _paths(params)
-        if set(have) == set(want.paths):
-            return restore_from(reader, target, params_key if has_key else None)
-        for change, what in ((stack_layers, "stacked"), (unstack_layers, "unstacked")):
-            try:
-                converted, sets = change(params, axis=scan_axis, key=layers_key)
-            except ConfigError:
-                continue
-            leaves = dict(zip(*_flat(converted)))
-            if sets and set(leaves) == set(want.paths):
-                log.info("Loading %s's parameters with their layers %s", reader.path, what)
-                return want.rebuild(_placed(leaves, want.paths, want.leaves))
-        check_target_paths(have, want.paths)  # raises, saying which keys differ
-        raise TargetMismatchError(f"{reader.path}: the parameters do not fit the target")
+    reader = open_source(path)
+    tree = source_tree(reader)
+    has_key = isinstance(tree, dict) and params_key in tree
+    params = tree[params_key] if has_key else tree
+    want = flatten(target, is_leaf=is_target_leaf)
+    have = _paths(params)
+    if set(have) == set(want.paths):
+        return restore_from(reader, target, params_key if has_key else None)
+    for change, what in ((stack_layers, "stacked"), (unstack_layers, "unstacked")):
+        try:
+            converted, sets = change(params, axis=scan_axis, key=layers_key)
+        except ConfigError:
+            continue
+        if sets and set(_paths(converted)) == set(want.paths):
+            log.info("Loading %s's parameters with their layers %s", reader.path, what)
+            return place_tree(converted, target)
+    check_target_paths(have, want.paths)  # raises, saying which keys differ
+    raise TargetMismatchError(f"{reader.path}: the parameters do not fit the target")
+
+
+def place_tree(tree: Any, target: Any) -> Any:
+    """``tree`` (``OutLeaf`` s, arrays, values) made and placed onto ``target``: its leaves'
+    dtypes (the restore's lossless-cast rule) and shardings, its containers.
+
+    Raises:
+        TargetMismatchError: other keys, shapes, or a lossy cast.
+    """
+    want = flatten(target, is_leaf=is_target_leaf)
+    keys, values = _flat(tree)
+    check_target_paths(keys, want.paths)
+    leaves = dict(zip(keys, values))
+    return want.rebuild(_placed(leaves, want.paths, want.leaves))
 
 
 def _placed(leaves: dict[str, Any], keys: list[str], targets: list[Any]) -> list[Any]:

@@ -99,6 +99,14 @@ def stack_layers(tree: Any, *, axis: int = 1, key: str = "layers") -> tuple[Any,
     return visit(tree, ""), found
 
 
+def layer_slices(leaf: OutLeaf, axis: int) -> list[OutLeaf]:
+    """``leaf``'s slices along ``axis`` (its layers), sharing one read of it."""
+    if not -len(leaf.shape) <= axis < len(leaf.shape):
+        raise ConfigError(f"an array of shape {leaf.shape} has no axis {axis} to take layers along")
+    stacked = _Stacked(leaf, axis, leaf.shape[axis])
+    return [stacked.slice(i) for i in range(leaf.shape[axis])]
+
+
 def _numbered(key: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(key)}_(0|[1-9][0-9]*)$")
 

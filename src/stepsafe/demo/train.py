@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,6 +27,7 @@ from rich.console import Console
 
 from stepsafe.config import Config
 from stepsafe.convert import load_parameters
+from stepsafe.convert.hf import conversion_function, load_safetensors_parameters
 from stepsafe.demo.data import SyntheticData
 from stepsafe.demo.distributed import start_distributed
 from stepsafe.demo.model import SCAN_AXIS, init_params, loss_fn
@@ -65,6 +67,16 @@ def local_tier_options(config: Config) -> dict[str, Any]:
         "backup_interval_minutes": config.multi_tier_checkpointing_backup_interval_minutes,
         "backup_interval_steps": config.multi_tier_checkpointing_backup_interval_steps,
     }
+
+
+def parameters_loader(config: Config) -> Callable[[str, Any], Any]:
+    """How ``load_parameters_path`` is read: a checkpoint of either kind (layers stacked along
+    the model's axis, or unstacked), or a Hugging Face model through the conversion function."""
+    if config.source_checkpoint_layout == "safetensors":
+        assert config.checkpoint_conversion_fn is not None  # checked with the flags
+        fn = conversion_function(config.checkpoint_conversion_fn)
+        return lambda path, target: load_safetensors_parameters(path, target, fn)
+    return partial(load_parameters, scan_axis=SCAN_AXIS)
 
 
 def learning_rate_schedule(config: Config) -> optax.Schedule:
@@ -164,7 +176,7 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
         load_parameters_path=config.load_parameters_path,
         load_full_state_path=config.load_full_state_path,
         data_iterator=data,
-        load_parameters=partial(load_parameters, scan_axis=SCAN_AXIS),
+        load_parameters=parameters_loader(config),
     )
     if loaded.source in ("resume", "full_state"):
         state = loaded.state

@@ -68,10 +68,11 @@ def load_initial_state(
         _, state = manager.restore_newest(abstract_state, data_iterator=data_iterator)
         return Loaded("resume", state, manager.restored_path)
     if load_parameters_path:
-        path = open_checkpoint(load_parameters_path).path
-        if load_parameters is not None:
+        if load_parameters is not None:  # it finds its source itself (a model directory too)
+            path = load_parameters_path
             params = load_parameters(path, abstract_state[params_key])
         else:
+            path = open_checkpoint(load_parameters_path).path
             top = metadata(path)
             select = params_key if isinstance(top, dict) and params_key in top else None
             params = restore(path, abstract_state[params_key], select=select)

@@ -1,0 +1,76 @@
+"""Lazy array operations for conversion functions: each takes and returns ``OutLeaf`` s (or
+arrays), and computes nothing until the writer makes the result, so a conversion function
+written with them converts a model of any size in about the memory of its largest array.
+Conversion code written with numpy works too (an ``OutLeaf`` is made when numpy asks for it),
+holding what it makes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.convert.stacking import layer_slices
+
+__all__ = ["as_leaf", "astype", "layers", "reshape", "stack", "transpose"]
+
+
+def as_leaf(x: Any) -> OutLeaf:
+    """``x`` as an ``OutLeaf`` (an array is wrapped, as it is)."""
+    if isinstance(x, OutLeaf):
+        return x
+    a = np.asarray(x)
+    return OutLeaf(a.shape, a.dtype, lambda: a)
+
+
+def transpose(x: Any, axes: tuple[int, ...] | None = None) -> OutLeaf:
+    """``np.transpose(x, axes)``, lazily (a Linear weight's [out, in] <-> a kernel's [in, out])."""
+    leaf = as_leaf(x)
+    order = tuple(reversed(range(len(leaf.shape)))) if axes is None else tuple(axes)
+    shape = tuple(leaf.shape[a] for a in order)
+    return OutLeaf(shape, leaf.dtype, lambda: np.transpose(leaf.make(), order), leaf.group)
+
+
+def reshape(x: Any, shape: tuple[int, ...]) -> OutLeaf:
+    """``x.reshape(shape)``, lazily."""
+    leaf = as_leaf(x)
+    new = np.empty(leaf.shape, np.uint8).reshape(shape).shape  # checks the size now
+    return OutLeaf(new, leaf.dtype, lambda: leaf.make().reshape(new), leaf.group)
+
+
+def astype(x: Any, dtype: Any) -> OutLeaf:
+    """``x.astype(dtype)``, lazily."""
+    leaf = as_leaf(x)
+    dt = np.dtype(dtype)
+    return OutLeaf(leaf.shape, dt, lambda: leaf.make().astype(dt), leaf.group)
+
+
+def stack(xs: list[Any], axis: int = 0) -> OutLeaf:
+    """``np.stack(xs, axis)``, lazily, filling the result one part at a time.
+
+    Raises:
+        ValueError: no parts, or parts of different shapes or dtypes.
+    """
+    leaves = [as_leaf(x) for x in xs]
+    if not leaves or any((x.shape, x.dtype) != (leaves[0].shape, leaves[0].dtype) for x in leaves):
+        raise ValueError("stack needs one or more parts of one shape and dtype")
+    first = leaves[0]
+    ax = axis % (len(first.shape) + 1)
+    shape = (*first.shape[:ax], len(leaves), *first.shape[ax:])
+
+    def make() -> np.ndarray:
+        out = np.empty(shape, first.dtype)
+        for i, x in enumerate(leaves):
+            out[(slice(None),) * ax + (i,)] = x.make()
+        return out
+
+    return OutLeaf(shape, first.dtype, make)
+
+
+def layers(x: Any, axis: int = 0) -> list[OutLeaf]:
+    """The slices of ``x`` along ``axis`` (a stacked weight's layers), lazily: made one after
+    another when written, so ``x`` is read once for all of them."""
+    leaf = as_leaf(x)
+    return layer_slices(leaf, axis)
