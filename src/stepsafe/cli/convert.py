@@ -48,10 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     layers.add_argument("--stack", action="store_true", help="layers_0 .. -> stacked layers")
     p.add_argument(
-        "--scan-axis", type=int, default=1,
+        "--scan-axis", type=int, default=None,
         help="the layer axis of stacked arrays (MaxText's param_scan_axis: 1; the demo's: 0)",
     )  # fmt: skip
-    p.add_argument("--layers-key", default="layers", help="the stacked layers' key")
+    p.add_argument("--layers-key", default=None, help="the stacked layers' key ('layers')")
     hf = p.add_mutually_exclusive_group()
     hf.add_argument(
         "--to", choices=["safetensors"],
@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Hugging Face names <-> the model's tree, e.g. stepsafe.convert.hf_demo:to_hf",
     )  # fmt: skip
     p.add_argument(
-        "--max-shard-bytes", type=int, default=HF_SHARD_BYTES,
+        "--max-shard-bytes", type=int, default=None,
         help="split safetensors files at this size (Hugging Face's 5 GB by default)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -78,14 +78,16 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("convert"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         console=common.err(), transient=True, disable=args.no_progress or args.json,
     )  # fmt: skip
+    _refuse_unread(args)
     if args.to or args.source:
         return _hugging_face(args, progress)
     with progress:
         task = progress.add_task("convert", total=None)
         done = convert_checkpoint(
             args.src, args.dst, param_only=args.param_only, params_key=args.params_key,
-            dtype=args.dtype, unstack=args.unstack, stack=args.stack, scan_axis=args.scan_axis,
-            layers_key=args.layers_key, on_bytes=lambda n: progress.advance(task, n),
+            dtype=args.dtype, unstack=args.unstack, stack=args.stack,
+            scan_axis=1 if args.scan_axis is None else args.scan_axis,
+            layers_key=args.layers_key or "layers", on_bytes=lambda n: progress.advance(task, n),
         )  # fmt: skip
     if args.json:
         common.print_json(done)
@@ -112,7 +114,8 @@ def _hugging_face(args: argparse.Namespace, progress: Progress) -> int:
         if args.to:
             files = export_safetensors(
                 args.src, args.dst, fn, params_key=args.params_key,
-                max_shard_bytes=args.max_shard_bytes, on_bytes=lambda n: progress.advance(task, n),
+                max_shard_bytes=args.max_shard_bytes or HF_SHARD_BYTES,
+                on_bytes=lambda n: progress.advance(task, n),
             )  # fmt: skip
             what = f"{len(files)} file(s): {', '.join(files[:3])}{' ...' * (len(files) > 3)}"
         else:
@@ -123,3 +126,24 @@ def _hugging_face(args: argparse.Namespace, progress: Progress) -> int:
     else:
         common.out().print(f"Wrote {escape(args.dst)}: {escape(what)}")
     return ExitCode.OK
+
+
+def _refuse_unread(args: argparse.Namespace) -> None:
+    """A flag the chosen conversion would not read is an error, never ignored."""
+    hf = bool(args.to or args.source)
+    unread = (
+        [("--dtype", args.dtype), ("--unstack", args.unstack), ("--stack", args.stack),
+         ("--scan-axis", args.scan_axis is not None), ("--layers-key", args.layers_key)]
+        if hf
+        else [("--conversion-fn", args.conversion_fn),
+              ("--max-shard-bytes", args.max_shard_bytes is not None)]
+    )  # fmt: skip
+    given = [flag for flag, value in unread if value]
+    if given:
+        why = (
+            "a Hugging Face conversion does what its conversion function does (cast, stack "
+            "or unstack there, with stepsafe.convert.ops)"
+            if hf
+            else "they apply to --to/--from safetensors only"
+        )
+        raise ConfigError(f"{', '.join(given)} not read by this conversion: {why}")

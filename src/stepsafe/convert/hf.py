@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from stepsafe.convert.lazy_leaf import OutLeaf
@@ -25,7 +25,7 @@ from stepsafe.convert.params_loading import place_tree
 from stepsafe.convert.safetensors_files import HF_SHARD_BYTES, read_safetensors, write_safetensors
 from stepsafe.convert.source import open_source, source_tree
 from stepsafe.convert.write_tree import write_tree
-from stepsafe.errors import ConfigError
+from stepsafe.errors import ConfigError, StepsafeError
 from stepsafe.storage import storage_for
 
 log = logging.getLogger("stepsafe")
@@ -71,6 +71,33 @@ class _Seen(dict):
         self.asked.add(key)
         return super().get(key, default)
 
+    def pop(self, key: str, *default: Any) -> Any:
+        self.asked.add(key)
+        return super().pop(key, *default)
+
+    def items(self) -> Any:  # every weight handed out counts as used
+        self.asked.update(dict.keys(self))
+        return super().items()
+
+    def values(self) -> Any:
+        self.asked.update(dict.keys(self))
+        return super().values()
+
+
+def _name(fn: Callable[[Any], Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+
+
+def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """``fn(arg)``, its failure said as the conversion function's (named)."""
+    try:
+        return fn(arg)
+    except StepsafeError as e:
+        raise type(e)(f"in the conversion function {_name(fn)}: {e}") from e
+    except Exception as e:
+        kind = type(e).__name__
+        raise ConfigError(f"the conversion function {_name(fn)} failed: {kind}: {e}") from e
+
 
 def from_safetensors(directory: str, fn: Callable[[Any], Any]) -> Any:
     """The tree ``fn`` makes of the model in ``directory`` (lazy: nothing read yet).
@@ -80,8 +107,8 @@ def from_safetensors(directory: str, fn: Callable[[Any], Any]) -> Any:
         CheckpointNotFoundError, CorruptCheckpointError: as reading the directory raises them.
     """
     flat = _Seen(read_safetensors(directory))
-    tree = fn(flat)
-    unmapped = [n for n in flat if n not in flat.asked]
+    tree = _call(fn, flat)
+    unmapped = [n for n in dict.keys(flat) if n not in flat.asked]
     if unmapped:
         few = ", ".join(repr(n) for n in unmapped[:5])
         more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
@@ -126,7 +153,12 @@ def export_safetensors(
     """
     tree = source_tree(open_source(src))
     params = tree[params_key] if isinstance(tree, dict) and params_key in tree else tree
-    named = fn(params)
+    named = _call(fn, params)
+    if not isinstance(named, Mapping):
+        raise ConfigError(
+            f"the conversion function {_name(fn)} returned a {type(named).__name__}, not a "
+            "mapping of Hugging Face name -> weight"
+        )
     items = []
     for name, x in named.items():
         if not isinstance(x, OutLeaf):

@@ -13,6 +13,7 @@ import numpy as np
 
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.stacking import layer_slices
+from stepsafe.errors import ConfigError
 
 __all__ = ["as_leaf", "astype", "layers", "reshape", "stack", "transpose"]
 
@@ -29,6 +30,8 @@ def transpose(x: Any, axes: tuple[int, ...] | None = None) -> OutLeaf:
     """``np.transpose(x, axes)``, lazily (a Linear weight's [out, in] <-> a kernel's [in, out])."""
     leaf = as_leaf(x)
     order = tuple(reversed(range(len(leaf.shape)))) if axes is None else tuple(axes)
+    if sorted(order) != list(range(len(leaf.shape))):
+        raise ConfigError(f"transpose axes {order} are not a permutation of {len(leaf.shape)} axes")
     shape = tuple(leaf.shape[a] for a in order)
     return OutLeaf(shape, leaf.dtype, lambda: np.transpose(leaf.make(), order), leaf.group)
 
@@ -36,7 +39,10 @@ def transpose(x: Any, axes: tuple[int, ...] | None = None) -> OutLeaf:
 def reshape(x: Any, shape: tuple[int, ...]) -> OutLeaf:
     """``x.reshape(shape)``, lazily."""
     leaf = as_leaf(x)
-    new = np.empty(leaf.shape, np.uint8).reshape(shape).shape  # checks the size now
+    try:
+        new = np.empty(leaf.shape, np.uint8).reshape(shape).shape  # checks the size now
+    except ValueError as e:
+        raise ConfigError(f"cannot reshape an array of shape {leaf.shape} to {shape}") from e
     return OutLeaf(new, leaf.dtype, lambda: leaf.make().reshape(new), leaf.group)
 
 
@@ -51,12 +57,14 @@ def stack(xs: list[Any], axis: int = 0) -> OutLeaf:
     """``np.stack(xs, axis)``, lazily, filling the result one part at a time.
 
     Raises:
-        ValueError: no parts, or parts of different shapes or dtypes.
+        ConfigError: no parts, parts of different shapes or dtypes, or an axis out of range.
     """
     leaves = [as_leaf(x) for x in xs]
     if not leaves or any((x.shape, x.dtype) != (leaves[0].shape, leaves[0].dtype) for x in leaves):
-        raise ValueError("stack needs one or more parts of one shape and dtype")
+        raise ConfigError("stack needs one or more parts of one shape and dtype")
     first = leaves[0]
+    if not -(len(first.shape) + 1) <= axis <= len(first.shape):
+        raise ConfigError(f"stack of {first.shape} parts has no axis {axis}")
     ax = axis % (len(first.shape) + 1)
     shape = (*first.shape[:ax], len(leaves), *first.shape[ax:])
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
+from stepsafe.arrays import is_array
 from stepsafe.checkpoint.casting import check_cast
 from stepsafe.checkpoint.restore import is_target_leaf, place_array, restore_from
 from stepsafe.convert.lazy_leaf import OutLeaf, grouped
@@ -103,6 +106,8 @@ def _paths(tree: Any) -> list[str]:
 
 
 def _place(key: str, leaf: Any, target: Any) -> Any:
+    if is_array(leaf):  # made by numpy-style code: checked like any other
+        leaf = OutLeaf(tuple(leaf.shape), np.dtype(leaf.dtype), lambda a=leaf: np.asarray(a))
     if not isinstance(leaf, OutLeaf):
         return leaf
     shape = getattr(target, "shape", None)

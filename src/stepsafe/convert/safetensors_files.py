@@ -38,9 +38,9 @@ HF_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB" (huggingface_hub's and transf
 _DTYPES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
     "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32",
-    "float64": "F64", "int64": "I64", "uint64": "U64", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
+    "float64": "F64", "int64": "I64", "uint64": "U64", "complex64": "C64",
 }  # fmt: skip
+# float8 (F8_E4M3, F8_E5M2) is left out: safetensors' numpy reader cannot read it back
 
 
 def shard_names(count: int) -> list[str]:
@@ -73,6 +73,10 @@ def write_safetensors(
     if max_shard_bytes < 1:
         raise ConfigError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     names = [n for n, _ in tensors]
+    for name in names:
+        if name == "__metadata__" or not _is_text(name):
+            why = "reserved by the format" if name == "__metadata__" else "not Unicode text"
+            raise ConfigError(f"tensor name {name!r} cannot be written: {why}")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"tensor name {dup!r} is given twice: each name must be unique")
@@ -92,6 +96,14 @@ def write_safetensors(
             txn.write_file(INDEX, [json.dumps(index, indent=2).encode()])
         txn.commit()
     return files + ([INDEX] if len(files) > 1 else [])
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split(tensors: list[tuple[str, OutLeaf]], limit: int) -> list[list[tuple[str, OutLeaf]]]:
@@ -148,12 +160,13 @@ def _file_bytes(
 
 def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
     """The tensors of a Hugging Face model directory (``model.safetensors``, or the files its
-    ``model.safetensors.index.json`` names), in file order, each read only when made.
+    ``model.safetensors.index.json`` names, each holding the tensors it says), each read only
+    when made.
 
     Raises:
         CheckpointNotFoundError: neither file is there.
-        CorruptCheckpointError: the index or a file's header is unreadable, or the index names
-            a tensor its file does not hold.
+        CorruptCheckpointError: the index or a file's header is unreadable, a file lacks a
+            tensor the index puts there, a tensor is in two files, or a dtype not read here.
         StepsafeError: the safetensors library is not installed.
     """
     import ml_dtypes  # noqa: F401  (numpy reads bfloat16 once ml_dtypes is loaded)
@@ -166,33 +179,50 @@ def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
         ) from e
     from stepsafe.errors import CheckpointNotFoundError
 
-    files = _files_of(str(directory), CheckpointNotFoundError)
+    wanted = _files_of(str(directory), CheckpointNotFoundError)
     out: list[tuple[str, OutLeaf]] = []
-    for file in files:
+    seen: set[str] = set()
+    for file, names in wanted.items():
         path = os.path.join(str(directory), file)
         try:
             with safe_open(path, framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118  (a safe_open handle is not iterable)
+                held = list(f.keys())
+                for name in held if names is None else names:
+                    if name not in held:
+                        raise CorruptCheckpointError(
+                            f"{directory}/{INDEX} puts tensor {name!r} in {file}, which lacks it"
+                        )
+                    if name in seen:
+                        raise CorruptCheckpointError(
+                            f"tensor {name!r} is in two files of {directory}"
+                        )
+                    seen.add(name)
                     s = f.get_slice(name)
                     dtype = _numpy_dtype(name, s.get_dtype())
                     shape = tuple(int(n) for n in s.get_shape())
                     out.append((name, OutLeaf(shape, dtype, _reader(path, name))))
-        except (OSError, ValueError, RuntimeError) as e:  # safetensors' SafetensorError too
+        except StepsafeError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError is a bare Exception
             raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     return out
 
 
-def _files_of(directory: str, missing: type[Exception]) -> list[str]:
+def _files_of(directory: str, missing: type[Exception]) -> dict[str, list[str] | None]:
+    """Each file to read and the tensors in it (None: all it holds)."""
     index = os.path.join(directory, INDEX)
     if os.path.exists(index):
         try:
             with open(index, "rb") as f:
                 weight_map = json.loads(f.read(1 << 28))["weight_map"]
-            return list(dict.fromkeys(str(v) for v in weight_map.values()))
+            files: dict[str, list[str] | None] = {}
+            for name, file in weight_map.items():
+                files.setdefault(str(file), []).append(str(name))  # type: ignore[union-attr]
+            return files
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"{index} is not a valid index: {e}") from e
     if os.path.exists(os.path.join(directory, SINGLE)):
-        return [SINGLE]
+        return {SINGLE: None}
     raise missing(f"{directory} holds neither {SINGLE} nor {INDEX}: not a Hugging Face model")
 
 
@@ -209,7 +239,10 @@ def _reader(path: str, name: str) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         from safetensors import safe_open
 
-        with safe_open(path, framework="numpy") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors' SafetensorError is a bare Exception
+            raise CorruptCheckpointError(f"tensor {name!r} of {path} cannot be read: {e}") from e
 
     return read
