@@ -236,3 +236,24 @@ def test_unstack_reads_each_source_byte_about_once(measured, name):
     layer (every saved chunk of a [D, L, F] array holds a part of every layer)."""
     got = measured(name)
     assert got["read"] <= 1.2 * got["nbytes"], f"read {got['read'] / got['nbytes']:.1f}x"
+
+
+def test_two_big_arrays_side_by_side_are_held_one_at_a_time(tmp_path):
+    """The writer lets an array go before it makes the next: two 128 MiB arrays in one data
+    file convert in about the memory of one (the stream's and the disk writer's last view of
+    the previous array once kept it alive while the next was made)."""
+    big = 128 * MIB
+    save = textwrap.dedent(
+        """
+        import sys, numpy as np, stepsafe
+        n = int(sys.argv[2]) // 4
+        stepsafe.save(sys.argv[1], {"params": {"a": np.ones(n, np.float32),
+                                               "b": np.full(n, 2, np.float32)}})
+        """
+    )
+    python(save, str(tmp_path / "src"), str(big))
+    options = json.dumps({"param_only": True})
+    got = json.loads(python(CONVERT, str(tmp_path / "src"), str(tmp_path / "dst"), options))
+    rise = got["peak"] - got["before"]
+    print(f"\ntwo {big // MIB} MiB arrays: peak rose {rise / MIB:.0f} MiB")
+    assert rise <= big + 64 * MIB, f"peak rose {rise / MIB:.0f} MiB: two arrays held at once?"

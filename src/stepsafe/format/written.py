@@ -175,6 +175,7 @@ def _write_file(txn: Transaction, f: FilePlan) -> WrittenFile:
                     yield bytes(small)
                     small.clear()
             pos = p.offset + p.size
+            del view  # an array made on demand goes before the next one is made
         if small:
             yield bytes(small)
         record.size = pos  # reached only once every byte was handed over

@@ -90,6 +90,7 @@ def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> int:
         if _start_writeback is not None and total - kicked >= kick:
             _start_writeback(fd, kicked, total - kicked)
             kicked = total
+        del chunk, view  # before the stream makes its next chunk (maybe a whole array)
     return total
 
 

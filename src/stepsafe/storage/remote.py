@@ -47,6 +47,7 @@ def gather_parts(chunks: Iterable[memoryview | bytes], part_size: int) -> Iterat
                 yield bytes(buf)
                 buf.clear()
                 yielded = True
+        del chunk, view  # before the stream makes its next chunk
     if buf or not yielded:
         yield bytes(buf)
 
