@@ -4,20 +4,26 @@ A conversion describes its output tree with ``OutLeaf`` s (shape, dtype, and how
 array) instead of arrays; the writer streams the data files one after another in tree order
 (``format.written``: shards made on demand are written in order), so each array is made when
 its first byte is due and dropped once its last byte is written: one array of the model is in
-memory at a time, whatever the model's size.
+memory at a time, whatever the model's size. An array bigger than ``CONVERT_BLOCK_BYTES`` whose
+source can read a region (``OutLeaf.box``) is made block by block instead: contiguous runs of
+its rows, one block held at a time, so that even one stacked weight of hundreds of GB needs
+only a block's memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.errors import ManifestError
+from stepsafe.format.manifest import Box
 from stepsafe.format.plan import LazyShard
 
 T = TypeVar("T")
@@ -27,16 +33,33 @@ T = TypeVar("T")
 class OutLeaf:
     """An output array to be made by ``make()`` (shape ``shape``, dtype ``dtype``). Leaves of
     one ``group`` (the slices of one stacked array) are written one after another,
-    whatever their places in the tree, so that what they share is read once and held briefly."""
+    whatever their places in the tree, so that what they share is read once and held briefly.
+    ``box``, where the source can read a region: makes the region ``((start, stop), ..)`` of
+    the array alone, so that a big array is made block by block (``blocks``)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     make: Callable[[], np.ndarray]
     group: str | None = None
+    box: Callable[[Box], np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def blocks(self, limit: int | None = None) -> Iterator[np.ndarray]:
+        """The array in C order, as contiguous blocks of at most about ``limit`` bytes
+        (``CONVERT_BLOCK_BYTES``) when it is bigger and ``box`` can read regions, else whole.
+
+        Raises:
+            ManifestError: a block came out another shape or dtype than planned.
+        """
+        limit = int(knobs.CONVERT_BLOCK_BYTES) if limit is None else limit
+        if self.box is None or self.nbytes <= limit:
+            yield _checked(self.make(), self.shape, self.dtype)
+            return
+        for box in block_boxes(self.shape, np.dtype(self.dtype).itemsize, limit):
+            yield _checked(self.box(box), tuple(b - a for a, b in box), self.dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """Made now, for code that wants an array (a conversion function written for arrays:
@@ -57,33 +80,73 @@ def grouped(items: list[tuple[T, OutLeaf]]) -> list[tuple[T, OutLeaf]]:
 
 
 class LazyLeaf(LazyShard):
-    """``leaf`` as the writer's shard: made at its first byte, dropped after its last;
-    ``on_bytes(n)`` reports progress as bytes are handed to the writer."""
+    """``leaf`` as the writer's shard: made at its first byte (its first block, when it is made
+    block by block), each block dropped after its last byte; ``on_bytes(n)`` reports progress
+    as bytes are handed to the writer. The writer asks for the bytes in order."""
 
     def __init__(self, key: str, leaf: OutLeaf, on_bytes: Callable[[int], None] | None = None):
         self.key, self.leaf, self.nbytes = key, leaf, leaf.nbytes
         self._on_bytes = on_bytes
         self._lock = threading.Lock()
-        self._flat: np.ndarray | None = None
-        self._left = self.nbytes
+        self._blocks: Iterator[np.ndarray] | None = None
+        self._block = np.empty(0, np.uint8)
+        self._at = 0  # the byte of the array where ``_block`` starts
 
     def bytes_at(self, start: int, stop: int) -> memoryview:
         with self._lock:
-            if self._flat is None:
-                self._flat = self._made()
-            view = memoryview(self._flat[start:stop])
-            self._left -= stop - start
-            if self._left <= 0:
-                self._flat = None  # the writer's views keep it alive until they are written
+            try:
+                view = self._range(start, stop)
+            except ManifestError as e:
+                raise ManifestError(f"conversion of {self.key!r}: {e}: nothing committed") from e
+            if stop >= self.nbytes:  # the last bytes: the writer's views keep them alive
+                self._blocks, self._block, self._at = None, np.empty(0, np.uint8), 0
         if self._on_bytes is not None:
             self._on_bytes(stop - start)
         return view
 
-    def _made(self) -> np.ndarray:
-        a = np.asarray(self.leaf.make())
-        if a.shape != self.leaf.shape or a.dtype != np.dtype(self.leaf.dtype):
-            raise ManifestError(
-                f"conversion of {self.key!r} made an array of {a.shape} {a.dtype}, "
-                f"{self.leaf.shape} {np.dtype(self.leaf.dtype)} was planned: nothing committed"
-            )
-        return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    def _range(self, start: int, stop: int) -> memoryview:
+        if self._blocks is None or start < self._at:  # the first bytes, or asked again
+            self._blocks = (b.reshape(-1).view(np.uint8) for b in self.leaf.blocks())
+            self._block, self._at = np.empty(0, np.uint8), 0
+        while start >= self._at + len(self._block):
+            self._next()
+        if stop <= self._at + len(self._block):
+            return memoryview(self._block[start - self._at : stop - self._at])
+        pieces = []  # a range across blocks (block edges need not meet the writer's chunks)
+        while True:
+            end = min(stop, self._at + len(self._block))
+            pieces.append(self._block[start - self._at : end - self._at])
+            if end == stop:
+                return memoryview(np.concatenate(pieces))
+            start = end
+            self._next()
+
+    def _next(self) -> None:
+        assert self._blocks is not None
+        self._at += len(self._block)
+        self._block = next(self._blocks, None)  # type: ignore[arg-type]
+        if self._block is None:
+            raise ManifestError(f"its blocks ended at byte {self._at} of {self.nbytes}")
+
+
+def block_boxes(shape: tuple[int, ...], itemsize: int, limit: int) -> list[Box]:
+    """Regions of an array of ``shape`` that follow one another in C order, each contiguous
+    and at most ``limit`` bytes (at least one element): ranges along the first axis whose
+    trailing axes fit, at every index of the axes before it."""
+    k = next(i for i in range(len(shape)) if math.prod(shape[i + 1 :]) * itemsize <= limit)
+    step = max(1, limit // (math.prod(shape[k + 1 :]) * itemsize))
+    tail = tuple((0, n) for n in shape[k + 1 :])
+    return [
+        (*((i, i + 1) for i in outer), (a, min(a + step, shape[k])), *tail)
+        for outer in itertools.product(*(range(n) for n in shape[:k]))
+        for a in range(0, shape[k], step)
+    ]
+
+
+def _checked(a: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    a = np.asarray(a)
+    if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+        raise ManifestError(
+            f"made an array of {a.shape} {a.dtype}, {tuple(shape)} {np.dtype(dtype)} was planned"
+        )
+    return np.ascontiguousarray(a)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from stepsafe.convert.lazy_leaf import OutLeaf, grouped
-from stepsafe.errors import ConfigError, CorruptCheckpointError, StepsafeError
+from stepsafe.errors import ConfigError, CorruptCheckpointError, ManifestError, StepsafeError
+from stepsafe.format.manifest import Box
 from stepsafe.storage import storage_for
 
 SINGLE = "model.safetensors"
@@ -144,18 +145,15 @@ def _file_bytes(
     raw += b" " * (-(8 + len(raw)) % 8)
     yield struct.pack("<Q", len(raw)) + raw
     for name, leaf in group:
-        a = np.asarray(leaf.make())
-        if a.shape != leaf.shape or a.dtype != np.dtype(leaf.dtype):
-            raise StepsafeError(
-                f"tensor {name!r} came out {a.shape} {a.dtype}, {leaf.shape} "
-                f"{np.dtype(leaf.dtype)} was planned: nothing was written"
-            )
-        a = np.ascontiguousarray(a)
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
-        yield memoryview(a.reshape(-1).view(np.uint8))
-        if on_bytes is not None:
-            on_bytes(a.nbytes)
+        try:
+            for a in leaf.blocks():  # the tensor whole, or block by block when it is big
+                if a.dtype.byteorder == ">":
+                    a = a.astype(a.dtype.newbyteorder("<"))
+                yield memoryview(a.reshape(-1).view(np.uint8))
+                if on_bytes is not None:
+                    on_bytes(a.nbytes)
+        except ManifestError as e:
+            raise StepsafeError(f"tensor {name!r}: {e}: nothing was written") from e
 
 
 def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
@@ -200,7 +198,8 @@ def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
                     s = f.get_slice(name)
                     dtype = _numpy_dtype(name, s.get_dtype())
                     shape = tuple(int(n) for n in s.get_shape())
-                    out.append((name, OutLeaf(shape, dtype, _reader(path, name))))
+                    read = _reader(path, name)
+                    out.append((name, OutLeaf(shape, dtype, read, box=read)))
         except StepsafeError:
             raise
         except Exception as e:  # safetensors' SafetensorError is a bare Exception
@@ -235,13 +234,18 @@ def _numpy_dtype(name: str, st: str) -> np.dtype:
     raise CorruptCheckpointError(f"tensor {name!r} has safetensors dtype {st}, not read here")
 
 
-def _reader(path: str, name: str) -> Callable[[], np.ndarray]:
-    def read() -> np.ndarray:
+def _reader(path: str, name: str) -> Callable[..., np.ndarray]:
+    """Reads tensor ``name`` of the file at ``path``: whole, or the region ``box`` (safetensors
+    reads only the rows a region spans)."""
+
+    def read(box: Box | None = None) -> np.ndarray:
         from safetensors import safe_open
 
         try:
             with safe_open(path, framework="numpy") as f:
-                return f.get_tensor(name)
+                if box is None:
+                    return f.get_tensor(name)
+                return np.asarray(f.get_slice(name)[tuple(slice(a, b) for a, b in box)])
         except Exception as e:  # safetensors' SafetensorError is a bare Exception
             raise CorruptCheckpointError(f"tensor {name!r} of {path} cannot be read: {e}") from e
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.arrays import is_leaf
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.errors import ConfigError
+from stepsafe.format.manifest import Box
 from stepsafe.tree import Flat, flatten
 
 
@@ -178,8 +180,18 @@ class _Stacked:
             return out
 
     def slice(self, i: int) -> OutLeaf:
-        shape = (*self.leaf.shape[: self.axis], *self.leaf.shape[self.axis + 1 :])
-        return OutLeaf(shape, self.leaf.dtype, lambda: self.layer(i), group=self.group)
+        """Layer ``i``: from the one read of the whole array, or, when the array is too big to
+        hold (``CONVERT_BLOCK_BYTES``) and its source reads regions, from its own regions."""
+        ax, leaf = self.axis, self.leaf
+        shape = (*leaf.shape[:ax], *leaf.shape[ax + 1 :])
+        if leaf.box is None or leaf.nbytes <= knobs.CONVERT_BLOCK_BYTES:
+            return OutLeaf(shape, leaf.dtype, lambda: self.layer(i), group=self.group)
+        source = leaf.box
+
+        def box(b: Box) -> np.ndarray:
+            return source((*b[:ax], (i, i + 1), *b[ax:])).reshape([y - x for x, y in b])
+
+        return OutLeaf(shape, leaf.dtype, lambda: box(tuple((0, n) for n in shape)), box=box)
 
 
 def _stack(parts: list[Any], axis: int, path: str) -> Any:
@@ -217,7 +229,18 @@ def _stack(parts: list[Any], axis: int, path: str) -> Any:
                 out[(slice(None),) * ax + (i,)] = f.leaves[j].make()
             return out
 
-        return OutLeaf(shape, leaf.dtype, make)
+        layers = [f.leaves[j] for f in flats]
+        if any(x.box is None for x in layers):
+            return OutLeaf(shape, leaf.dtype, make)
+
+        def box(b: Box) -> np.ndarray:  # the layers the region crosses, each its own region
+            inner = (*b[:ax], *b[ax + 1 :])
+            out = np.empty([y - x for x, y in b], leaf.dtype)
+            for n, i in enumerate(range(*b[ax])):
+                out[(slice(None),) * ax + (n,)] = layers[i].box(inner)  # type: ignore[misc]
+            return out
+
+        return OutLeaf(shape, leaf.dtype, make, box=box)
 
     return first.rebuild([stacked(j, x) for j, x in enumerate(first.leaves)])
 

@@ -1,0 +1,153 @@
+"""Arrays bigger than CONVERT_BLOCK_BYTES are made block by block (#15 item 7: chunk by chunk
+for leaves larger than a limit): contiguous runs of rows, each read as a region of the source,
+one held at a time. The blocks must cover the array exactly, in C order, each within the limit,
+and the bytes written must be the array's, whatever the writer's ranges."""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from stepsafe import knobs
+from stepsafe.convert.lazy_leaf import LazyLeaf, OutLeaf, block_boxes
+from stepsafe.convert.stacking import stack_layers, unstack_layers
+from stepsafe.convert.write_tree import write_tree
+from stepsafe.format import CheckpointReader
+from stepsafe.storage import storage_for
+
+SHAPES = [(10,), (7, 5, 3), (1, 100), (3, 1, 9), (4, 6, 2, 5), (2, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("limit", [4, 12, 40, 100, 10_000])
+def test_blocks_cover_the_array_in_c_order_within_the_limit(shape, limit):
+    a = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    boxes = block_boxes(shape, 4, limit)
+    parts = [a[tuple(slice(x, y) for x, y in box)] for box in boxes]
+    assert np.array_equal(np.concatenate([p.ravel() for p in parts]), a.ravel())
+    assert all(p.nbytes <= max(limit, 4) for p in parts)
+
+
+class Source:
+    """An array read by region, recording the regions asked for and whether it was read
+    whole (a conversion of a big array must never do that)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.regions, self.whole = a, [], 0
+
+    def make(self) -> np.ndarray:
+        self.whole += 1
+        return self.a.copy()
+
+    def box(self, box) -> np.ndarray:
+        self.regions.append(box)
+        return self.a[tuple(slice(x, y) for x, y in box)].copy()
+
+    def leaf(self) -> OutLeaf:
+        return OutLeaf(self.a.shape, self.a.dtype, self.make, box=self.box)
+
+
+def _bytes(leaf: OutLeaf, ranges) -> bytes:
+    lazy = LazyLeaf("k", leaf)
+    out, at = [], 0
+    for n in ranges:
+        stop = min(at + n, lazy.nbytes)
+        out.append(bytes(lazy.bytes_at(at, stop)))
+        at = stop
+        if at == lazy.nbytes:
+            break
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 1000, 5000])
+def test_a_big_leaf_is_served_block_by_block_for_any_range(monkeypatch, step):
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 256)
+    src = Source(np.random.default_rng(0).standard_normal((9, 7, 11)).astype(np.float32))
+    got = _bytes(src.leaf(), itertools.repeat(step))
+    assert got == src.a.tobytes()
+    assert src.whole == 0
+    assert max(np.prod([y - x for x, y in b]) * 4 for b in src.regions) <= 256
+
+
+def test_a_small_leaf_is_made_whole(monkeypatch):
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 1 << 20)
+    src = Source(np.arange(100, dtype=np.float32))
+    assert _bytes(src.leaf(), [133, 133, 134]) == src.a.tobytes()
+    assert (src.whole, src.regions) == (1, [])
+
+
+def test_ranges_asked_again_are_served_again(monkeypatch):
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 64)
+    src = Source(np.arange(200, dtype=np.int32))
+    lazy = LazyLeaf("k", src.leaf())
+    first = bytes(lazy.bytes_at(0, 300))
+    assert bytes(lazy.bytes_at(0, 300)) == first == src.a.tobytes()[:300]  # a retried write
+    assert bytes(lazy.bytes_at(300, 800)) == src.a.tobytes()[300:]
+
+
+def test_a_block_of_the_wrong_shape_is_refused(monkeypatch):
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 64)
+    a = np.arange(200, dtype=np.int32)
+    leaf = OutLeaf(a.shape, a.dtype, lambda: a, box=lambda b: a[:3])
+    with pytest.raises(Exception, match="was planned"):
+        _bytes(leaf, [800])
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_unstack_and_stack_of_big_arrays_read_regions_only(tmp_path, monkeypatch, axis):
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 256)
+    rng = np.random.default_rng(1)
+    shape = [8, 8, 8]
+    shape[axis] = 4  # the layers
+    kernel = Source(rng.standard_normal(shape).astype(ml_dtypes.bfloat16))
+    scale = Source(rng.standard_normal((4, 3) if axis == 0 else (3, 4)).astype(np.float32))
+    tree = {"layers": {"kernel": kernel.leaf(), "scale": scale.leaf()}}
+    flat, found = unstack_layers(tree, axis=axis, key="layers")
+    assert found == 1
+    storage, path = storage_for(str(tmp_path / "unstacked"))
+    write_tree(storage, path, {"params": flat}, step=0)
+    assert kernel.whole == 0  # 512 bytes > 256: read by regions, never whole
+    assert max(np.prod([y - x for x, y in b]) * 2 for b in kernel.regions) <= 256
+    back = CheckpointReader(storage, path)
+    for i in range(4):
+        want = np.take(kernel.a, i, axis=axis)
+        assert np.array_equal(back.read_array(f"params/layers_{i}/kernel"), want)
+
+    parts = {
+        f"layers_{i}": {"kernel": Source(np.take(kernel.a, i, axis=axis)).leaf()} for i in range(4)
+    }
+    stacked, found = stack_layers(parts, axis=axis, key="layers")
+    assert found == 1
+    storage, path = storage_for(str(tmp_path / "stacked"))
+    write_tree(storage, path, {"params": stacked}, step=0)
+    got = CheckpointReader(storage, path).read_array("params/layers/kernel")
+    assert got.dtype == kernel.a.dtype and np.array_equal(got, kernel.a)
+
+
+def test_safetensors_tensors_are_read_and_written_by_regions(tmp_path, monkeypatch):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from stepsafe.convert.safetensors_files import read_safetensors, write_safetensors
+
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 1000)
+    rng = np.random.default_rng(2)
+    tensors = {
+        "big.f32": rng.standard_normal((50, 30)).astype(np.float32),
+        "big.bf16": rng.standard_normal((3, 40, 25)).astype(ml_dtypes.bfloat16),
+        "wide": rng.standard_normal((1, 700)).astype(np.float32),
+        "small": np.arange(5, dtype=np.int64),
+    }
+    (tmp_path / "in").mkdir()
+    safetensors_numpy.save_file(tensors, str(tmp_path / "in" / "model.safetensors"))
+    read = read_safetensors(str(tmp_path / "in"))
+    leaves = dict(read)
+    assert all(leaves[n].box is not None for n in tensors)
+    write_safetensors(str(tmp_path / "out"), read, max_shard_bytes=7000)
+    back = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        back.update(safetensors_numpy.load_file(str(f)))
+    assert back.keys() == tensors.keys()
+    for name, a in tensors.items():
+        assert back[name].dtype == a.dtype and np.array_equal(back[name], a), name
