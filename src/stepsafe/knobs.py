@@ -82,10 +82,12 @@ KNOBS = {
              "copied together into one write."),
         Knob("DIFF_BLOCK_ELEMENTS", 1 << 20, "elements", "``diff --values`` compares arrays in "
              "blocks of this many (8 MiB of float64)."),
-        Knob("CONVERT_BLOCK_BYTES", 64 << 20, "bytes", "A conversion makes an array bigger "
+        Knob("CONVERT_BLOCK_BYTES", 1 << 30, "bytes", "A conversion makes an array bigger "
              "than this block by block (contiguous runs of its rows), where its source can "
              "read a region: peak memory is then about this, not the array's size (MaxText's "
-             "stacked weights of a large model are hundreds of GB each).", minimum=64),
+             "stacked weights of a large model are hundreds of GB each). Smaller arrays are "
+             "held whole: unstacking such an array along a middle axis block by block reads "
+             "it once per layer.", minimum=64),
         Knob("CONVERT_BUCKET_FILE_BYTES", 32 << 20, "bytes", "A conversion to a bucket splits "
              "its data files at this size unless told otherwise: a bucket upload holds a whole "
              "file, twice, so smaller files keep a conversion's memory near its largest array "
