@@ -19,7 +19,9 @@ is read), each tensor an ``OutLeaf``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -28,13 +30,23 @@ from typing import Any
 import numpy as np
 
 from stepsafe.convert.lazy_leaf import OutLeaf, grouped
-from stepsafe.errors import ConfigError, CorruptCheckpointError, ManifestError, StepsafeError
+from stepsafe.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    ManifestError,
+    StepsafeError,
+)
 from stepsafe.format.manifest import Box
-from stepsafe.storage import storage_for
+from stepsafe.storage import Storage, storage_for
+from stepsafe.storage.local import LocalStorage
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 HF_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB" (huggingface_hub's and transformers 4's)
+
+_MAX_HEADER = 100 << 20  # the safetensors library's limit on a header
 
 _DTYPES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
@@ -62,15 +74,11 @@ def write_safetensors(
     files written.
 
     Raises:
-        ConfigError: ``directory`` is a bucket URL (write locally, then upload), a name is
-            repeated, a dtype safetensors cannot hold, or ``max_shard_bytes`` < 1.
-        CheckpointExistsError: ``directory`` exists.
+        ConfigError: a name is repeated, a dtype safetensors cannot hold, or
+            ``max_shard_bytes`` < 1.
+        CheckpointExistsError: ``directory`` exists (in a bucket: holds a file of the model).
+        StorageError: as the storage raised it; nothing is left that a reader would take.
     """
-    if "://" in str(directory):
-        raise ConfigError(
-            f"safetensors are written to a local directory, not {directory}: write locally, "
-            "then upload the directory"
-        )
     if max_shard_bytes < 1:
         raise ConfigError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     names = [n for n, _ in tensors]
@@ -85,18 +93,55 @@ def write_safetensors(
         _dtype_name(name, leaf.dtype)
     groups = _split(grouped(tensors), max_shard_bytes)  # the index says where each one is
     files = shard_names(len(groups))
-    storage, path = storage_for(os.path.abspath(str(directory)))
-    with storage.transaction(path) as txn:
-        for file, group in zip(files, groups):
-            txn.write_file(file, _file_bytes(group, on_bytes))
-        if len(files) > 1:
-            index = {
-                "metadata": {"total_size": sum(leaf.nbytes for _, leaf in tensors)},
-                "weight_map": {n: f for f, g in zip(files, groups) for n, _ in g},
-            }
-            txn.write_file(INDEX, [json.dumps(index, indent=2).encode()])
-        txn.commit()
-    return files + ([INDEX] if len(files) > 1 else [])
+    contents = [(file, _file_bytes(group, on_bytes)) for file, group in zip(files, groups)]
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(leaf.nbytes for _, leaf in tensors)},
+            "weight_map": {n: f for f, g in zip(files, groups) for n, _ in g},
+        }
+        contents.append((INDEX, iter([json.dumps(index, indent=2).encode()])))
+    url = str(directory)
+    storage, path = storage_for(url if "://" in url else os.path.abspath(url))
+    if isinstance(storage, LocalStorage):
+        with storage.transaction(path) as txn:
+            for file, chunks in contents:
+                txn.write_file(file, chunks)
+            txn.commit()
+    else:
+        _upload(storage, path, contents)
+    return [file for file, _ in contents]
+
+
+def _upload(storage: Any, path: str, contents: list[tuple[str, Iterator[Any]]]) -> None:
+    """A model directory in a bucket, which has no rename: every file is uploaded under its
+    final name (an object appears whole or not at all), the one readers look for first last:
+    the index, or the single file. Nothing is overwritten; a failure deletes only what this
+    upload wrote, so an interrupted one leaves no model a reader would take."""
+    targets = [storage.join(path, file) for file, _ in contents]
+    there = storage.list_dir(path) if storage.exists(path) else []
+    if there:  # as a local directory that exists: a model, or something else, is there
+        raise CheckpointExistsError(
+            f"{path} already holds {', '.join(sorted(there)[:3])}: stepsafe never writes into "
+            "an existing model; write to a new directory"
+        )
+    written: list[str] = []
+    try:
+        for target, (_, chunks) in zip(targets, contents):
+            if target == targets[-1] and len(targets) > 1:  # the index: created exclusively
+                try:
+                    storage.create_exclusive(target, b"".join(bytes(c) for c in chunks))
+                except FileExistsError as e:
+                    raise CheckpointExistsError(
+                        f"{target} was written by another writer meanwhile: this one is undone"
+                    ) from e
+            else:
+                written.append(target)  # before: a failed upload may leave an object
+                storage.upload(target, chunks)
+    except BaseException:
+        for target in written:
+            with contextlib.suppress(Exception):
+                storage.delete_file(target)
+        raise
 
 
 def _is_text(name: str) -> bool:
@@ -169,60 +214,108 @@ def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
     """
     import ml_dtypes  # noqa: F401  (numpy reads bfloat16 once ml_dtypes is loaded)
 
+    url = str(directory)
+    storage, root = storage_for(url if "://" in url else os.path.abspath(url))
+    local = isinstance(storage, LocalStorage)
+    out: list[tuple[str, OutLeaf]] = []
+    seen: set[str] = set()
+    for file, names in _files_of(storage, root).items():
+        path = storage.join(root, file)
+        held = _local_header(path) if local else _bucket_header(storage, path)
+        for name in held if names is None else names:
+            if name not in held:
+                raise CorruptCheckpointError(
+                    f"{directory}/{INDEX} puts tensor {name!r} in {file}, which lacks it"
+                )
+            if name in seen:
+                raise CorruptCheckpointError(f"tensor {name!r} is in two files of {directory}")
+            seen.add(name)
+            shape, dtype, start = held[name]
+            read = (
+                _reader(path, name) if local else _bucket_reader(storage, path, start, shape, dtype)
+            )
+            out.append((name, OutLeaf(shape, dtype, read, box=read)))
+    return out
+
+
+Header = dict[str, tuple[tuple[int, ...], np.dtype, int]]  # name -> shape, dtype, data start
+
+
+def _local_header(path: str) -> Header:
+    """A local file's tensors, through the safetensors library (which checks the header)."""
     try:
         from safetensors import safe_open
     except ImportError as e:
         raise StepsafeError(
             "reading safetensors needs the safetensors package: pip install 'stepsafe[safetensors]'"
         ) from e
-    from stepsafe.errors import CheckpointNotFoundError
-
-    wanted = _files_of(str(directory), CheckpointNotFoundError)
-    out: list[tuple[str, OutLeaf]] = []
-    seen: set[str] = set()
-    for file, names in wanted.items():
-        path = os.path.join(str(directory), file)
-        try:
-            with safe_open(path, framework="numpy") as f:
-                held = list(f.keys())
-                for name in held if names is None else names:
-                    if name not in held:
-                        raise CorruptCheckpointError(
-                            f"{directory}/{INDEX} puts tensor {name!r} in {file}, which lacks it"
-                        )
-                    if name in seen:
-                        raise CorruptCheckpointError(
-                            f"tensor {name!r} is in two files of {directory}"
-                        )
-                    seen.add(name)
-                    s = f.get_slice(name)
-                    dtype = _numpy_dtype(name, s.get_dtype())
-                    shape = tuple(int(n) for n in s.get_shape())
-                    read = _reader(path, name)
-                    out.append((name, OutLeaf(shape, dtype, read, box=read)))
-        except StepsafeError:
-            raise
-        except Exception as e:  # safetensors' SafetensorError is a bare Exception
-            raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    return out
+    try:
+        with safe_open(path, framework="numpy") as f:
+            held: Header = {}
+            for name in f.keys():  # noqa: SIM118  (safe_open is no mapping)
+                s = f.get_slice(name)
+                shape = tuple(int(n) for n in s.get_shape())
+                held[name] = (shape, _numpy_dtype(name, s.get_dtype()), 0)
+            return held
+    except StepsafeError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError is a bare Exception
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def _files_of(directory: str, missing: type[Exception]) -> dict[str, list[str] | None]:
+def _bucket_header(storage: Storage, path: str) -> Header:
+    """A bucket file's tensors, from its header (the library reads local files only), checked
+    as the library checks it: tensors tile the data after the header exactly, in order."""
+    size = storage.size(path)
+    bad = f"{path} is not a readable safetensors file"
+    if size < 8:
+        raise CorruptCheckpointError(f"{bad}: {size} bytes")
+    buf = bytearray(8)
+    storage.read_into(path, 0, memoryview(buf))
+    (n,) = struct.unpack("<Q", buf)
+    if n > min(size - 8, _MAX_HEADER):
+        raise CorruptCheckpointError(f"{bad}: a header of {n} bytes in a file of {size}")
+    raw = bytearray(n)
+    storage.read_into(path, 8, memoryview(raw))
+    try:
+        doc = json.loads(raw)
+        entries = sorted(
+            ((k, v) for k, v in doc.items() if k != "__metadata__"),
+            key=lambda kv: tuple(kv[1]["data_offsets"]),
+        )
+        held: Header = {}
+        end = 0
+        for name, v in entries:
+            a, b = (int(x) for x in v["data_offsets"])
+            shape = tuple(int(x) for x in v["shape"])
+            dtype = _numpy_dtype(name, v["dtype"])
+            if a != end or b - a != math.prod(shape) * dtype.itemsize or min(shape, default=0) < 0:
+                raise ValueError(f"tensor {name!r}: bytes {a}..{b} for {shape} {dtype}")
+            held[name], end = (shape, dtype, 8 + n + a), b
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptCheckpointError(f"{bad}: {e}") from e
+    if 8 + n + end != size:
+        raise CorruptCheckpointError(f"{bad}: its tensors end at {8 + n + end}, the file at {size}")
+    return held
+
+
+def _files_of(storage: Storage, directory: str) -> dict[str, list[str] | None]:
     """Each file to read and the tensors in it (None: all it holds)."""
-    index = os.path.join(directory, INDEX)
-    if os.path.exists(index):
+    index = storage.join(directory, INDEX)
+    if storage.exists(index):
         try:
-            with open(index, "rb") as f:
-                weight_map = json.loads(f.read(1 << 28))["weight_map"]
+            weight_map = json.loads(storage.read_bytes(index, 1 << 28))["weight_map"]
             files: dict[str, list[str] | None] = {}
             for name, file in weight_map.items():
                 files.setdefault(str(file), []).append(str(name))  # type: ignore[union-attr]
             return files
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"{index} is not a valid index: {e}") from e
-    if os.path.exists(os.path.join(directory, SINGLE)):
+    if storage.exists(storage.join(directory, SINGLE)):
         return {SINGLE: None}
-    raise missing(f"{directory} holds neither {SINGLE} nor {INDEX}: not a Hugging Face model")
+    raise CheckpointNotFoundError(
+        f"{directory} holds neither {SINGLE} nor {INDEX}: not a Hugging Face model"
+    )
 
 
 def _numpy_dtype(name: str, st: str) -> np.dtype:
@@ -232,6 +325,28 @@ def _numpy_dtype(name: str, st: str) -> np.dtype:
         if st_name == st:
             return np.dtype(getattr(ml_dtypes, np_name, np_name))
     raise CorruptCheckpointError(f"tensor {name!r} has safetensors dtype {st}, not read here")
+
+
+def _bucket_reader(
+    storage: Storage, path: str, start: int, shape: tuple[int, ...], dtype: np.dtype
+) -> Callable[..., np.ndarray]:
+    """Reads a tensor at byte ``start`` of a bucket file: whole, or the rows a region ``box``
+    spans on its first axis (one ranged read), cut to the region."""
+
+    def read(box: Box | None = None) -> np.ndarray:
+        if not shape:  # a scalar
+            out = np.empty((), dtype)
+            storage.read_into(path, start, memoryview(out.reshape(1).view(np.uint8)))
+            return out
+        box = box or tuple((0, n) for n in shape)
+        (r0, r1), rest = box[0], box[1:]
+        out = np.empty((r1 - r0, *shape[1:]), dtype)
+        if out.nbytes:
+            at = start + r0 * math.prod(shape[1:]) * dtype.itemsize
+            storage.read_into(path, at, memoryview(out.reshape(-1).view(np.uint8)))
+        return np.ascontiguousarray(out[(slice(None), *(slice(a, b) for a, b in rest))])
+
+    return read
 
 
 def _reader(path: str, name: str) -> Callable[..., np.ndarray]:
