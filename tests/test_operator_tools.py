@@ -157,6 +157,13 @@ def test_kind_heuristic():
     mixed_lead = {"params/layers/mlp/kernel": (4, 8), "params/layers/norm": (3,)}
     assert classify(mixed_lead).stacking == "unknown"
     assert classify({"params/dense": (8, 8)}).stacking == "unknown"
+    maxtext = {  # MaxText's scanned layers: the layer axis is 1 (param_scan_axis)
+        "params/decoder/layers/mlp/wi/kernel": (16, 3, 64),
+        "params/decoder/layers/mlp/wo/kernel": (64, 3, 16),
+        "params/decoder/layers/norm/scale": (16, 3),
+    }
+    k = classify(maxtext)
+    assert k.stacking == "stacked" and "share axis 1, of length 3" in k.evidence
 
 
 def test_summary_tree_depth_and_groups(base):

@@ -132,3 +132,21 @@ def test_a_header_longer_than_its_file_is_refused(bucket_url):
     upload(bucket_url, SINGLE, struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(CorruptCheckpointError, match="header of"):
         read_safetensors(bucket_url)
+
+
+@pytest.mark.parametrize("bucket_url", ["memory", "gcs"], indirect=True)
+def test_config_json_goes_with_the_weights(bucket_url, tmp_path):
+    from stepsafe.convert.hf import read_config
+
+    arrays = tensors()
+    leaves = [(k, OutLeaf(v.shape, v.dtype, lambda v=v: v)) for k, v in arrays.items()]
+    config = {"model_type": "llama", "num_attention_heads": 4}
+    for where in (bucket_url, str(tmp_path / "m")):
+        files = write_safetensors(
+            where, leaves, extra_files={"config.json": json.dumps(config).encode()}
+        )
+        assert sorted(files) == sorted([SINGLE, "config.json"])
+        assert read_config(where) == config
+        assert read_config(f"{where}/config.json", required=True) == config
+    with pytest.raises(Exception, match="cannot be written beside"):
+        write_safetensors(str(tmp_path / "n"), leaves, extra_files={SINGLE: b"x"})

@@ -62,7 +62,8 @@ def classify(shapes: Mapping[str, Sequence[int]], value_keys: Sequence[str] = ()
 
 
 def _stacked_evidence(keys: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> str:
-    """'<prefix>/layers/*: leading axis N' for the first ``layers`` subtree that qualifies."""
+    """'<prefix>/layers/* share axis A of length N' for the first ``layers`` subtree whose
+    arrays share a layer axis: the leading one, or MaxText's ``param_scan_axis`` (1)."""
     groups: dict[str, list[str]] = {}
     for k in keys:
         segs = split(k)
@@ -71,8 +72,9 @@ def _stacked_evidence(keys: Sequence[str], shapes: Mapping[str, Sequence[int]]) 
                 groups.setdefault("/".join(segs[: i + 1]), []).append(k)
                 break
     for prefix, members in groups.items():
-        leading = {tuple(shapes[k])[:1] for k in members}
-        if len(leading) == 1 and leading != {()}:
-            (n,) = next(iter(leading))
-            return f"{prefix}/* share leading axis {n}"
+        for axis, name in ((0, "leading axis"), (1, "axis 1, of length")):
+            sizes = {tuple(shapes[k])[axis : axis + 1] for k in members}
+            if len(sizes) == 1 and sizes != {()}:
+                (n,) = next(iter(sizes))
+                return f"{prefix}/* share {name} {n}"
     return ""

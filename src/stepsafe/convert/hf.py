@@ -10,13 +10,25 @@ Out: a conversion function turns the parameters' tree into {name: weight}, writt
 with its index (``write_safetensors``).
 
 A conversion function is named by a dotted path, ``module:function`` (the flag
-``checkpoint_conversion_fn``); ``stepsafe.convert.hf_demo`` has the demo model's pair.
+``checkpoint_conversion_fn``); ``stepsafe.convert.hf_demo`` has the demo model's pair,
+``stepsafe.convert.hf_llama`` Llama's (and Mistral's) with MaxText's tree.
+
+What the weights do not say (head counts, for one) is in the model's ``config.json``. A
+conversion function that declares a parameter named ``config`` gets it: on import the
+directory's ``config.json`` parsed (None when the directory has none); on export a dict, the
+config given to ``export_safetensors`` (a copy) or an empty one, which the function may check
+against the weights and complete; when it is not empty it is written beside the weights as
+``config.json``, so that ``transformers`` can load the directory. Functions of one parameter
+(the weights) work as before.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,13 +37,20 @@ from stepsafe.convert.params_loading import place_tree
 from stepsafe.convert.safetensors_files import HF_SHARD_BYTES, read_safetensors, write_safetensors
 from stepsafe.convert.source import open_source, source_tree
 from stepsafe.convert.write_tree import write_tree
-from stepsafe.errors import ConfigError, StepsafeError
+from stepsafe.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    StepsafeError,
+)
 from stepsafe.storage import storage_for
 
 log = logging.getLogger("stepsafe")
 
+CONFIG = "config.json"  # a Hugging Face model's configuration, beside its weights
 
-def conversion_function(spec: str) -> Callable[[Any], Any]:
+
+def conversion_function(spec: str) -> Callable[..., Any]:
     """The function ``spec`` names: ``package.module:function`` (or ``package.module.function``).
 
     Raises:
@@ -84,14 +103,52 @@ class _Seen(dict):
         return super().values()
 
 
-def _name(fn: Callable[[Any], Any]) -> str:
+def _name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
 
 
-def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
-    """``fn(arg)``, its failure said as the conversion function's (named)."""
+def takes_config(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` declares a parameter named ``config`` (then it is given the model's
+    ``config.json``)."""
     try:
-        return fn(arg)
+        param = inspect.signature(fn).parameters.get("config")
+    except (TypeError, ValueError):  # a callable without a signature: one argument
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return param is not None and param.kind in kinds
+
+
+def read_config(path: str, *, required: bool = False) -> dict[str, Any] | None:
+    """The parsed ``config.json`` at ``path`` (the file, or a model directory holding it);
+    None when a directory has none and it is not ``required``.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist, or it is ``required`` and missing.
+        CorruptCheckpointError: it is not a JSON object.
+    """
+    url = str(path)
+    storage, where = storage_for(url if "://" in url else os.path.abspath(url))
+    is_dir = storage.is_dir(where)
+    file = storage.join(where, CONFIG) if is_dir else where
+    if not storage.exists(file) or storage.is_dir(file):
+        if not required and is_dir:
+            return None
+        raise CheckpointNotFoundError(
+            f"no Hugging Face config at {path}: give a config.json or a model directory with one"
+        )
+    try:
+        config = json.loads(storage.read_bytes(file, 1 << 24))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{file} is not readable JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{file} holds a {type(config).__name__}, not a JSON object")
+    return config
+
+
+def _call(fn: Callable[..., Any], arg: Any, **kwargs: Any) -> Any:
+    """``fn(arg, **kwargs)``, its failure said as the conversion function's (named)."""
+    try:
+        return fn(arg, **kwargs)
     except StepsafeError as e:
         raise type(e)(f"in the conversion function {_name(fn)}: {e}") from e
     except Exception as e:
@@ -99,15 +156,18 @@ def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
         raise ConfigError(f"the conversion function {_name(fn)} failed: {kind}: {e}") from e
 
 
-def from_safetensors(directory: str, fn: Callable[[Any], Any]) -> Any:
-    """The tree ``fn`` makes of the model in ``directory`` (lazy: nothing read yet).
+def from_safetensors(directory: str, fn: Callable[..., Any]) -> Any:
+    """The tree ``fn`` makes of the model in ``directory`` (lazy: nothing read yet); ``fn``
+    is given the directory's ``config.json`` too when it takes a ``config``.
 
     Raises:
         ConfigError: ``fn`` wanted a weight the directory lacks, or left some unmapped.
-        CheckpointNotFoundError, CorruptCheckpointError: as reading the directory raises them.
+        CheckpointNotFoundError, CorruptCheckpointError: as reading the directory (or its
+            ``config.json``) raises them.
     """
     flat = _Seen(read_safetensors(directory))
-    tree = _call(fn, flat)
+    extra = {"config": read_config(directory)} if takes_config(fn) else {}
+    tree = _call(fn, flat, **extra)
     unmapped = [n for n in dict.keys(flat) if n not in flat.asked]
     if unmapped:
         few = ", ".join(repr(n) for n in unmapped[:5])
@@ -120,7 +180,7 @@ def from_safetensors(directory: str, fn: Callable[[Any], Any]) -> Any:
 
 
 def import_safetensors(
-    directory: str, dst: str, fn: Callable[[Any], Any], *, params_key: str = "params"
+    directory: str, dst: str, fn: Callable[..., Any], *, params_key: str = "params"
 ) -> int:
     """Write the model in ``directory`` as a param-only stepsafe checkpoint at ``dst`` (step 0,
     ``{params_key: fn(weights)}``); the array bytes written.
@@ -137,8 +197,9 @@ def import_safetensors(
 def export_safetensors(
     src: str,
     directory: str,
-    fn: Callable[[Any], Any],
+    fn: Callable[..., Any],
     *,
+    config: Mapping[str, Any] | None = None,
     params_key: str = "params",
     max_shard_bytes: int = HF_SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
@@ -146,14 +207,21 @@ def export_safetensors(
     """Write the parameters of checkpoint ``src`` as a Hugging Face model directory, named by
     ``fn`` (params tree -> {name: weight}); the files written.
 
+    Args:
+        config: the model's Hugging Face config (``read_config``), written as ``config.json``;
+            a ``fn`` that takes a ``config`` is given a copy (an empty dict without one) to
+            check against the weights and complete, e.g. with the head counts.
+
     Raises:
         ConfigError: no ``params_key`` in ``src`` and it is not a param tree either; a name
-            twice; a dtype safetensors cannot hold.
+            twice; a dtype safetensors cannot hold; ``fn`` found ``config`` disagreeing.
         CheckpointExistsError: ``directory`` exists.
     """
     tree = source_tree(open_source(src))
     params = tree[params_key] if isinstance(tree, dict) and params_key in tree else tree
-    named = _call(fn, params)
+    hf_config = dict(config) if config is not None else {}
+    extra = {"config": hf_config} if takes_config(fn) else {}
+    named = _call(fn, params, **extra)
     if not isinstance(named, Mapping):
         raise ConfigError(
             f"the conversion function {_name(fn)} returned a {type(named).__name__}, not a "
@@ -166,10 +234,22 @@ def export_safetensors(
 
             x = as_leaf(x)
         items.append((str(name), x))
-    return write_safetensors(directory, items, max_shard_bytes=max_shard_bytes, on_bytes=on_bytes)
+    extra = {CONFIG: _config_json(hf_config, fn)} if hf_config else None
+    return write_safetensors(
+        directory, items, max_shard_bytes=max_shard_bytes, on_bytes=on_bytes, extra_files=extra
+    )
 
 
-def load_safetensors_parameters(directory: str, target: Any, fn: Callable[[Any], Any]) -> Any:
+def _config_json(config: dict[str, Any], fn: Callable[..., Any]) -> bytes:
+    try:
+        return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"the Hugging Face config (after {_name(fn)}) cannot be written as JSON: {e}"
+        ) from e
+
+
+def load_safetensors_parameters(directory: str, target: Any, fn: Callable[..., Any]) -> Any:
     """The model in ``directory``, through ``fn``, onto ``target`` (the parameters as the model
     wants them): what ``source_checkpoint_layout=safetensors`` loads.
 

@@ -15,7 +15,7 @@ from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.stacking import layer_slices
 from stepsafe.errors import ConfigError
 
-__all__ = ["as_leaf", "astype", "layers", "reshape", "stack", "transpose"]
+__all__ = ["as_leaf", "astype", "layers", "reshape", "scale", "stack", "take", "transpose"]
 
 
 def as_leaf(x: Any) -> OutLeaf:
@@ -51,6 +51,45 @@ def astype(x: Any, dtype: Any) -> OutLeaf:
     leaf = as_leaf(x)
     dt = np.dtype(dtype)
     return OutLeaf(leaf.shape, dt, lambda: leaf.make().astype(dt), leaf.group)
+
+
+def take(x: Any, indices: Any, axis: int = -1) -> OutLeaf:
+    """``np.take(x, indices, axis)`` for a permutation ``indices`` of that axis, lazily (e.g.
+    rotary embeddings' half-split <-> interleaved layout of a head's features).
+
+    Raises:
+        ConfigError: ``x`` has no ``axis``, or ``indices`` is not a permutation of its length.
+    """
+    leaf = as_leaf(x)
+    if not -len(leaf.shape) <= axis < len(leaf.shape):
+        raise ConfigError(f"an array of shape {leaf.shape} has no axis {axis} to permute")
+    order = np.asarray(indices, dtype=np.int64)
+    if order.ndim != 1 or sorted(order.tolist()) != list(range(leaf.shape[axis])):
+        raise ConfigError(f"take along axis {axis} of {leaf.shape} needs a permutation of it")
+    return OutLeaf(
+        leaf.shape, leaf.dtype, lambda: np.take(leaf.make(), order, axis=axis), leaf.group
+    )
+
+
+def scale(x: Any, factor: float) -> OutLeaf:
+    """``x * factor`` in ``x``'s dtype, lazily: computed in float32 (float64 for float64
+    arrays) and rounded back once, as MaxText scales its query kernels. Exact, and undone
+    exactly by ``1 / factor``, when ``factor`` is a power of two (barring overflow and
+    subnormals).
+
+    Raises:
+        ConfigError: ``x`` is not a floating array.
+    """
+    leaf = as_leaf(x)
+    dt = np.dtype(leaf.dtype)
+    if dt.kind != "f" and dt.name != "bfloat16":
+        raise ConfigError(f"scale needs a floating array, not {dt}")
+    work = np.dtype(np.float64 if dt == np.float64 else np.float32)
+
+    def make() -> np.ndarray:
+        return (leaf.make().astype(work) * work.type(factor)).astype(dt)
+
+    return OutLeaf(leaf.shape, dt, make, leaf.group)
 
 
 def stack(xs: list[Any], axis: int = 0) -> OutLeaf:

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -69,9 +69,11 @@ def write_safetensors(
     *,
     max_shard_bytes: int = HF_SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> list[str]:
     """Write ``tensors`` (name, array to make) as a Hugging Face safetensors directory; the
-    files written.
+    files written. ``extra_files`` (e.g. ``config.json``) are written with them, in the same
+    all-or-nothing write.
 
     Raises:
         ConfigError: a name is repeated, a dtype safetensors cannot hold, or
@@ -93,13 +95,19 @@ def write_safetensors(
         _dtype_name(name, leaf.dtype)
     groups = _split(grouped(tensors), max_shard_bytes)  # the index says where each one is
     files = shard_names(len(groups))
+    for name in extra_files or {}:
+        if name in files or name == INDEX or "/" in name or name in ("", ".", ".."):
+            raise ConfigError(f"extra file {name!r} cannot be written beside the weights")
     contents = [(file, _file_bytes(group, on_bytes)) for file, group in zip(files, groups)]
-    if len(files) > 1:
+    extras = [(name, iter([bytes(body)])) for name, body in (extra_files or {}).items()]
+    if len(files) > 1:  # the index last: readers look for it first
         index = {
             "metadata": {"total_size": sum(leaf.nbytes for _, leaf in tensors)},
             "weight_map": {n: f for f, g in zip(files, groups) for n, _ in g},
         }
-        contents.append((INDEX, iter([json.dumps(index, indent=2).encode()])))
+        contents += [*extras, (INDEX, iter([json.dumps(index, indent=2).encode()]))]
+    else:  # the one file last
+        contents = [*extras, *contents]
     url = str(directory)
     storage, path = storage_for(url if "://" in url else os.path.abspath(url))
     if isinstance(storage, LocalStorage):
@@ -108,11 +116,13 @@ def write_safetensors(
                 txn.write_file(file, chunks)
             txn.commit()
     else:
-        _upload(storage, path, contents)
+        _upload(storage, path, contents, exclusive_last=len(files) > 1)
     return [file for file, _ in contents]
 
 
-def _upload(storage: Any, path: str, contents: list[tuple[str, Iterator[Any]]]) -> None:
+def _upload(
+    storage: Any, path: str, contents: list[tuple[str, Iterator[Any]]], *, exclusive_last: bool
+) -> None:
     """A model directory in a bucket, which has no rename: every file is uploaded under its
     final name (an object appears whole or not at all), the one readers look for first last:
     the index, or the single file. Nothing is overwritten; a failure deletes only what this
@@ -127,7 +137,7 @@ def _upload(storage: Any, path: str, contents: list[tuple[str, Iterator[Any]]]) 
     written: list[str] = []
     try:
         for target, (_, chunks) in zip(targets, contents):
-            if target == targets[-1] and len(targets) > 1:  # the index: created exclusively
+            if target == targets[-1] and exclusive_last:  # the index: created exclusively
                 try:
                     storage.create_exclusive(target, b"".join(bytes(c) for c in chunks))
                 except FileExistsError as e:
