@@ -151,3 +151,27 @@ def test_safetensors_tensors_are_read_and_written_by_regions(tmp_path, monkeypat
     assert back.keys() == tensors.keys()
     for name, a in tensors.items():
         assert back[name].dtype == a.dtype and np.array_equal(back[name], a), name
+
+
+def test_conversion_ops_pass_regions_through(monkeypatch):
+    from stepsafe.convert import ops
+
+    monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 128)
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    parts = [Source(rng.standard_normal((5, 4)).astype(np.float32)) for _ in range(3)]
+    src = Source(a)
+    perm = [2, 0, 3, 1]
+    cases = [
+        (ops.transpose(src.leaf(), (2, 0, 1)), np.transpose(a, (2, 0, 1))),
+        (ops.transpose(src.leaf()), a.T),
+        (ops.astype(src.leaf(), ml_dtypes.bfloat16), a.astype(ml_dtypes.bfloat16)),
+        (ops.scale(src.leaf(), 0.25), (a * np.float32(0.25)).astype(np.float32)),
+        (ops.take(src.leaf(), perm, axis=-1), np.take(a, perm, axis=-1)),
+        (ops.stack([p.leaf() for p in parts], axis=1), np.stack([p.a for p in parts], axis=1)),
+    ]
+    for leaf, want in cases:
+        assert leaf.box is not None
+        got = np.frombuffer(_bytes(leaf, itertools.repeat(100)), want.dtype).reshape(want.shape)
+        assert np.array_equal(got, want)
+    assert src.whole == 0 and all(p.whole == 0 for p in parts)

@@ -7,13 +7,15 @@ holding what it makes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from stepsafe.convert.lazy_leaf import OutLeaf
-from stepsafe.convert.stacking import layer_slices
+from stepsafe.convert.stacking import layer_slices, stacked_leaf
 from stepsafe.errors import ConfigError
+from stepsafe.format.manifest import Box
 
 __all__ = ["as_leaf", "astype", "layers", "reshape", "scale", "stack", "take", "transpose"]
 
@@ -33,7 +35,9 @@ def transpose(x: Any, axes: tuple[int, ...] | None = None) -> OutLeaf:
     if sorted(order) != list(range(len(leaf.shape))):
         raise ConfigError(f"transpose axes {order} are not a permutation of {len(leaf.shape)} axes")
     shape = tuple(leaf.shape[a] for a in order)
-    return OutLeaf(shape, leaf.dtype, lambda: np.transpose(leaf.make(), order), leaf.group)
+    box = _through(leaf, lambda b: tuple(b[order.index(a)] for a in range(len(order))),
+                   lambda a: np.transpose(a, order))  # fmt: skip
+    return OutLeaf(shape, leaf.dtype, lambda: np.transpose(leaf.make(), order), leaf.group, box)
 
 
 def reshape(x: Any, shape: tuple[int, ...]) -> OutLeaf:
@@ -50,7 +54,8 @@ def astype(x: Any, dtype: Any) -> OutLeaf:
     """``x.astype(dtype)``, lazily."""
     leaf = as_leaf(x)
     dt = np.dtype(dtype)
-    return OutLeaf(leaf.shape, dt, lambda: leaf.make().astype(dt), leaf.group)
+    box = _through(leaf, lambda b: b, lambda a: a.astype(dt))
+    return OutLeaf(leaf.shape, dt, lambda: leaf.make().astype(dt), leaf.group, box)
 
 
 def take(x: Any, indices: Any, axis: int = -1) -> OutLeaf:
@@ -66,9 +71,19 @@ def take(x: Any, indices: Any, axis: int = -1) -> OutLeaf:
     order = np.asarray(indices, dtype=np.int64)
     if order.ndim != 1 or sorted(order.tolist()) != list(range(leaf.shape[axis])):
         raise ConfigError(f"take along axis {axis} of {leaf.shape} needs a permutation of it")
+    ax = axis % len(leaf.shape)
+
+    def region(b: Box) -> Box:  # the whole axis: a permutation scatters any range of it
+        return (*b[:ax], (0, leaf.shape[ax]), *b[ax + 1 :])
+
+    def box(b: Box) -> np.ndarray:
+        assert leaf.box is not None
+        return np.take(leaf.box(region(b)), order[b[ax][0] : b[ax][1]], axis=ax)
+
     return OutLeaf(
-        leaf.shape, leaf.dtype, lambda: np.take(leaf.make(), order, axis=axis), leaf.group
-    )
+        leaf.shape, leaf.dtype, lambda: np.take(leaf.make(), order, axis=axis), leaf.group,
+        box if leaf.box is not None else None,
+    )  # fmt: skip
 
 
 def scale(x: Any, factor: float) -> OutLeaf:
@@ -86,10 +101,11 @@ def scale(x: Any, factor: float) -> OutLeaf:
         raise ConfigError(f"scale needs a floating array, not {dt}")
     work = np.dtype(np.float64 if dt == np.float64 else np.float32)
 
-    def make() -> np.ndarray:
-        return (leaf.make().astype(work) * work.type(factor)).astype(dt)
+    def scaled(a: np.ndarray) -> np.ndarray:
+        return (a.astype(work) * work.type(factor)).astype(dt)
 
-    return OutLeaf(leaf.shape, dt, make, leaf.group)
+    box = _through(leaf, lambda b: b, scaled)
+    return OutLeaf(leaf.shape, dt, lambda: scaled(leaf.make()), leaf.group, box)
 
 
 def stack(xs: list[Any], axis: int = 0) -> OutLeaf:
@@ -104,16 +120,7 @@ def stack(xs: list[Any], axis: int = 0) -> OutLeaf:
     first = leaves[0]
     if not -(len(first.shape) + 1) <= axis <= len(first.shape):
         raise ConfigError(f"stack of {first.shape} parts has no axis {axis}")
-    ax = axis % (len(first.shape) + 1)
-    shape = (*first.shape[:ax], len(leaves), *first.shape[ax:])
-
-    def make() -> np.ndarray:
-        out = np.empty(shape, first.dtype)
-        for i, x in enumerate(leaves):
-            out[(slice(None),) * ax + (i,)] = x.make()
-        return out
-
-    return OutLeaf(shape, first.dtype, make)
+    return stacked_leaf(leaves, axis % (len(first.shape) + 1))
 
 
 def layers(x: Any, axis: int = 0) -> list[OutLeaf]:
@@ -121,3 +128,14 @@ def layers(x: Any, axis: int = 0) -> list[OutLeaf]:
     another when written, so ``x`` is read once for all of them."""
     leaf = as_leaf(x)
     return layer_slices(leaf, axis)
+
+
+def _through(
+    leaf: OutLeaf, region: Callable[[Box], Box], fn: Callable[[np.ndarray], np.ndarray]
+) -> Callable[[Box], np.ndarray] | None:
+    """A region of the result, made from ``leaf``'s region ``region(box)`` by ``fn``; None when
+    ``leaf`` cannot read regions (the result is then made whole)."""
+    source = leaf.box
+    if source is None:
+        return None
+    return lambda b: fn(source(region(b)))

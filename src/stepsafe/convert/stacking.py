@@ -220,29 +220,34 @@ def _stack(parts: list[Any], axis: int, path: str) -> Any:
                 f"{path}/{first.paths[j]}: layers of shape {leaf.shape} cannot be stacked along "
                 f"axis {axis} (the layer axis, param_scan_axis: 1 in MaxText, 0 in the demo model)"
             )
-        ax = axis % (len(leaf.shape) + 1)
-        shape = (*leaf.shape[:ax], len(parts), *leaf.shape[ax:])
-
-        def make() -> np.ndarray:  # one layer at a time into the output, each dropped after
-            out = np.empty(shape, leaf.dtype)
-            for i, f in enumerate(flats):
-                out[(slice(None),) * ax + (i,)] = f.leaves[j].make()
-            return out
-
-        layers = [f.leaves[j] for f in flats]
-        if any(x.box is None for x in layers):
-            return OutLeaf(shape, leaf.dtype, make)
-
-        def box(b: Box) -> np.ndarray:  # the layers the region crosses, each its own region
-            inner = (*b[:ax], *b[ax + 1 :])
-            out = np.empty([y - x for x, y in b], leaf.dtype)
-            for n, i in enumerate(range(*b[ax])):
-                out[(slice(None),) * ax + (n,)] = layers[i].box(inner)  # type: ignore[misc]
-            return out
-
-        return OutLeaf(shape, leaf.dtype, make, box=box)
+        return stacked_leaf([f.leaves[j] for f in flats], axis % (len(leaf.shape) + 1))
 
     return first.rebuild([stacked(j, x) for j, x in enumerate(first.leaves)])
+
+
+def stacked_leaf(layers: list[OutLeaf], ax: int) -> OutLeaf:
+    """``layers`` (alike) stacked along axis ``ax`` of the result, made one layer at a time
+    into it; by regions, each layer its own region, when every layer reads regions."""
+    first = layers[0]
+    shape = (*first.shape[:ax], len(layers), *first.shape[ax:])
+
+    def make() -> np.ndarray:  # one layer at a time into the output, each dropped after
+        out = np.empty(shape, first.dtype)
+        for i, x in enumerate(layers):
+            out[(slice(None),) * ax + (i,)] = x.make()
+        return out
+
+    if any(x.box is None for x in layers):
+        return OutLeaf(shape, first.dtype, make)
+
+    def box(b: Box) -> np.ndarray:  # the layers the region crosses, each its own region
+        inner = (*b[:ax], *b[ax + 1 :])
+        out = np.empty([y - x for x, y in b], first.dtype)
+        for n, i in enumerate(range(*b[ax])):
+            out[(slice(None),) * ax + (n,)] = layers[i].box(inner)  # type: ignore[misc]
+        return out
+
+    return OutLeaf(shape, first.dtype, make, box=box)
 
 
 def _flat(node: Any) -> Flat:
