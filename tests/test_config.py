@@ -58,7 +58,7 @@ def test_yaml_then_overrides_typed(tmp_path: Path):
         ("checkpoint_conversion_fn=a:b", "applies to source_checkpoint_layout=safetensors"),
         ("checkpoint_storage_use_ocdbt=false", "packs"),
         ("checkpoint_storage_use_zarr3=false", "cannot write Zarr"),
-        ("lora_input_adapters_path=gs://x", "LoRA"),
+        ("lora_rank=4", "LoRA"),
         ("force_unroll=true", "stepsafe convert SRC DST --param-only --unstack"),
         ("run_name=a/b", "run_name"),
         ("checkpoint_storage_concurrent_gb=0", "checkpoint_storage_concurrent_gb must be >= 1"),

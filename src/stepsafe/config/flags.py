@@ -31,7 +31,13 @@ class Config:
     replica_axis_index: int = 0  # stepsafe's own: the data-parallel mesh axis (MaxText's is 0)
     load_parameters_path: str = ""
     load_full_state_path: str = ""
+    # LoRA (demo/lora.py): the parent directory of <lora_id>/{adapter_config.json, 0/items}
+    # (MaxText's); the rest are stepsafe's own: which adapter, and the rank and alpha of a new
+    # one (0: the adapter's own; a new one needs lora_rank, its lora_alpha defaults to the rank)
     lora_input_adapters_path: str = ""
+    lora_id: str = ""
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
     force_unroll: bool = False
     # storage and format (MaxText's checkpoint flags)
     # null: MaxText's 2 GiB on a local disk, 128 MiB on buckets (one upload request per file)

@@ -23,7 +23,6 @@ _TYPES = typing.get_type_hints(Config)
 
 # flag -> (value that works, why any other value is refused)
 _NOT_YET = {
-    "lora_input_adapters_path": ("", "LoRA adapter loading is not built yet"),
     "force_unroll": (
         False, "MaxText unrolls layers only when it generates a param-only checkpoint; stepsafe "
         "does that with `stepsafe convert SRC DST --param-only --unstack` (and "
@@ -176,6 +175,7 @@ def validate(config: Config) -> None:
     _check_processes(config)
     _check_tiers(config)
     _check_source(config)
+    _check_lora(config)
     size = config.checkpoint_storage_target_data_file_size_bytes
     if size is not None and size < 4096:
         raise ConfigError("checkpoint_storage_target_data_file_size_bytes must be >= 4096")
@@ -296,4 +296,30 @@ def _check_source(config: Config) -> None:
         raise ConfigError(
             "checkpoint_conversion_fn applies to source_checkpoint_layout=safetensors only; "
             "a checkpoint's parameters load as they are (stacked or unstacked)"
+        )
+
+
+def _check_lora(config: Config) -> None:
+    """The LoRA flags make sense together (which adapter, and its rank, are checked against
+    the directory when the trainer starts)."""
+    if config.lora_rank < 0 or config.lora_alpha < 0:
+        raise ConfigError(
+            f"lora_rank and lora_alpha must be >= 0 (0: the adapter's own), got "
+            f"{config.lora_rank} and {config.lora_alpha}"
+        )
+    if not config.lora_input_adapters_path:
+        for name, unset in (("lora_id", ""), ("lora_rank", 0), ("lora_alpha", 0.0)):
+            if getattr(config, name) != unset:
+                raise ConfigError(
+                    f"{name} is set, but lora_input_adapters_path is not: set it to the "
+                    "LoRA adapters' directory (<lora_id>/adapter_config.json)"
+                )
+        return
+    lora_id = config.lora_id
+    if lora_id and ("/" in lora_id or lora_id in (".", "..")):
+        raise ConfigError(f"lora_id must be a directory name without '/', got {lora_id!r}")
+    if config.load_full_state_path:
+        raise ConfigError(
+            "lora_input_adapters_path and load_full_state_path cannot be combined: a full state "
+            "brings its own parameters; load the base with load_parameters_path"
         )

@@ -165,15 +165,28 @@ def from_safetensors(directory: str, fn: Callable[..., Any]) -> Any:
         CheckpointNotFoundError, CorruptCheckpointError: as reading the directory (or its
             ``config.json``) raises them.
     """
-    flat = _Seen(read_safetensors(directory))
     extra = {"config": read_config(directory)} if takes_config(fn) else {}
-    tree = _call(fn, flat, **extra)
+    return map_weights(read_safetensors(directory), fn, directory, **extra)
+
+
+def map_weights(
+    weights: list[tuple[str, OutLeaf]], fn: Callable[..., Any], where: str, **kwargs: Any
+) -> Any:
+    """``fn({name: weight}, **kwargs)``, checked: every weight must be used (looked up, or
+    handed out by ``items``/``values``), and none wanted that ``where`` lacks.
+
+    Raises:
+        ConfigError: ``fn`` failed (named), wanted a weight ``where`` lacks, or left some
+            unmapped (listed).
+    """
+    flat = _Seen(weights)
+    tree = _call(fn, flat, **kwargs)
     unmapped = [n for n in dict.keys(flat) if n not in flat.asked]
     if unmapped:
         few = ", ".join(repr(n) for n in unmapped[:5])
         more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
         raise ConfigError(
-            f"{len(unmapped)} weight(s) of {directory} are not mapped by the conversion "
+            f"{len(unmapped)} weight(s) of {where} are not mapped by the conversion "
             f"function: {few}{more}; map them, or use the function of this architecture"
         )
     return tree

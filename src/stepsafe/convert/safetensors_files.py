@@ -211,10 +211,11 @@ def _file_bytes(
             raise StepsafeError(f"tensor {name!r}: {e}: nothing was written") from e
 
 
-def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
+def read_safetensors(directory: str, *, single: str = SINGLE) -> list[tuple[str, OutLeaf]]:
     """The tensors of a Hugging Face model directory (``model.safetensors``, or the files its
     ``model.safetensors.index.json`` names, each holding the tensors it says), each read only
-    when made.
+    when made. ``single``: the one file's name where it is another (a PEFT adapter's
+    ``adapter_model.safetensors``; such a directory has no index).
 
     Raises:
         CheckpointNotFoundError: neither file is there.
@@ -229,7 +230,7 @@ def read_safetensors(directory: str) -> list[tuple[str, OutLeaf]]:
     local = isinstance(storage, LocalStorage)
     out: list[tuple[str, OutLeaf]] = []
     seen: set[str] = set()
-    for file, names in _files_of(storage, root).items():
+    for file, names in _files_of(storage, root, single).items():
         path = storage.join(root, file)
         held = _local_header(path) if local else _bucket_header(storage, path)
         for name in held if names is None else names:
@@ -309,10 +310,10 @@ def _bucket_header(storage: Storage, path: str) -> Header:
     return held
 
 
-def _files_of(storage: Storage, directory: str) -> dict[str, list[str] | None]:
+def _files_of(storage: Storage, directory: str, single: str) -> dict[str, list[str] | None]:
     """Each file to read and the tensors in it (None: all it holds)."""
     index = storage.join(directory, INDEX)
-    if storage.exists(index):
+    if single == SINGLE and storage.exists(index):
         try:
             weight_map = json.loads(storage.read_bytes(index, 1 << 28))["weight_map"]
             files: dict[str, list[str] | None] = {}
@@ -321,11 +322,10 @@ def _files_of(storage: Storage, directory: str) -> dict[str, list[str] | None]:
             return files
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"{index} is not a valid index: {e}") from e
-    if storage.exists(storage.join(directory, SINGLE)):
-        return {SINGLE: None}
-    raise CheckpointNotFoundError(
-        f"{directory} holds neither {SINGLE} nor {INDEX}: not a Hugging Face model"
-    )
+    if storage.exists(storage.join(directory, single)):
+        return {single: None}
+    what = f"neither {SINGLE} nor {INDEX}" if single == SINGLE else f"no {single}"
+    raise CheckpointNotFoundError(f"{directory} holds {what}: not a Hugging Face model")
 
 
 def _numpy_dtype(name: str, st: str) -> np.dtype:

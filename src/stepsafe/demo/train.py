@@ -3,6 +3,9 @@
 Start-up follows the loading priority (resume this run > load_parameters_path /
 load_full_state_path > scratch); every ``checkpoint_period`` steps an async save; Ctrl+C,
 SIGTERM or the wall-clock limit save at the current step and stop; the end saves once more.
+With ``lora_input_adapters_path`` only a LoRA adapter on the attention projections trains, the
+base parameters frozen, and the adapter is written in MaxText's layout when the run ends
+(``demo.lora``).
 The step stored in the state is the source of truth for where training resumes.
 
 Under ``jax.distributed`` (``demo.distributed``) every process runs this same loop on a
@@ -30,6 +33,14 @@ from stepsafe.convert import load_parameters
 from stepsafe.convert.hf import conversion_function, load_safetensors_parameters
 from stepsafe.demo.data import SyntheticData
 from stepsafe.demo.distributed import start_distributed
+from stepsafe.demo.lora import (
+    LoraPlan,
+    init_adapter,
+    load_plan_adapter,
+    merged,
+    plan_lora,
+    save_trained,
+)
 from stepsafe.demo.model import SCAN_AXIS, init_params, loss_fn
 from stepsafe.demo.sharding import (
     batch_sharding,
@@ -90,9 +101,11 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.adamw(learning_rate_schedule(config), weight_decay=config.adam_weight_decay)
 
 
-def init_state(config: Config, key: jax.Array) -> dict[str, Any]:
+def init_state(config: Config, key: jax.Array, plan: LoraPlan | None = None) -> dict[str, Any]:
     params = init_params(config, key)
-    return state_from_params(config, params)
+    if plan is None:
+        return state_from_params(config, params)
+    return lora_state(config, params, init_adapter(plan, params, jax.random.fold_in(key, 1)))
 
 
 def state_from_params(config: Config, params: Any) -> dict[str, Any]:
@@ -103,11 +116,45 @@ def state_from_params(config: Config, params: Any) -> dict[str, Any]:
     }
 
 
-def train_step(config: Config, state: dict[str, Any], batch: jax.Array) -> tuple[dict, jax.Array]:
+def lora_state(config: Config, params: Any, lora: Any) -> dict[str, Any]:
+    """A LoRA run's state: the base ``params`` (frozen), the adapter, and the optimizer's
+    state of the adapter only."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "lora_params": lora,
+        "opt_state": make_optimizer(config).init(lora),
+    }
+
+
+def train_step(
+    config: Config, state: dict[str, Any], batch: jax.Array, scale: float | None = None
+) -> tuple[dict, jax.Array]:
+    if scale is not None:  # LoRA: only the adapter is trained
+        return lora_train_step(config, scale, state, batch)
     loss, grads = jax.value_and_grad(partial(loss_fn, config))(state["params"], batch)
     updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+
+
+def lora_train_step(
+    config: Config, scale: float, state: dict[str, Any], batch: jax.Array
+) -> tuple[dict, jax.Array]:
+    """One step of the adapter: the loss of the merged kernels, its gradient with respect to
+    the adapter only; the base parameters pass through unchanged."""
+    base = state["params"]
+
+    def loss_of(lora: Any) -> jax.Array:
+        return loss_fn(config, merged(base, lora, scale), batch)
+
+    loss, grads = jax.value_and_grad(loss_of)(state["lora_params"])
+    updates, opt_state = make_optimizer(config).update(
+        grads, state["opt_state"], state["lora_params"]
+    )
+    lora = optax.apply_updates(state["lora_params"], updates)
+    new = {"step": state["step"] + 1, "params": base, "lora_params": lora, "opt_state": opt_state}
+    return new, loss
 
 
 @dataclass
@@ -132,6 +179,7 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
     Returns ``stopped_by`` None only when the run reached ``steps``; otherwise it holds
     ``StopRequest.reason`` and the checkpoint at ``end_step`` has committed.
     """
+    plan = plan_lora(config)  # refuses a bad adapter before anything starts
     start_distributed(config)
     mesh = make_mesh()
     if jax.process_count() > 1:
@@ -161,11 +209,12 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
         config.vocab_size,
     )
     key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(partial(init_state, config), key)
+    abstract = jax.eval_shape(partial(init_state, config, plan=plan), key)
     shardings = state_shardings(abstract, mesh)
     rows = batch_sharding(mesh)
+    scale = None if plan is None else plan.config.scale
     step_fn = jax.jit(
-        partial(train_step, config),
+        partial(train_step, config, scale=scale),
         in_shardings=(shardings, rows),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
@@ -180,6 +229,8 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
     )
     if loaded.source in ("resume", "full_state"):
         state = loaded.state
+    elif plan is not None:
+        state = _lora_start(config, plan, key, loaded, abstract, shardings)
     elif loaded.source == "parameters":
         state = jax.jit(partial(state_from_params, config), out_shardings=shardings)(loaded.state)
     else:
@@ -216,7 +267,30 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
         else:
             if config.save_checkpoint_on_completion:
                 manager.save(step, state, data_iterator=data, force=True)
+    if plan is not None:
+        save_trained(config, plan, state["lora_params"], step)
     return TrainResult(state, start, step, loaded.source, stopped_by, losses)
+
+
+def _lora_start(
+    config: Config, plan: LoraPlan, key: jax.Array, loaded: Any, abstract: Any, shardings: Any
+) -> dict[str, Any]:
+    """A LoRA run's first state: the base from ``load_parameters_path`` (or initialised), the
+    adapter from ``plan`` (read, or new)."""
+    if loaded.source == "parameters":
+        params = loaded.state
+    else:
+        params = jax.jit(partial(init_params, config), out_shardings=shardings["params"])(key)
+    if plan.source is not None:
+        lora = load_plan_adapter(
+            plan, with_shardings(abstract["lora_params"], shardings["lora_params"])
+        )
+    else:
+        lora = jax.jit(
+            lambda p: init_adapter(plan, p, jax.random.fold_in(key, 1)),
+            out_shardings=shardings["lora_params"],
+        )(params)
+    return jax.jit(partial(lora_state, config), out_shardings=shardings)(params, lora)
 
 
 class _Progress:
