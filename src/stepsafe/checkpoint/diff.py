@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from stepsafe import knobs
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, find_orbax
 from stepsafe.checkpoint.restore import open_checkpoint
+from stepsafe.errors import UnsupportedFormatError
 from stepsafe.format import ArrayEntry, CheckpointReader
 from stepsafe.tree import structure_paths
 
@@ -118,8 +120,21 @@ def diff(
     print(d.structure_equal, d.contents_differ)
     ```
     """
-    with open_checkpoint(a) as ra, open_checkpoint(b) as rb:
+    with _opened(a) as ra, _opened(b) as rb:
         return _diff(ra, rb, values, progress)
+
+
+def _opened(path: str) -> CheckpointReader:
+    """The stepsafe checkpoint at ``path``; one Orbax wrote is refused, saying what to do."""
+    try:
+        return open_checkpoint(path)
+    except NOT_STEPSAFE:
+        if find_orbax(str(path)) is None:
+            raise
+        raise UnsupportedFormatError(
+            f"{path} is an Orbax checkpoint: diff compares stepsafe checkpoints (convert it "
+            "first: stepsafe convert SRC DST)"
+        ) from None
 
 
 def _diff(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_instead
 from stepsafe.checkpoint.restore import open_checkpoint, select_prefix
 from stepsafe.errors import TargetMismatchError
 from stepsafe.tree import build_plain, subtree
@@ -65,6 +66,7 @@ class CheckpointInfo:
     nbytes: int
     num_arrays: int
     files: dict[str, int]
+    format: str = "stepsafe"  # or "Orbax (item items, zarr3)": a checkpoint Orbax wrote
 
 
 def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
@@ -75,7 +77,9 @@ def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
 
     Args:
         path (`str`): a step directory, its ``items/`` child, or a run directory (its latest
-            step), local or an ``s3://`` / ``gs://`` URL.
+            step), local or an ``s3://`` / ``gs://`` URL; or a checkpoint Orbax wrote (read
+            through orbax-checkpoint, ``stepsafe[orbax]``: its Python scalars and strings are
+            read, being values, not arrays).
         select (`str` or sequence, *optional*): a key path (``"params"``) or sequence of keys;
             only that subtree is returned.
 
@@ -101,7 +105,12 @@ def metadata(path: str, *, select: str | Sequence[Any] | None = None) -> Any:
     print(tree["params"]["w"].sharding)  # mesh (data=2, model=2) spec P(None, 'model')
     ```
     """
-    reader = open_checkpoint(path)
+    try:
+        reader = open_checkpoint(path)
+    except NOT_STEPSAFE as e:  # perhaps an Orbax checkpoint (MaxText's): its metadata
+        from stepsafe.checkpoint.orbax_restore import metadata_orbax
+
+        return metadata_orbax(orbax_instead(str(path), e), select)
     prefix = select_prefix(select)
     manifest = reader.manifest
     try:
@@ -146,7 +155,12 @@ def info(path: str) -> CheckpointInfo:
     print(meta.step, meta.nbytes, meta.custom_metadata)
     ```
     """
-    reader = open_checkpoint(path)
+    try:
+        reader = open_checkpoint(path)
+    except NOT_STEPSAFE as e:  # perhaps an Orbax checkpoint (MaxText's)
+        from stepsafe.checkpoint.orbax_restore import info_orbax
+
+        return info_orbax(orbax_instead(str(path), e))
     m, man = reader.record, reader.manifest
     return CheckpointInfo(
         path=reader.path,

@@ -12,6 +12,7 @@ from stepsafe.arrays import is_leaf
 from stepsafe.arrays.single_replica import SingleReplica
 from stepsafe.checkpoint.casting import check_cast, target_dtype, value_dtype
 from stepsafe.checkpoint.locate import locate
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_instead
 from stepsafe.checkpoint.placement import default_sharding, target_sharding
 from stepsafe.checkpoint.windows import LeafPlan, restore_in_windows
 from stepsafe.errors import TargetMismatchError
@@ -155,7 +156,10 @@ def restore(
 
     Args:
         path (`str`): a step directory, its ``items/`` child, or a run directory (its latest
-            step), local or an ``s3://`` / ``gs://`` URL.
+            step), local or an ``s3://`` / ``gs://`` URL. A checkpoint Orbax wrote (MaxText's:
+            ``<step>/items/`` or ``<step>/default/``) is read through orbax-checkpoint (the
+            extra ``stepsafe[orbax]``), when complete by Orbax's rules; ``verify`` does not
+            apply to it (it has no stepsafe checksums) and ``single_replica`` is refused.
         target (`Any`, *optional*): a tree like the saved one (or like the selected subtree)
             whose leaves say what to make of each leaf: a numpy array or scalar (that dtype),
             a ``jax.Array`` or ``jax.ShapeDtypeStruct`` (that dtype and sharding), a Python
@@ -197,7 +201,8 @@ def restore(
         IncompleteCheckpointError: the checkpoint at ``path`` was never committed.
         CorruptCheckpointError: bytes on storage are not what the checkpoint says
             (``ChecksumMismatchError``, ``TruncatedDataError``, ``ManifestError``).
-        UnsupportedFormatError: a newer (or foreign) format version.
+        UnsupportedFormatError: a newer (or foreign) format version, or an Orbax checkpoint
+            without orbax-checkpoint installed.
 
     Example:
 
@@ -211,7 +216,14 @@ def restore(
     w = stepsafe.restore("ckpt/1000", {"w": np.zeros((4, 4), np.float32)}, select="params")
     ```
     """
-    with open_checkpoint(path) as reader:
+    try:
+        reader = open_checkpoint(path)
+    except NOT_STEPSAFE as e:  # perhaps an Orbax checkpoint (MaxText's): read through Orbax
+        from stepsafe.checkpoint.orbax_restore import restore_orbax
+
+        found = orbax_instead(str(path), e)
+        return restore_orbax(found, target, select, allow_cast, single_replica)
+    with reader:
         if OWN_SHARDS in reader.record.extra_files:  # a local-tier step of one process
             from stepsafe.checkpoint.own_shards import restore_own
 

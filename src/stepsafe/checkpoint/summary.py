@@ -10,6 +10,7 @@ from typing import Any
 from stepsafe.checkpoint.inspect import CheckpointInfo, SavedSharding, info
 from stepsafe.checkpoint.kind import CheckpointKind, classify
 from stepsafe.checkpoint.restore import open_checkpoint
+from stepsafe.errors import CheckpointNotFoundError
 from stepsafe.tree import split, structure_paths
 
 SEP = "/"
@@ -116,8 +117,11 @@ class CheckpointSummary:
 
 
 def summarize(path: str) -> CheckpointSummary:
-    """Summary of the checkpoint ``path`` designates (a step, its items/, or a run: latest)."""
+    """Summary of the checkpoint ``path`` designates (a step, its items/, or a run: latest);
+    of a checkpoint Orbax wrote too (through orbax-checkpoint)."""
     meta = info(path)
+    if meta.format != "stepsafe":
+        return _summarize_orbax(path)
     manifest = open_checkpoint(meta.path).manifest
     order = structure_paths(manifest.structure)
     arrays = [
@@ -127,3 +131,24 @@ def summarize(path: str) -> CheckpointSummary:
     ]
     kind = classify({a.key: a.shape for a in arrays}, list(manifest.values))
     return CheckpointSummary(meta, arrays, dict(manifest.values), order, kind)
+
+
+def _summarize_orbax(path: str) -> CheckpointSummary:
+    """The summary of a checkpoint Orbax wrote, from Orbax's metadata (its Python scalars and
+    strings read, being values)."""
+    from stepsafe.checkpoint.orbax_locate import find_orbax
+    from stepsafe.checkpoint.orbax_read import open_orbax
+    from stepsafe.checkpoint.orbax_restore import info_of
+
+    found = find_orbax(path)
+    if found is None:  # gone since info() found it
+        raise CheckpointNotFoundError(f"{path}: the Orbax checkpoint is gone")
+    with open_orbax(found) as ckpt:
+        arrays = [
+            ArrayInfo(k, str(ckpt.arrays[k][1]), ckpt.arrays[k][0], ckpt.nbytes(k))
+            for k in ckpt.paths
+            if k in ckpt.arrays
+        ]
+        values = dict(ckpt.values)
+        kind = classify({a.key: a.shape for a in arrays}, list(values))
+        return CheckpointSummary(info_of(ckpt), arrays, values, list(ckpt.paths), kind)

@@ -7,10 +7,13 @@ module finds the checkpoint, or every step of a run, from the path the user type
 from __future__ import annotations
 
 from stepsafe.checkpoint.locate import locate
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, find_orbax
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, is_step_name, step_number, step_path
+from stepsafe.errors import UnsupportedFormatError
 from stepsafe.format import COMMIT_FILE
 from stepsafe.format.check import Problem, Progress, VerifyReport, check_checkpoint
-from stepsafe.storage import storage_for
+from stepsafe.format.orbax_layout import is_orbax_step
+from stepsafe.storage import Storage, storage_for
 
 __all__ = ["Problem", "Progress", "VerifyReport", "verify", "verify_targets"]
 
@@ -28,9 +31,13 @@ def verify_targets(path: str) -> list[str]:
             for n in names
             if is_step_name(n) and storage.exists(storage.join(d, n, COMMIT_FILE))
         )
-        if steps:
-            return [step_path(storage, d, s) for s in steps]
-    return [locate(storage, p)]
+        paths = [step_path(storage, d, s) for s in steps]
+        ours = [x for x in paths if not is_orbax_step(storage, x)]  # Orbax's have no checksums
+        if ours:
+            return ours
+        if paths:
+            break
+    return [_ours(storage, p, path)]
 
 
 def verify(path: str, progress: Progress | None = None) -> VerifyReport:
@@ -50,7 +57,8 @@ def verify(path: str, progress: Progress | None = None) -> VerifyReport:
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         IncompleteCheckpointError: ``path`` (or every step of a run) never committed.
-        UnsupportedFormatError: a newer format than this stepsafe reads.
+        UnsupportedFormatError: a newer format than this stepsafe reads, or a checkpoint
+            Orbax wrote (it has no stepsafe checksums).
         StorageError: the storage failed in a way that is not about this checkpoint.
 
     Example::
@@ -61,4 +69,24 @@ def verify(path: str, progress: Progress | None = None) -> VerifyReport:
                 print(p.kind, p.key, p.file, p.offset)
     """
     storage, p = storage_for(str(path))
-    return check_checkpoint(storage, locate(storage, p), progress)
+    return check_checkpoint(storage, _ours(storage, p, path), progress)
+
+
+def _ours(storage: Storage, p: str, path: str) -> str:
+    """The stepsafe checkpoint ``p`` designates; one Orbax wrote is refused, saying why."""
+    try:
+        found = locate(storage, p)
+    except NOT_STEPSAFE as e:
+        if find_orbax(str(path)) is None:
+            raise
+        raise _orbax_refused(path) from e
+    if is_orbax_step(storage, found):
+        raise _orbax_refused(path)
+    return found
+
+
+def _orbax_refused(path: str) -> UnsupportedFormatError:
+    return UnsupportedFormatError(
+        f"{path} is an Orbax checkpoint: it has no stepsafe checksums to verify (restore, "
+        "inspect and convert read it)"
+    )

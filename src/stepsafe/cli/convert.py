@@ -3,9 +3,12 @@
 unstacked (``layers_0`` ..) layers; or a Hugging Face safetensors model directory, out of a
 checkpoint's parameters (``--to safetensors``) or into a param-only checkpoint
 (``--from safetensors``), through a conversion function (``module:function``; the demo
-model's: ``stepsafe.convert.hf_demo:to_hf`` / ``:from_hf``). One array at a time: the memory it
-needs is about the largest array, whatever the model's size; the output appears whole or not
-at all."""
+model's: ``stepsafe.convert.hf_demo:to_hf`` / ``:from_hf``); or an Orbax checkpoint in
+MaxText's layout (``--to orbax``: ``DST/<step>/items``, written by orbax-checkpoint). SRC may be
+a checkpoint Orbax wrote (MaxText's), read through orbax-checkpoint (``stepsafe[orbax]``).
+One array at a time (but ``--to orbax``, which holds the tree while Orbax writes it): the
+memory it needs is about the largest array, whatever the model's size; the output appears
+whole or not at all."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from stepsafe.cli import common
 from stepsafe.cli.common import ExitCode
 from stepsafe.convert.hf import conversion_function, export_safetensors, import_safetensors
 from stepsafe.convert.kinds import convert_checkpoint
+from stepsafe.convert.orbax_out import export_orbax
 from stepsafe.convert.safetensors_files import HF_SHARD_BYTES
 from stepsafe.errors import ConfigError
 
@@ -54,8 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-key", default=None, help="the stacked layers' key ('layers')")
     hf = p.add_mutually_exclusive_group()
     hf.add_argument(
-        "--to", choices=["safetensors"],
-        help="write DST as a Hugging Face model directory (needs --conversion-fn)",
+        "--to", choices=["safetensors", "orbax"],
+        help="write DST as a Hugging Face model directory (safetensors: needs --conversion-fn), "
+        "or as Orbax's DST/<step>/items, MaxText's layout (orbax: DST is the checkpoints "
+        "directory)",
     )  # fmt: skip
     hf.add_argument(
         "--from", dest="source", choices=["safetensors"],
@@ -69,6 +75,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-shard-bytes", type=int, default=None,
         help="split safetensors files at this size (Hugging Face's 5 GB by default)",
     )  # fmt: skip
+    p.add_argument(
+        "--step", type=int, default=None,
+        help="--to orbax: the step to write (the source's; 0 with --param-only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-ocdbt", action="store_true",
+        help="--to orbax: one zarr array per leaf, without OCDBT (MaxText's "
+        "checkpoint_storage_use_ocdbt=false)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -79,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         console=common.err(), transient=True, disable=args.no_progress or args.json,
     )  # fmt: skip
     _refuse_unread(args)
+    if args.to == "orbax":
+        return _orbax(args, progress)
     if args.to or args.source:
         return _hugging_face(args, progress)
     with progress:
@@ -97,6 +114,28 @@ def run(args: argparse.Namespace) -> int:
     sets = f" ({done.layer_sets} layer set(s))" if done.layer_sets else ""
     common.out().print(
         f"Wrote {escape(done.path)}: step {done.step}, {what}{layers}{sets}, "
+        f"{common.human_bytes(done.nbytes)} of arrays"
+    )
+    return ExitCode.OK
+
+
+def _orbax(args: argparse.Namespace, progress: Progress) -> int:
+    with progress:
+        task = progress.add_task("convert", total=None)
+        done = export_orbax(
+            args.src, args.dst, step=args.step, param_only=args.param_only,
+            params_key=args.params_key, dtype=args.dtype, unstack=args.unstack,
+            stack=args.stack, scan_axis=1 if args.scan_axis is None else args.scan_axis,
+            layers_key=args.layers_key or "layers", use_ocdbt=not args.no_ocdbt,
+            on_bytes=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+    if args.json:
+        common.print_json(done)
+        return ExitCode.OK
+    what = "param-only" if args.param_only else "full state"
+    layers = ", unstacked" if args.unstack else ", stacked" if args.stack else ""
+    common.out().print(
+        f"Wrote {escape(done.item)}: Orbax, step {done.step}, {what}{layers}, "
         f"{common.human_bytes(done.nbytes)} of arrays"
     )
     return ExitCode.OK
@@ -130,6 +169,19 @@ def _hugging_face(args: argparse.Namespace, progress: Progress) -> int:
 
 def _refuse_unread(args: argparse.Namespace) -> None:
     """A flag the chosen conversion would not read is an error, never ignored."""
+    orbax_only = [("--step", args.step is not None), ("--no-ocdbt", args.no_ocdbt)]
+    if args.to != "orbax" and any(value for _, value in orbax_only):
+        given = [flag for flag, value in orbax_only if value]
+        raise ConfigError(f"{', '.join(given)} not read by this conversion: only by --to orbax")
+    if args.to == "orbax":
+        hf_only = [("--conversion-fn", args.conversion_fn),
+                   ("--max-shard-bytes", args.max_shard_bytes is not None)]  # fmt: skip
+        given = [flag for flag, value in hf_only if value]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} not read by this conversion: they apply to safetensors only"
+            )
+        return
     hf = bool(args.to or args.source)
     unread = (
         [("--dtype", args.dtype), ("--unstack", args.unstack), ("--stack", args.stack),

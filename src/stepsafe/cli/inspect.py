@@ -20,7 +20,10 @@ from stepsafe.cli import common
 
 HELP = "show one checkpoint: step, metadata, kind, the tree of arrays with sizes (manifest only)"
 EXAMPLE = "stepsafe inspect outputs/demo/checkpoints/300 --depth 2"
-HINT = "PATH is a step directory (.../checkpoints/<step>), its items/, or a run (its latest step)"
+HINT = (
+    "PATH is a step directory (.../checkpoints/<step>), its items/, or a run (its latest step); "
+    "Orbax's (MaxText's) too, with stepsafe[orbax]"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +55,7 @@ def as_json(s: CheckpointSummary, depth: int | None) -> dict:
         "step": i.step,
         "init_timestamp": common.iso(i.init_timestamp_nsecs),
         "commit_timestamp": common.iso(i.commit_timestamp_nsecs),
+        "format": i.format,
         "format_version": i.format_version,
         "custom_metadata": i.custom_metadata,
         "kind": {
@@ -76,16 +80,17 @@ def show(s: CheckpointSummary, depth: int | None) -> None:
     con.print(f"Checkpoint: {escape(i.path)}")
     con.print(f"Step: {i.step}")
     con.print(f"Kind: {s.kind.label}  ({escape(s.kind.evidence)})")
-    con.print(f"Format version: {i.format_version}")
+    if i.format == "stepsafe":
+        con.print(f"Format version: {i.format_version}")
+    else:  # a checkpoint Orbax wrote, read through orbax-checkpoint
+        con.print(f"Format: {escape(i.format)}, complete by Orbax's rules")
     con.print(f"Save started: {common.when(i.init_timestamp_nsecs)}")
     con.print(f"Committed: {common.when(i.commit_timestamp_nsecs)}")
     meta = json.dumps(i.custom_metadata, sort_keys=True) if i.custom_metadata else "(none)"
     con.print(f"User metadata: {escape(meta)}")
     data = sum(i.files.values())
-    con.print(
-        f"Arrays: {i.num_arrays}, {common.human_bytes(i.nbytes)} "
-        f"in {len(i.files)} data file(s) of {common.human_bytes(data)}"
-    )
+    files = f" in {len(i.files)} data file(s) of {common.human_bytes(data)}" if i.files else ""
+    con.print(f"Arrays: {i.num_arrays}, {common.human_bytes(i.nbytes)}{files}")
     con.print()
     groups = Table(
         title="Totals by group", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False

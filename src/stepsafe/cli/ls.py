@@ -6,6 +6,9 @@ and its latest committed checkpoint; then the grand total. "Incomplete" is a ste
 committed (a save that died or is still running): restore and resume never pick it. "Damaged"
 is a committed step whose metadata or manifest is corrupt; "Symlink", "Orbax", "Foreign" and
 "Unreadable" entries are not stepsafe's own: each is listed with why, and gc never deletes it.
+An Orbax step (MaxText's) is "Orbax" when complete by Orbax's own rules (readable by
+``stepsafe inspect``/``convert``/``restore``), "Orbax (incomplete)" otherwise (a
+``<step>.orbax-checkpoint-tmp-*`` directory, or on GCS no ``commit_success.txt``).
 
 With emergency or multi-tier checkpoints a run has a second tier on each process's own disk,
 outside BASE: ``--local <local_checkpoint_directory>/<run_name>`` (once per process's
@@ -137,6 +140,7 @@ def _step_json(s: StepEntry) -> dict:
         "created": common.iso(s.created_nsecs),
         "created_nsecs": s.created_nsecs,
         "metrics": dict(s.metrics),
+        "orbax_complete": s.orbax_complete,
     }
 
 
@@ -178,8 +182,11 @@ def _show_run(con, r: RunInventory) -> None:
     con.print(f"Run total: {_count(r.steps)}, {common.mb(r.size_bytes)} MB")
     con.print()
     latest = r.latest
+    orbax = [s.step for s in r.steps if s.orbax_complete and not s.temporary]
     if latest is None:
         con.print("Latest checkpoint: none committed")
+        if orbax:  # a MaxText run: what restore, inspect and convert read from the run
+            con.print(f"Latest complete Orbax checkpoint: Step {orbax[-1]}")
         return
     con.print(f"Latest checkpoint: Step {latest.step}")
     con.print(f"  Size: {common.mb(latest.size_bytes)} MB")
@@ -202,7 +209,8 @@ def _table(steps: list[StepEntry], holds: list[str] | None = None) -> Table:
     for i, s in enumerate(steps):
         step = f"{s.step} (tmp)" if s.temporary else str(s.step)
         colour = {COMPLETE: "", DAMAGED: "red"}.get(s.status, "yellow")
-        status = f"[{colour}]{s.status}[/{colour}]" if colour else s.status
+        text = f"{s.status} (incomplete)" if s.orbax_complete is False else s.status
+        status = f"[{colour}]{text}[/{colour}]" if colour else text
         row = [step, common.mb(s.size_bytes), str(s.num_files), status, when(s.created_nsecs)]
         row += [escape(holds[i])] if holds is not None else []
         table.add_row(*row, *([metrics_text(s.metrics)] if with_metrics else []))

@@ -18,12 +18,18 @@ import numpy as np
 
 from stepsafe import knobs
 from stepsafe.convert.lazy_leaf import OutLeaf
-from stepsafe.convert.source import open_source, source_tree
+from stepsafe.convert.ops import astype
+from stepsafe.convert.source import (
+    Source,
+    open_source,
+    source_custom_metadata,
+    source_extra_files,
+    source_step,
+    source_tree,
+)
 from stepsafe.convert.stacking import stack_layers, unstack_layers
 from stepsafe.convert.write_tree import write_tree
 from stepsafe.errors import ConfigError
-from stepsafe.format import CheckpointReader
-from stepsafe.format.step_files import read_extra
 from stepsafe.storage import storage_for
 
 
@@ -55,7 +61,8 @@ def convert_checkpoint(
     """Write checkpoint ``src`` as another kind at ``dst`` (a new step directory).
 
     Args:
-        src (`str`): a committed stepsafe checkpoint (a step, or a run: its latest step).
+        src (`str`): a committed stepsafe checkpoint (a step, or a run: its latest step), or
+            one Orbax wrote (MaxText's; read through orbax-checkpoint, ``stepsafe[orbax]``).
         dst (`str`): where the new one goes (it must not exist), local or a bucket URL.
         param_only (`bool`): keep only ``params_key``'s subtree, as step 0.
         params_key (`str`): the parameters' key at the top of the state.
@@ -78,12 +85,48 @@ def convert_checkpoint(
         CheckpointNotFoundError, CorruptCheckpointError: as reading ``src`` raises them.
         CheckpointExistsError: ``dst`` holds a committed checkpoint already.
     """
+    reader, tree, step, sets = converted_source(
+        src, param_only=param_only, params_key=params_key, dtype=dtype, unstack=unstack,
+        stack=stack, scan_axis=scan_axis, layers_key=layers_key,
+    )  # fmt: skip
+    storage, path = storage_for(str(dst))
+    if data_file_size_bytes is None and "://" in str(dst):
+        data_file_size_bytes = int(knobs.CONVERT_BUCKET_FILE_BYTES)
+    extras = {} if param_only else source_extra_files(reader)  # the data iterators' states
+    custom = source_custom_metadata(reader)
+    if unstack or stack:
+        custom["scan_layers"] = stack  # what MaxText records, and reads to build the model
+    nbytes = write_tree(
+        storage, path, tree, step=step, custom_metadata=custom, extra_files=extras,
+        file_size=data_file_size_bytes, on_bytes=on_bytes,
+    )  # fmt: skip
+    return Converted(path, step, nbytes, sets)
+
+
+def converted_source(
+    src: str,
+    *,
+    param_only: bool = False,
+    params_key: str = "params",
+    dtype: str | None = None,
+    unstack: bool = False,
+    stack: bool = False,
+    scan_axis: int = 1,
+    layers_key: str = "layers",
+) -> tuple[Source, Any, int | None, int]:
+    """The source ``src`` opened, and its tree as the conversion makes it (``OutLeaf`` s:
+    nothing read yet), the step to write it as and how many layer subtrees changed: what
+    ``convert_checkpoint`` writes as stepsafe's and ``export_orbax`` as Orbax's.
+
+    Raises:
+        ConfigError: as ``convert_checkpoint``, before any array is read.
+    """
     if unstack and stack:
         raise ConfigError("unstack and stack are opposite: ask for one")
     cast = None if dtype is None else _float_dtype(dtype)  # refused before anything is read
     reader = open_source(src)
     tree = source_tree(reader)
-    step = reader.record.step
+    step = source_step(reader)
     if param_only:
         if not isinstance(tree, dict) or params_key not in tree:
             top = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
@@ -101,18 +144,7 @@ def convert_checkpoint(
             raise ConfigError(f"{reader.path} holds no {what} to {'un' * unstack}stack")
     if cast is not None:
         tree = _cast(tree, cast)
-    storage, path = storage_for(str(dst))
-    if data_file_size_bytes is None and "://" in str(dst):
-        data_file_size_bytes = int(knobs.CONVERT_BUCKET_FILE_BYTES)
-    extras = {} if param_only else _extra_files(reader)  # e.g. the data iterators' states
-    custom = dict(reader.record.custom_metadata)
-    if unstack or stack:
-        custom["scan_layers"] = stack  # what MaxText records, and reads to build the model
-    nbytes = write_tree(
-        storage, path, tree, step=step, custom_metadata=custom, extra_files=extras,
-        file_size=data_file_size_bytes, on_bytes=on_bytes,
-    )  # fmt: skip
-    return Converted(path, step, nbytes, sets)
+    return reader, tree, step, sets
 
 
 def _float_dtype(name: str) -> np.dtype:
@@ -131,7 +163,7 @@ def _cast(node: Any, dt: np.dtype) -> Any:
     if isinstance(node, OutLeaf):
         if not _is_float(node.dtype) or node.dtype == dt:
             return node
-        return OutLeaf(node.shape, dt, lambda: node.make().astype(dt), node.group)
+        return astype(node, dt)
     if isinstance(node, dict):
         return {k: _cast(v, dt) for k, v in node.items()}
     if isinstance(node, list | tuple):
@@ -152,12 +184,3 @@ def _is_float(dt: np.dtype) -> bool:
     except (ValueError, TypeError):
         return False
     return True
-
-
-def _extra_files(reader: CheckpointReader) -> dict[str, bytes]:
-    """The source's extra files (a trainer's data-iterator states), checked, as they were."""
-    record = reader.record
-    return {
-        name: read_extra(reader.storage, reader.path, name, record) or b""
-        for name in record.extra_files
-    }

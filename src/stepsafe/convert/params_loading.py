@@ -17,9 +17,9 @@ import numpy as np
 
 from stepsafe.arrays import is_array
 from stepsafe.checkpoint.casting import check_cast
-from stepsafe.checkpoint.restore import is_target_leaf, place_array, restore_from
+from stepsafe.checkpoint.restore import is_target_leaf, place_array
 from stepsafe.convert.lazy_leaf import OutLeaf, grouped
-from stepsafe.convert.source import open_source, source_tree
+from stepsafe.convert.source import open_source, restore_source, source_tree
 from stepsafe.convert.stacking import stack_layers, unstack_layers
 from stepsafe.errors import ConfigError, TargetMismatchError
 from stepsafe.tree import check_target_paths, flatten
@@ -40,7 +40,8 @@ def load_parameters(
     of the other kind.
 
     Args:
-        path (`str`): a committed checkpoint (a step, or a run: its latest step).
+        path (`str`): a committed checkpoint (a step, or a run: its latest step); one Orbax
+            wrote (MaxText's) too, read through orbax-checkpoint (``stepsafe[orbax]``).
         target (`Any`): the parameters' tree as the model wants them (arrays,
             ``jax.ShapeDtypeStruct`` with shardings, ...).
         params_key (`str`): where the parameters lie in a full state.
@@ -58,7 +59,7 @@ def load_parameters(
     want = flatten(target, is_leaf=is_target_leaf)
     have = _paths(params)
     if set(have) == set(want.paths):
-        return restore_from(reader, target, params_key if has_key else None)
+        return restore_source(reader, target, params_key if has_key else None)
     for change, what in ((stack_layers, "stacked"), (unstack_layers, "unstacked")):
         try:
             converted, sets = change(params, axis=scan_axis, key=layers_key)

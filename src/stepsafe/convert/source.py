@@ -1,27 +1,38 @@
-"""A stepsafe checkpoint as a conversion's source: its tree, with each array an ``OutLeaf``
-that reads it (or a region of it) only when the writer needs it."""
+"""A checkpoint as a conversion's source: its tree, with each array an ``OutLeaf`` that reads
+it (or a region of it) only when the writer needs it. A stepsafe checkpoint, or one Orbax
+wrote (MaxText's), read through orbax-checkpoint one leaf per ``OutLeaf`` made."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from stepsafe.checkpoint.restore import OWN_SHARDS, open_checkpoint
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_instead
+from stepsafe.checkpoint.orbax_read import OrbaxCheckpoint, open_orbax
+from stepsafe.checkpoint.restore import OWN_SHARDS, open_checkpoint, restore_from
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
+from stepsafe.format.step_files import read_extra
 from stepsafe.tree import build_plain
 
+Source = CheckpointReader | OrbaxCheckpoint
 
-def open_source(path: str) -> CheckpointReader:
+
+def open_source(path: str) -> Source:
     """The committed checkpoint ``path`` designates (a step, its ``items/``, or a run: its
-    latest step), to read leaf by leaf.
+    latest step), to read leaf by leaf; a checkpoint Orbax wrote (complete by Orbax's rules)
+    is opened through orbax-checkpoint.
 
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError: as
             ``stepsafe.restore`` raises them.
+        UnsupportedFormatError: an Orbax checkpoint, and orbax-checkpoint not installed.
         TargetMismatchError: a local-tier step of one process (its shards, not a state).
     """
-    reader = open_checkpoint(path)
+    try:
+        reader = open_checkpoint(path)
+    except NOT_STEPSAFE as e:
+        return open_orbax(orbax_instead(str(path), e))
     if OWN_SHARDS in reader.record.extra_files:
         raise TargetMismatchError(
             f"{reader.path} is a local-tier step of one process (its own shards), not a "
@@ -30,15 +41,63 @@ def open_source(path: str) -> CheckpointReader:
     return reader
 
 
-def source_tree(reader: CheckpointReader) -> Any:
+def source_tree(reader: Source) -> Any:
     """The checkpoint's tree as plain containers: arrays as ``OutLeaf`` s that read them when
     made, values as saved."""
+    if isinstance(reader, OrbaxCheckpoint):
+        return _orbax_tree(reader)
     manifest = reader.manifest
 
     def leaf(key: str) -> Any:
         if key in manifest.values:
             return manifest.values[key]
         entry = manifest.arrays[key]
-        return OutLeaf(entry.shape, entry.dtype, lambda: reader.read_array(key))
+        return OutLeaf(
+            entry.shape, entry.dtype, lambda: reader.read_array(key),
+            box=lambda box: reader.read_box(key, box),
+        )  # fmt: skip
 
     return build_plain(manifest.structure, leaf)
+
+
+def _orbax_tree(ckpt: OrbaxCheckpoint) -> Any:
+    def leaf(key: str) -> Any:
+        if key in ckpt.arrays:
+            shape, dtype = ckpt.arrays[key]
+            return OutLeaf(shape, dtype, lambda: ckpt.read_array(key))
+        return ckpt.values[key]
+
+    return build_plain(ckpt.structure, leaf)
+
+
+def source_step(reader: Source) -> int | None:
+    """The step the source was saved at (an Orbax step's: its directory's name)."""
+    return reader.step if isinstance(reader, OrbaxCheckpoint) else reader.record.step
+
+
+def source_custom_metadata(reader: Source) -> dict[str, Any]:
+    """The user's metadata saved with the source."""
+    if isinstance(reader, OrbaxCheckpoint):
+        return reader.custom_metadata
+    return dict(reader.record.custom_metadata)
+
+
+def source_extra_files(reader: Source) -> dict[str, bytes]:
+    """A stepsafe source's extra files (a trainer's data-iterator states), checked, as they
+    were; none for an Orbax source (its other items are not converted)."""
+    if isinstance(reader, OrbaxCheckpoint):
+        return {}
+    record = reader.record
+    return {
+        name: read_extra(reader.storage, reader.path, name, record) or b""
+        for name in record.extra_files
+    }
+
+
+def restore_source(reader: Source, target: Any, select: Any = None) -> Any:
+    """A plain restore from the open source onto ``target`` (``stepsafe.restore``'s rules)."""
+    if isinstance(reader, OrbaxCheckpoint):
+        from stepsafe.checkpoint.orbax_restore import restore_from_orbax
+
+        return restore_from_orbax(reader, target, select)
+    return restore_from(reader, target, select)

@@ -10,6 +10,7 @@ uses this to leave such steps alone; converting code to know what it can import.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from stepsafe.format.layout import COMMIT_FILE
@@ -34,11 +35,9 @@ def is_orbax_step(storage: Storage, path: str, metadata: Any = None) -> bool:
     """
     if metadata is None:
         metadata = _read_metadata_doc(storage, storage.join(path, COMMIT_FILE))
-    if (
-        isinstance(metadata, dict)
-        and metadata.get("format") != FORMAT
-        and ORBAX_METADATA_KEYS & metadata.keys()
-    ):
+    if isinstance(metadata, dict) and metadata.get("format") == FORMAT:
+        return False  # stepsafe's own record: never Orbax's, whatever else is in the step
+    if isinstance(metadata, dict) and ORBAX_METADATA_KEYS & metadata.keys():
         return True
     for name in storage.list_dir(path):
         item = storage.join(path, name)
@@ -52,8 +51,65 @@ def is_orbax_step(storage: Storage, path: str, metadata: Any = None) -> bool:
 
 def _read_metadata_doc(storage: Storage, path: str) -> Any:
     try:
-        if storage.is_link(path) or storage.size(path) > _MAX_METADATA_BYTES:
+        if not storage.exists(path) or storage.is_link(path):
+            return None
+        if storage.size(path) > _MAX_METADATA_BYTES:
             return None
         return json.loads(storage.read_bytes(path))
     except (OSError, ValueError, RecursionError):
         return None
+
+
+# -- Orbax's own completeness rules (orbax.checkpoint._src.path.atomicity, 0.11 - 0.12) --------
+# A save on a POSIX disk writes ``<name>.orbax-checkpoint-tmp-<timestamp>`` and renames it to
+# ``<name>`` when it finishes; on GCS (no atomic rename) it writes ``<name>`` in place and puts
+# ``commit_success.txt`` in it last. Items are written the same way inside the step.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+COMMIT_SUCCESS_FILE = "commit_success.txt"
+ITEM_NAMES = ("items", "default", "state")  # MaxText's, a single-item manager's, older ones
+_TMP_STEP = re.compile(r"^(?:.*_)?(\d+)" + re.escape(TMP_SUFFIX))
+
+
+def orbax_tmp_step(name: str) -> int | None:
+    """The step an Orbax temporary directory (``300.orbax-checkpoint-tmp-1764...``) is for,
+    or None when ``name`` is not one (Orbax's ``TMP_DIR_STEP_PATTERN``)."""
+    match = _TMP_STEP.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_item_dir(storage: Storage, path: str) -> bool:
+    """True when ``path`` is an Orbax item directory (a PyTree: ``_METADATA``,
+    ``manifest.ocdbt``, ``d/``, ``ocdbt.process_<n>/``)."""
+    try:
+        if storage.is_link(path) or not storage.is_dir(path):
+            return False
+        children = storage.list_dir(path)
+    except OSError:
+        return False
+    return any(c in ORBAX_ITEM_FILES or c.startswith("ocdbt.process_") for c in children)
+
+
+def item_names(storage: Storage, step_path: str) -> list[str]:
+    """The item directories of an Orbax step (``items``, ``default``, ...), in
+    ``ITEM_NAMES``' order first."""
+    names = [
+        n
+        for n in storage.list_dir(step_path)
+        if TMP_SUFFIX not in n and is_item_dir(storage, storage.join(step_path, n))
+    ]
+    return sorted(names, key=lambda n: (ITEM_NAMES.index(n) if n in ITEM_NAMES else 99, n))
+
+
+def orbax_incomplete_reason(storage: Storage, path: str) -> str | None:
+    """Why the Orbax step at ``path`` is not complete by Orbax's own rules, or None when it is:
+    its directory (or an item's) still has a temporary name, or on GCS it lacks
+    ``commit_success.txt``."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if TMP_SUFFIX in name:
+        return f"a temporary directory ({TMP_SUFFIX}-*): the Orbax save never finished"
+    pending = [n for n in storage.list_dir(path) if TMP_SUFFIX in n]
+    if pending:
+        return f"its item {pending[0]} is still a temporary: the Orbax save never finished"
+    if path.startswith("gs://") and not storage.exists(storage.join(path, COMMIT_SUCCESS_FILE)):
+        return f"no {COMMIT_SUCCESS_FILE}: the Orbax save never finished"
+    return None

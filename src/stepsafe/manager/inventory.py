@@ -13,6 +13,10 @@ step-like entry gets one status, and only stepsafe's own count:
 - Damaged: ours and committed (or meant to be), but its marker or manifest is corrupt.
 - Symlink: the step directory is a symbolic link; never entered by a deletion.
 - Orbax / Foreign: written by Orbax or by something else; never counted, never deleted.
+  An Orbax step's detail says whether it is complete by Orbax's own rules (its directory no
+  longer ``<step>.orbax-checkpoint-tmp-*``, and on GCS ``commit_success.txt`` in it): a
+  complete one can be read (``stepsafe.restore``, ``inspect``, ``convert``, with the extra
+  ``stepsafe[orbax]``); an unfinished one, temporaries included, is listed and left alone.
 - Unreadable: could not be listed or read (permissions, a link loop, a newer format).
 """
 
@@ -40,7 +44,11 @@ from stepsafe.format.deletion import (
 )
 from stepsafe.format.layout import COMMIT_RECORD_MAX_BYTES, CommitRecord
 from stepsafe.format.manifest import FORMAT
-from stepsafe.format.orbax_layout import is_orbax_step
+from stepsafe.format.orbax_layout import (
+    is_orbax_step,
+    orbax_incomplete_reason,
+    orbax_tmp_step,
+)
 from stepsafe.format.step_files import read_step_file
 from stepsafe.storage import Storage, storage_for
 
@@ -75,6 +83,11 @@ class StepEntry:
     @property
     def complete(self) -> bool:
         return self.status == COMPLETE
+
+    @property
+    def orbax_complete(self) -> bool | None:
+        """For an Orbax step, whether it is complete by Orbax's rules; None for others."""
+        return None if self.status != ORBAX else ORBAX_COMPLETE in self.detail
 
     @property
     def ours(self) -> bool:
@@ -154,6 +167,8 @@ def scan_steps(storage: Storage, ckpt_dir: str, *, sizes: bool = True) -> list[S
         step = step_of(storage, n)
         if step is not None:
             entries.append(scan_step(storage, storage.join(ckpt_dir, n), n, step, sizes=sizes))
+        elif orbax_tmp_step(n) is not None:  # an Orbax save that has not finished (or died)
+            entries.append(_orbax_tmp(storage, storage.join(ckpt_dir, n), n, sizes))
     entries.sort(key=lambda e: (e.step, e.temporary, e.name))
     return entries
 
@@ -211,7 +226,7 @@ def scan_step(
     if not walked.files and not walked.links:
         return entry(INCOMPLETE, walked, "empty")
     if is_orbax_step(storage, path, doc):
-        return entry(ORBAX, walked, "an Orbax checkpoint: stepsafe leaves it alone", created)
+        return entry(ORBAX, walked, orbax_detail(storage, path), created)
     return entry(FOREIGN, walked, "not written by stepsafe: left alone")
 
 
@@ -255,3 +270,33 @@ def _size(storage: Storage, path: str, files: list[str]) -> int:
         except OSError:  # deleted while we looked, or unreadable: it counts nothing
             continue
     return total
+
+
+ORBAX_COMPLETE = "complete by Orbax's rules: readable, never deleted by stepsafe"
+
+
+def orbax_detail(storage: Storage, path: str) -> str:
+    """An Orbax step's detail: complete or not by Orbax's own rules, and that it is kept."""
+    try:
+        reason = orbax_incomplete_reason(storage, path)
+    except OSError as e:
+        return f"an Orbax checkpoint (cannot tell whether complete: {e}): left alone"
+    if reason is None:
+        return f"an Orbax checkpoint, {ORBAX_COMPLETE}"
+    return f"an Orbax checkpoint, incomplete by Orbax's rules ({reason}): left alone"
+
+
+def _orbax_tmp(storage: Storage, path: str, name: str, sizes: bool) -> StepEntry:
+    """The temporary directory of an Orbax save (``300.orbax-checkpoint-tmp-<ts>``): Orbax's
+    to finish or clean up, never stepsafe's."""
+    try:
+        walked = walk_step(storage, path) if storage.is_dir(path) else StepFiles()
+    except OSError:
+        walked = StepFiles()
+    size = _size(storage, path, walked.files) if sizes else 0
+    step = orbax_tmp_step(name)
+    assert step is not None
+    return StepEntry(
+        step, name, path, size, len(walked.files), ORBAX, None, True,
+        orbax_detail(storage, path), tuple(walked.links), tuple(walked.files),
+    )  # fmt: skip

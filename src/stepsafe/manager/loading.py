@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepsafe.checkpoint import metadata, restore
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_instead
 from stepsafe.checkpoint.restore import open_checkpoint
 from stepsafe.errors import ConfigError
 from stepsafe.manager.iterator_state import CheckpointableIterator
@@ -48,8 +49,9 @@ def load_initial_state(
     Args:
         manager (`CheckpointManager`): the run's manager (its steps come first).
         abstract_state (`Any`): the state's shapes, dtypes and shardings.
-        load_parameters_path (`str`): parameters from another run's checkpoint.
-        load_full_state_path (`str`): a whole state from another run's checkpoint.
+        load_parameters_path (`str`): parameters from another run's checkpoint (stepsafe's,
+            or Orbax's: MaxText's, read through orbax-checkpoint).
+        load_full_state_path (`str`): a whole state from another run's checkpoint (either).
         data_iterator (`CheckpointableIterator`, *optional*): restored with a resume.
         params_key (`str`): where the parameters lie in the state.
         load_parameters (`Callable[[str, Any], Any]`, *optional*): how to read the
@@ -72,15 +74,25 @@ def load_initial_state(
             path = load_parameters_path
             params = load_parameters(path, abstract_state[params_key])
         else:
-            path = open_checkpoint(load_parameters_path).path
+            path = _resolved(load_parameters_path)
             top = metadata(path)
             select = params_key if isinstance(top, dict) and params_key in top else None
             params = restore(path, abstract_state[params_key], select=select)
         log.info("Restored parameters from %s", path)
         return Loaded("parameters", params, path)
     if load_full_state_path:
-        path = open_checkpoint(load_full_state_path).path
+        path = _resolved(load_full_state_path)
         state = restore(path, abstract_state)
         log.info("Restored full state from %s", path)
         return Loaded("full_state", state, path)
     return Loaded("scratch")
+
+
+def _resolved(path: str) -> str:
+    """The step directory ``path`` designates: a committed stepsafe step, or a complete Orbax
+    step (MaxText's: ``restore`` reads it through orbax-checkpoint)."""
+    try:
+        with open_checkpoint(path) as reader:
+            return reader.path
+    except NOT_STEPSAFE as e:
+        return orbax_instead(str(path), e).path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
 from stepsafe.storage.budget import IN_FLIGHT, ByteBudget
-from stepsafe.storage.dispatch import remote_storage, storage_for
+from stepsafe.storage.dispatch import is_bucket, remote_storage, storage_for
 from stepsafe.storage.local import LocalStorage
 from stepsafe.storage.ranges import RangeRead
 from stepsafe.storage.remote import COMMIT_MARKER, RemoteStorage
@@ -13,6 +13,7 @@ from stepsafe.storage.temporaries import remove_stale_temporaries, stale_tempora
 from stepsafe.storage.threads import io_pool, run_all
 
 __all__ = [
+    "is_bucket",
     "COMMIT_MARKER",
     "ByteBudget",
     "IN_FLIGHT",

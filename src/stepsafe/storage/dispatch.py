@@ -92,6 +92,13 @@ def remote_storage(scheme: str) -> RemoteStorage:
         return storage
 
 
+def is_bucket(path: str) -> bool:
+    """Whether ``path`` is a bucket URL (``s3://``, ``gs://``, ``memory://``), not a local
+    path (``file://`` or none): code that hands paths to other libraries (which read local
+    files only) asks this, never which storage class it got."""
+    return "://" in path and not path.startswith("file://")
+
+
 def storage_for(path: str, concurrent_bytes: int | None = None) -> tuple[Storage, str]:
     """The storage that holds ``path`` and the path in that storage's syntax.
 
@@ -108,7 +115,7 @@ def storage_for(path: str, concurrent_bytes: int | None = None) -> tuple[Storage
         StepsafeError: an unknown scheme, or its client library is not installed.
     """
     budget = ByteBudget(concurrent_bytes) if concurrent_bytes is not None else None
-    if "://" in path and not path.startswith("file://"):
+    if is_bucket(path):
         scheme = path.split("://", 1)[0].lower()
         try:
             storage = remote_storage(scheme)

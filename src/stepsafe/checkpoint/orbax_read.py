@@ -1,0 +1,226 @@
+"""An Orbax checkpoint read through orbax-checkpoint itself (the optional extra
+``stepsafe[orbax]``), leaf by leaf: its tree from Orbax's metadata (no array bytes), and any
+set of its leaves by one partial restore in which every other leaf is Orbax's ``PLACEHOLDER``,
+so reading a subtree never reads the rest. OCDBT, zarr2/zarr3 and the buckets tensorstore
+reaches are Orbax's business; nothing here parses its files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from stepsafe.checkpoint.orbax_locate import OrbaxStep
+from stepsafe.errors import CorruptCheckpointError, UnsupportedFormatError
+from stepsafe.tree import flatten, join
+
+EXTRA = "pip install 'stepsafe[orbax]'"
+
+
+def import_orbax(what: str) -> Any:
+    """``orbax.checkpoint``, imported now (it imports JAX: seconds, so only when needed).
+
+    Raises:
+        UnsupportedFormatError: orbax-checkpoint is not installed; the message names the extra.
+    """
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise UnsupportedFormatError(
+            f"{what} needs orbax-checkpoint, which is not installed: {EXTRA}"
+        ) from e
+    return ocp
+
+
+class OrbaxCheckpoint:
+    """One Orbax PyTree item, opened: ``structure`` and ``paths`` (stepsafe's key paths, so
+    ``select`` and targets work as for stepsafe's checkpoints), ``arrays`` (key -> shape,
+    dtype), the keys of inline ``values`` (Python scalars, strings, None), and ``read``."""
+
+    def __init__(self, found: OrbaxStep):
+        self.found = found
+        self.path = found.path
+        self._ocp = ocp = import_orbax(f"{found.item} is an Orbax checkpoint: reading it")
+        from etils import epath
+
+        item = found.item if "://" in found.item else os.path.abspath(found.item)
+        self._dir = epath.Path(item)  # Orbax refuses relative paths
+        self._handler = ocp.PyTreeCheckpointHandler()
+        try:
+            meta = self._handler.metadata(self._dir)
+        except Exception as e:  # Orbax's and tensorstore's own errors, whatever their class
+            raise CorruptCheckpointError(
+                f"{found.item}: orbax-checkpoint cannot read its metadata: {_first_line(e)}"
+            ) from e
+        self._tree = getattr(meta, "tree", meta)
+        flat = flatten(self._tree, is_leaf=self._is_meta)
+        self.structure = flat.structure
+        self.paths: list[str] = flat.paths
+        self.arrays: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._kinds: dict[str, str] = {}
+        for key, m in zip(flat.paths, flat.leaves):
+            kind = self._kind(m)
+            self._kinds[key] = kind
+            if kind == "array":
+                self.arrays[key] = (tuple(int(n) for n in m.shape), np.dtype(m.dtype))
+        self._values: dict[str, Any] | None = None
+        self.use_zarr3 = bool(getattr(meta, "use_zarr3", False))
+
+    # -- what it holds ---------------------------------------------------------------------
+    @property
+    def step(self) -> int | None:
+        return self.found.step
+
+    @property
+    def custom_metadata(self) -> dict[str, Any]:
+        custom = self.found.record.get("custom_metadata")
+        return dict(custom) if isinstance(custom, dict) else {}
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The inline leaves (Python scalars, strings, None), read once, all together."""
+        if self._values is None:
+            keys = [k for k in self.paths if self._kinds[k] != "array"]
+            self._values = self.read(keys)
+        return self._values
+
+    def nbytes(self, key: str) -> int:
+        shape, dtype = self.arrays[key]
+        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+    # -- reading ---------------------------------------------------------------------------
+    def read_array(self, key: str) -> np.ndarray:
+        """One array, as numpy (bit for bit as saved)."""
+        return self.read([key])[key]
+
+    def read(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The leaves ``keys`` (arrays as numpy, values as saved), by one Orbax restore that
+        reads nothing else.
+
+        Raises:
+            CorruptCheckpointError: Orbax could not read them, or made an array of another
+                shape or dtype than its metadata says.
+        """
+        want = set(keys)
+        out: dict[str, Any] = {k: None for k in want if self._kinds.get(k) == "none"}
+        todo = want - set(out)
+        if not todo:
+            return out
+        ocp, tu = self._ocp, _tree_util()
+        placeholder = ocp.PLACEHOLDER
+
+        def pick(kp: Any, m: Any) -> Any:
+            return m if _key(kp) in todo else placeholder
+
+        item = tu.tree_map_with_path(pick, self._tree, is_leaf=self._is_meta)
+        args = tu.tree_map(self._restore_arg, item, is_leaf=lambda x: x is placeholder)
+        try:
+            restored = self._handler.restore(
+                self._dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args)
+            )
+        except Exception as e:  # Orbax's and tensorstore's own errors, whatever their class
+            raise CorruptCheckpointError(
+                f"{self.found.item}: orbax-checkpoint could not read {_few(sorted(todo))}: "
+                f"{_first_line(e)}"
+            ) from e
+        leaves, _ = tu.tree_flatten_with_path(restored, is_leaf=lambda x: x is placeholder)
+        for kp, value in leaves:
+            key = _key(kp)
+            if key in todo:
+                out[key] = self._checked(key, value)
+        missing = todo - set(out)
+        if missing:
+            raise CorruptCheckpointError(
+                f"{self.found.item}: orbax-checkpoint returned no value for {_few(sorted(missing))}"
+            )
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._handler, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> OrbaxCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _is_meta(self, x: Any) -> bool:
+        md = self._ocp.metadata
+        return x is None or isinstance(x, md.ArrayMetadata | md.ScalarMetadata | md.StringMetadata)
+
+    def _kind(self, m: Any) -> str:
+        md = self._ocp.metadata
+        if m is None:
+            return "none"
+        if isinstance(m, md.StringMetadata):
+            return "string"
+        if isinstance(m, md.ScalarMetadata):
+            return "scalar"
+        return "array"
+
+    def _restore_arg(self, m: Any) -> Any:
+        ocp = self._ocp
+        if m is ocp.PLACEHOLDER:
+            return m
+        kind = self._kind(m)
+        if kind == "string":
+            return ocp.RestoreArgs(restore_type=str)
+        if kind == "scalar":
+            return ocp.RestoreArgs()  # the Python scalar saved
+        return ocp.RestoreArgs(restore_type=np.ndarray)  # never onto devices: numpy, whole
+
+    def _checked(self, key: str, value: Any) -> Any:
+        if key not in self.arrays:
+            return value
+        shape, dtype = self.arrays[key]
+        a = np.asarray(value)
+        if a.shape != shape or a.dtype != dtype:
+            raise CorruptCheckpointError(
+                f"{self.found.item}: {key!r} read as {a.shape} {a.dtype}, its metadata says "
+                f"{shape} {dtype}"
+            )
+        return a
+
+
+def open_orbax(found: OrbaxStep) -> OrbaxCheckpoint:
+    """``found`` opened for reading (orbax-checkpoint imported now).
+
+    Raises:
+        UnsupportedFormatError: orbax-checkpoint is not installed.
+        CorruptCheckpointError: Orbax cannot read the item's metadata.
+    """
+    return OrbaxCheckpoint(found)
+
+
+def _tree_util() -> Any:
+    import jax
+
+    return jax.tree_util
+
+
+def _key(kp: Any) -> str:
+    """A JAX key path as stepsafe's key path string (what ``flatten`` makes of it)."""
+    path = ""
+    for k in kp:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                path = join(path, str(getattr(k, attr)))
+                break
+        else:
+            path = join(path, str(k))
+    return path
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" * (len(keys) > n))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"

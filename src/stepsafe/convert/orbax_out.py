@@ -1,0 +1,200 @@
+"""``export_orbax``: a checkpoint written as Orbax's, in MaxText's layout, so a model can go
+back to MaxText (or anything that restores with orbax-checkpoint).
+
+    DST/<step>/_CHECKPOINT_METADATA     Orbax's step metadata
+    DST/<step>/items/                   the state, one PyTree item (OCDBT + zarr3 by default)
+
+It is written by orbax-checkpoint itself (the ``Checkpointer`` with a composite of one
+PyTree item named ``items`` that MaxText's ``CheckpointManager`` uses), never by hand, and
+committed by Orbax's own rules (a temporary
+directory renamed when complete; ``commit_success.txt`` on GCS). Orbax 0.12's ``PyTreeSave``
+takes arrays, not readers of arrays: the converted tree is held in host memory while Orbax
+writes it (about the checkpoint's size), unlike the streaming stepsafe and safetensors outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stepsafe.arrays import is_leaf
+from stepsafe.checkpoint.orbax_read import import_orbax
+from stepsafe.checkpoint.run_layout import check_step, step_name, step_number
+from stepsafe.convert.kinds import converted_source
+from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.convert.source import source_custom_metadata
+from stepsafe.errors import (
+    CheckpointExistsError,
+    ManifestError,
+    StorageError,
+    UnsupportedLeafError,
+)
+from stepsafe.format.orbax_layout import orbax_tmp_step
+from stepsafe.storage import Storage, storage_for
+from stepsafe.tree import flatten, join, split
+
+ITEM_NAME = "items"  # MaxText's
+_NOT_TENSORSTORE = "MmUSO"  # datetimes, timedeltas, text, bytes, objects (and np.void)
+
+
+@dataclass
+class ExportedOrbax:
+    """What ``export_orbax`` wrote: the step directory, its item directory, the step, the
+    bytes of arrays and how many layer subtrees it unstacked or stacked."""
+
+    path: str
+    item: str
+    step: int
+    nbytes: int
+    layer_sets: int
+
+
+def export_orbax(
+    src: str,
+    dst: str,
+    *,
+    step: int | None = None,
+    param_only: bool = False,
+    params_key: str = "params",
+    dtype: str | None = None,
+    unstack: bool = False,
+    stack: bool = False,
+    scan_axis: int = 1,
+    layers_key: str = "layers",
+    item_name: str = ITEM_NAME,
+    use_ocdbt: bool = True,
+    use_zarr3: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
+) -> ExportedOrbax:
+    """Write checkpoint ``src`` as an Orbax checkpoint ``dst/<step>/<item_name>``.
+
+    Args:
+        src (`str`): a committed checkpoint (stepsafe's, or Orbax's), as ``convert_checkpoint``
+            takes it.
+        dst (`str`): the Orbax ``CheckpointManager`` directory to write into: MaxText's
+            ``<base_output_directory>/<run_name>/checkpoints``; its other steps are untouched.
+        step (`int`, *optional*): the step to write as; None: the source's (its record's, else
+            its directory's name; 0 for ``param_only``, as MaxText's param-only checkpoints).
+        param_only, params_key, dtype, unstack, stack, scan_axis, layers_key: as
+            ``convert_checkpoint`` (``dtype="bfloat16"``: MaxText's param-only cast).
+        item_name (`str`): the PyTree item's name (MaxText's ``items``; Orbax's single-item
+            default is ``default``).
+        use_ocdbt (`bool`), use_zarr3 (`bool`): Orbax's storage options (MaxText's
+            ``checkpoint_storage_use_ocdbt`` / ``_use_zarr3``, both True by default).
+        on_bytes (`Callable[[int], None]`, *optional*): called with each array's bytes as it
+            is read from ``src``.
+
+    Returns:
+        `ExportedOrbax`: where and what was written.
+
+    Raises:
+        UnsupportedFormatError: orbax-checkpoint is not installed (``stepsafe[orbax]``).
+        CheckpointExistsError: ``dst/<step>`` exists already.
+        UnsupportedLeafError: an array of a dtype Orbax cannot store (datetime, text), or two
+            keys Orbax would store under one name (``a.b`` and ``a/b``), before anything is
+            written.
+        ConfigError: as ``convert_checkpoint``, before anything is read.
+        StorageError: Orbax failed to write (nothing committed then, by Orbax's rules).
+    """
+    ocp = import_orbax("writing an Orbax checkpoint (stepsafe convert --to orbax)")
+    reader, tree, src_step, sets = converted_source(
+        src, param_only=param_only, params_key=params_key, dtype=dtype, unstack=unstack,
+        stack=stack, scan_axis=scan_axis, layers_key=layers_key,
+    )  # fmt: skip
+    if step is None:  # the source's, else its directory's name (a save without a step)
+        step = src_step if src_step is not None else step_number(posixpath.basename(reader.path))
+    number = check_step(step or 0)
+    storage, root = storage_for(str(dst))
+    shown = storage.join(root, step_name(number))  # as the user wrote it
+    if "://" not in root:
+        root = os.path.abspath(root)  # Orbax refuses relative paths
+    step_dir = storage.join(root, step_name(number))
+    if storage.exists(step_dir):
+        raise CheckpointExistsError(
+            f"{step_dir} exists already: choose another step (--step) or directory"
+        )
+    custom = source_custom_metadata(reader)
+    if unstack or stack:
+        custom["scan_layers"] = stack  # what MaxText records, and reads to build the model
+    _check_names(tree)
+    held = {"bytes": 0}
+    state = _made(tree, held, on_bytes)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    # One step written as Orbax's CheckpointManager writes it (the same files), by the
+    # Checkpointer it uses, so that the other steps in ``dst`` are never opened: Orbax 0.12's
+    # manager refuses a directory holding stepsafe's steps (their metadata has more keys).
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{item_name: handler}))
+    before = set(_temporaries(storage, root, number))
+    try:
+        checkpointer.save(
+            step_dir, ocp.args.Composite(**{item_name: ocp.args.PyTreeSave(state)}),
+            custom_metadata=custom,
+        )  # fmt: skip
+    except Exception as e:  # Orbax's and tensorstore's own errors, whatever their class
+        for name in set(_temporaries(storage, root, number)) - before:  # this save's only
+            storage.delete_tree(storage.join(root, name))
+        raise StorageError(f"orbax-checkpoint could not write {step_dir}: {e}") from e
+    finally:
+        checkpointer.close()
+    return ExportedOrbax(shown, storage.join(shown, item_name), number, held["bytes"], sets)
+
+
+def _made(
+    node: Any, held: dict[str, int], on_bytes: Callable[[int], None] | None, key: str = ""
+) -> Any:
+    """The tree with every ``OutLeaf`` made (read from the source now): what Orbax saves."""
+    if isinstance(node, OutLeaf):
+        dt = np.dtype(node.dtype)
+        if dt.kind in _NOT_TENSORSTORE or dt.type is np.void:  # (bfloat16 is "V" too)
+            raise UnsupportedLeafError(
+                f"{key!r} is a {dt} array, which Orbax (tensorstore) cannot "
+                "store: drop or convert it first; nothing written"
+            )
+        a = np.asarray(node.make())
+        if a.shape != node.shape or a.dtype != np.dtype(node.dtype):
+            raise ManifestError(
+                f"{key!r} was made as {a.shape} {a.dtype}, {node.shape} "
+                f"{np.dtype(node.dtype)} was planned: nothing written"
+            )
+        held["bytes"] += a.nbytes
+        if on_bytes is not None:
+            on_bytes(a.nbytes)
+        return a
+    if isinstance(node, dict):
+        return {k: _made(v, held, on_bytes, join(key, str(k))) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(_made(v, held, on_bytes, join(key, str(i))) for i, v in enumerate(node))
+    return node
+
+
+def _check_names(tree: Any) -> None:
+    """Refuse two leaves that Orbax would store under one name: it names each leaf by its keys
+    joined with ``.``, so ``{"a.b": x, "a": {"b": y}}`` would keep one of them, silently.
+
+    Raises:
+        UnsupportedLeafError: naming both keys; nothing written.
+    """
+    flat = flatten(tree, is_leaf=lambda x: isinstance(x, OutLeaf) or x is None or is_leaf(x))
+    seen: dict[str, str] = {}
+    for key, leaf in zip(flat.paths, flat.leaves):
+        if leaf is None:
+            continue
+        name = ".".join(split(key))
+        if name in seen:
+            raise UnsupportedLeafError(
+                f"{seen[name]!r} and {key!r} would both be Orbax's {name!r} (Orbax joins keys "
+                "with '.'), one overwriting the other: rename one; nothing written"
+            )
+        seen[name] = key
+
+
+def _temporaries(storage: Storage, root: str, step: int) -> list[str]:
+    """Orbax's temporary directories of ``step`` under ``root`` (a failed save's leftovers)."""
+    if not storage.is_dir(root):
+        return []
+    return [n for n in storage.list_dir(root) if orbax_tmp_step(n) == step]
