@@ -175,3 +175,62 @@ def test_conversion_ops_pass_regions_through(monkeypatch):
         got = np.frombuffer(_bytes(leaf, itertools.repeat(100)), want.dtype).reshape(want.shape)
         assert np.array_equal(got, want)
     assert src.whole == 0 and all(p.whole == 0 for p in parts)
+
+
+MEASURE = """
+import json, sys
+import numpy as np
+from stepsafe.convert import convert_checkpoint
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) restarts from the current RSS
+before = status("VmRSS")
+convert_checkpoint(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))
+print(json.dumps({"rise": status("VmHWM") - before}))
+"""
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"param_only": True, "dtype": "bfloat16"},
+        {"param_only": True, "unstack": True, "scan_axis": 1},
+    ],
+    ids=["cast", "unstack-axis-1"],
+)
+def test_an_array_bigger_than_a_block_converts_in_about_a_blocks_memory(tmp_path, options):
+    """A 256 MiB array, blocks of 8 MiB: the conversion's peak stays far below the array
+    (measured in a fresh process, the kernel's peak RSS; a few blocks' worth: the block read,
+    cast or cut, and the writer's pieces; about 50 MiB here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import stepsafe
+
+    big = np.random.default_rng(5).standard_normal((2048, 4, 8192), np.float32)  # 256 MiB
+    src = tmp_path / "src" / "checkpoints" / "1"
+    stepsafe.save(str(src), {"params": {"layers": {"w": big}}, "step": 1})
+    del big
+    env = {**os.environ, "STEPSAFE_CONVERT_BLOCK_BYTES": str(8 << 20), "JAX_PLATFORMS": "cpu"}
+    dst = tmp_path / "dst"
+    p = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(src), str(dst), json.dumps(options)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rise = json.loads(p.stdout)["rise"]
+    print(f"{options}: peak rise {rise / 2**20:.0f} MiB for a 256 MiB array in 8 MiB blocks")
+    assert rise < 96 << 20
+    got = CheckpointReader(*storage_for(str(dst)))
+    want = stepsafe.restore(str(src), select="params")["layers"]["w"]
+    if options.get("unstack"):
+        assert np.array_equal(got.read_array("params/layers_2/w"), want[:, 2])
+    else:
+        assert np.array_equal(got.read_array("params/layers/w"), want.astype(ml_dtypes.bfloat16))
