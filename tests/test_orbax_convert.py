@@ -135,7 +135,7 @@ def test_flags_the_orbax_export_does_not_read_are_refused(tmp_path, capsys):
         )
         assert code == 2 and "not read" in err
     code, _, err = cli(capsys, "convert", tmp_path / "s", tmp_path / "o2", "--step", "3")
-    assert code == 2 and "only by --to orbax" in err
+    assert code == 2 and "read by --to orbax only" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 

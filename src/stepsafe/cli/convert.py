@@ -3,12 +3,14 @@
 unstacked (``layers_0`` ..) layers; or a Hugging Face safetensors model directory, out of a
 checkpoint's parameters (``--to safetensors``) or into a param-only checkpoint
 (``--from safetensors``), through a conversion function (``module:function``; the demo
-model's: ``stepsafe.convert.hf_demo:to_hf`` / ``:from_hf``); or an Orbax checkpoint in
-MaxText's layout (``--to orbax``: ``DST/<step>/items``, written by orbax-checkpoint). SRC may be
-a checkpoint Orbax wrote (MaxText's), read through orbax-checkpoint (``stepsafe[orbax]``).
-One array at a time (but ``--to orbax``, which holds the tree while Orbax writes it): the
-memory it needs is about the largest array, whatever the model's size; the output appears
-whole or not at all."""
+model's: ``stepsafe.convert.hf_demo:to_hf`` / ``:from_hf``; Llama's and Mistral's:
+``stepsafe.convert.hf_llama:to_hf`` / ``:from_hf``); or an Orbax checkpoint in MaxText's layout
+(``--to orbax``: ``DST/<step>/items``, written by orbax-checkpoint). SRC may be a checkpoint
+Orbax wrote (MaxText's), read through orbax-checkpoint (``stepsafe[orbax]``). LoRA adapters:
+``--merge-lora ADAPTER`` merges one into SRC's weights; ``--from peft`` imports a Hugging Face
+PEFT adapter as one (MaxText's layout). One array at a time (but ``--to orbax``, which holds
+the tree while Orbax writes it): the memory it needs is about the largest array, whatever the
+model's size; the output appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -19,9 +21,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from stepsafe.cli import common
 from stepsafe.cli.common import ExitCode
-from stepsafe.convert.hf import conversion_function, export_safetensors, import_safetensors
+from stepsafe.convert.hf import (
+    conversion_function,
+    export_safetensors,
+    import_safetensors,
+    read_config,
+)
 from stepsafe.convert.kinds import convert_checkpoint
+from stepsafe.convert.lora_merge import merge_lora
 from stepsafe.convert.orbax_out import export_orbax
+from stepsafe.convert.peft import import_peft
 from stepsafe.convert.safetensors_files import HF_SHARD_BYTES
 from stepsafe.errors import ConfigError
 
@@ -64,16 +73,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "directory)",
     )  # fmt: skip
     hf.add_argument(
-        "--from", dest="source", choices=["safetensors"],
-        help="SRC is a Hugging Face model directory (needs --conversion-fn)",
+        "--from", dest="source", choices=["safetensors", "peft"],
+        help="SRC is a Hugging Face model directory, or a PEFT LoRA adapter (then DST is the "
+        "adapter's new directory, <lora_input_adapters_path>/<lora_id>); needs "
+        "--conversion-fn",
+    )  # fmt: skip
+    hf.add_argument(
+        "--merge-lora", metavar="ADAPTER",
+        help="merge the LoRA adapter ADAPTER (<lora_input_adapters_path>/<lora_id>) into "
+        "SRC's weights: W + A·B·alpha/r",
     )  # fmt: skip
     p.add_argument(
         "--conversion-fn", metavar="MODULE:FUNCTION",
-        help="Hugging Face names <-> the model's tree, e.g. stepsafe.convert.hf_demo:to_hf",
+        help="Hugging Face names <-> the model's tree, e.g. stepsafe.convert.hf_demo:to_hf "
+        "(PEFT: stepsafe.convert.peft_demo:from_peft)",
     )  # fmt: skip
     p.add_argument(
         "--max-shard-bytes", type=int, default=None,
         help="split safetensors files at this size (Hugging Face's 5 GB by default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hf-config", metavar="PATH",
+        help="--to safetensors: the model's config.json (or its directory), checked against "
+        "the weights and written beside them",
     )  # fmt: skip
     p.add_argument(
         "--step", type=int, default=None,
@@ -96,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     _refuse_unread(args)
     if args.to == "orbax":
         return _orbax(args, progress)
+    if args.merge_lora or args.source == "peft":
+        return _lora(args, progress)
     if args.to or args.source:
         return _hugging_face(args, progress)
     with progress:
@@ -151,8 +175,9 @@ def _hugging_face(args: argparse.Namespace, progress: Progress) -> int:
     with progress:
         task = progress.add_task("convert", total=None)
         if args.to:
+            config = read_config(args.hf_config, required=True) if args.hf_config else None
             files = export_safetensors(
-                args.src, args.dst, fn, params_key=args.params_key,
+                args.src, args.dst, fn, config=config, params_key=args.params_key,
                 max_shard_bytes=args.max_shard_bytes or HF_SHARD_BYTES,
                 on_bytes=lambda n: progress.advance(task, n),
             )  # fmt: skip
@@ -167,35 +192,87 @@ def _hugging_face(args: argparse.Namespace, progress: Progress) -> int:
     return ExitCode.OK
 
 
+def _lora(args: argparse.Namespace, progress: Progress) -> int:
+    with progress:
+        task = progress.add_task("convert", total=None)
+        on_bytes = lambda n: progress.advance(task, n)  # noqa: E731
+        if args.merge_lora:
+            done = merge_lora(
+                args.src, args.merge_lora, args.dst, params_key=args.params_key,
+                scan_axis=args.scan_axis, param_only=args.param_only, on_bytes=on_bytes,
+            )  # fmt: skip
+            what = (
+                f"step {done.step}, {len(done.modules)} module(s) merged, "
+                f"{common.human_bytes(done.nbytes)} of arrays"
+            )
+            result: object = done
+        else:
+            if not args.conversion_fn:
+                raise ConfigError(
+                    "--from peft needs --conversion-fn module:function (the demo model's: "
+                    "stepsafe.convert.peft_demo:from_peft)"
+                )
+            config = import_peft(
+                args.src, args.dst, conversion_function(args.conversion_fn),
+                scan_axis=args.scan_axis, on_bytes=on_bytes,
+            )  # fmt: skip
+            what = f"LoRA adapter, r={config.r}, lora_alpha={config.lora_alpha:g}"
+            result = {"path": args.dst, "written": what}
+    if args.json:
+        common.print_json(result)
+    else:
+        common.out().print(f"Wrote {escape(args.dst)}: {escape(what)}")
+    return ExitCode.OK
+
+
+# Which conversion reads which flag: any other given is an error, never ignored.
+_READS = {
+    "--param-only": {"kind", "orbax", "safetensors-out", "safetensors-in", "merge"},
+    "--params-key": {"kind", "orbax", "safetensors-out", "safetensors-in", "merge"},
+    "--dtype": {"kind", "orbax"},
+    "--unstack": {"kind", "orbax"},
+    "--stack": {"kind", "orbax"},
+    "--layers-key": {"kind", "orbax"},
+    "--scan-axis": {"kind", "orbax", "merge", "peft"},
+    "--conversion-fn": {"safetensors-out", "safetensors-in", "peft"},
+    "--max-shard-bytes": {"safetensors-out"},
+    "--hf-config": {"safetensors-out"},
+    "--step": {"orbax"},
+    "--no-ocdbt": {"orbax"},
+}
+_NAMES = {
+    "kind": "a conversion between stepsafe kinds", "orbax": "--to orbax",
+    "safetensors-out": "--to safetensors", "safetensors-in": "--from safetensors",
+    "merge": "--merge-lora", "peft": "--from peft",
+}  # fmt: skip
+_OPS = {"--dtype", "--unstack", "--stack", "--scan-axis", "--layers-key"}
+
+
 def _refuse_unread(args: argparse.Namespace) -> None:
     """A flag the chosen conversion would not read is an error, never ignored."""
-    orbax_only = [("--step", args.step is not None), ("--no-ocdbt", args.no_ocdbt)]
-    if args.to != "orbax" and any(value for _, value in orbax_only):
-        given = [flag for flag, value in orbax_only if value]
-        raise ConfigError(f"{', '.join(given)} not read by this conversion: only by --to orbax")
-    if args.to == "orbax":
-        hf_only = [("--conversion-fn", args.conversion_fn),
-                   ("--max-shard-bytes", args.max_shard_bytes is not None)]  # fmt: skip
-        given = [flag for flag, value in hf_only if value]
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} not read by this conversion: they apply to safetensors only"
-            )
-        return
-    hf = bool(args.to or args.source)
-    unread = (
-        [("--dtype", args.dtype), ("--unstack", args.unstack), ("--stack", args.stack),
-         ("--scan-axis", args.scan_axis is not None), ("--layers-key", args.layers_key)]
-        if hf
-        else [("--conversion-fn", args.conversion_fn),
-              ("--max-shard-bytes", args.max_shard_bytes is not None)]
+    mode = (
+        "orbax" if args.to == "orbax"
+        else "safetensors-out" if args.to
+        else "merge" if args.merge_lora
+        else "peft" if args.source == "peft"
+        else "safetensors-in" if args.source
+        else "kind"
     )  # fmt: skip
-    given = [flag for flag, value in unread if value]
-    if given:
-        why = (
-            "a Hugging Face conversion does what its conversion function does (cast, stack "
-            "or unstack there, with stepsafe.convert.ops)"
-            if hf
-            else "they apply to --to/--from safetensors only"
-        )
-        raise ConfigError(f"{', '.join(given)} not read by this conversion: {why}")
+    given = {
+        "--param-only": args.param_only, "--params-key": args.params_key != "params",
+        "--dtype": args.dtype, "--unstack": args.unstack, "--stack": args.stack,
+        "--layers-key": args.layers_key, "--scan-axis": args.scan_axis is not None,
+        "--conversion-fn": args.conversion_fn, "--max-shard-bytes": args.max_shard_bytes,
+        "--hf-config": args.hf_config, "--step": args.step is not None,
+        "--no-ocdbt": args.no_ocdbt,
+    }  # fmt: skip
+    unread = [flag for flag, value in given.items() if value and mode not in _READS[flag]]
+    if unread:
+        readers = [_NAMES[m] for m in _NAMES if any(m in _READS[flag] for flag in unread)]
+        why = f"read by {', '.join(readers)} only"
+        if mode.startswith("safetensors") and _OPS & set(unread):
+            why += (
+                "; a Hugging Face conversion casts, stacks or unstacks in its conversion "
+                "function (with stepsafe.convert.ops)"
+            )
+        raise ConfigError(f"{', '.join(unread)} not read by this conversion: {why}")
