@@ -302,9 +302,9 @@ def _check_source(config: Config) -> None:
 def _check_lora(config: Config) -> None:
     """The LoRA flags make sense together (which adapter, and its rank, are checked against
     the directory when the trainer starts)."""
-    if config.lora_rank < 0 or config.lora_alpha < 0:
+    if config.lora_rank < 0 or not 0 <= config.lora_alpha < float("inf"):  # NaN is refused
         raise ConfigError(
-            f"lora_rank and lora_alpha must be >= 0 (0: the adapter's own), got "
+            f"lora_rank and lora_alpha must be >= 0 and finite (0: the adapter's own), got "
             f"{config.lora_rank} and {config.lora_alpha}"
         )
     if not config.lora_input_adapters_path:

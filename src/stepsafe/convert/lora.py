@@ -29,9 +29,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from stepsafe.checkpoint import restore, save
 from stepsafe.distributed import process_index
-from stepsafe.errors import CheckpointExistsError, ConfigError, CorruptCheckpointError
+from stepsafe.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
 from stepsafe.storage import storage_for
 
 CONFIG_FILE = "adapter_config.json"
@@ -71,7 +79,8 @@ def adapter_config(doc: Any, where: str) -> AdapterConfig:
         ConfigError: not a mapping, ``r`` not a positive int, ``lora_alpha`` not a positive
             number, ``target_modules`` not a non-empty list of names, or a PEFT option that
             changes the arithmetic here (``use_rslora``, ``use_dora``, ``rank_pattern``,
-            ``alpha_pattern``, ``fan_in_fan_out``, ``bias`` other than ``"none"``).
+            ``alpha_pattern``, ``fan_in_fan_out``, ``bias`` other than ``"none"``,
+            ``layers_to_transform``: some layers only).
     """
     if not isinstance(doc, dict):
         raise ConfigError(f"{where} must hold a JSON object with r, lora_alpha, target_modules")
@@ -80,7 +89,7 @@ def adapter_config(doc: Any, where: str) -> AdapterConfig:
         raise ConfigError(f"{where}: r must be an integer >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
         raise ConfigError(f"{where}: lora_alpha must be a number > 0, got {alpha!r}")
-    if not math.isfinite(alpha):
+    if alpha > 1e300 or not math.isfinite(alpha):  # a huge int is no float (OverflowError)
         raise ConfigError(f"{where}: lora_alpha must be finite, got {alpha!r}")
     if (
         not isinstance(targets, list)
@@ -101,6 +110,8 @@ def adapter_config(doc: Any, where: str) -> AdapterConfig:
         "bias": lambda v: v not in (None, "none"),
         "lora_bias": lambda v: bool(v),
         "layer_replication": lambda v: bool(v),
+        "layers_to_transform": lambda v: v is not None and v != [],
+        "layers_pattern": lambda v: bool(v),
         "target_parameters": lambda v: bool(v),
         "trainable_token_indices": lambda v: bool(v),
         "alora_invocation_tokens": lambda v: bool(v),
@@ -132,7 +143,7 @@ def read_adapter_config(adapter_dir: str) -> AdapterConfig:
         )
     try:
         doc = json.loads(storage.read_bytes(file, limit=_CONFIG_MAX_BYTES))
-    except (ValueError, CorruptCheckpointError) as e:
+    except (OSError, ValueError, CorruptCheckpointError) as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from e
     return adapter_config(doc, file)
 
@@ -171,8 +182,8 @@ def adapter_modules(params: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str
     lora_b.kernel}``. None leaves are passed by (MaxText writes them).
 
     Raises:
-        CorruptCheckpointError: a module with one of the pair, or a leaf that is no part of
-            one (MaxText: "unexpected non-lora specific weights").
+        CorruptCheckpointError: a module with one of the pair, or one that is not an array,
+            or a leaf that is no part of one (MaxText: "unexpected non-lora specific weights").
     """
     found: dict[tuple[str, ...], dict] = {}
     if not isinstance(params, dict):
@@ -183,6 +194,12 @@ def adapter_modules(params: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str
             raise CorruptCheckpointError(
                 f"adapter module {'/'.join(prefix)!r} holds one of {LORA_A}, {LORA_B}, not both"
             )
+        for name in (LORA_A, LORA_B):
+            if not hasattr(params[name], "shape") or not hasattr(params[name], "dtype"):
+                raise CorruptCheckpointError(
+                    f"adapter module {'/'.join(prefix)!r} holds a {type(params[name]).__name__} "
+                    f"as {name}, not an array: is this an adapter?"
+                )
         found[prefix] = {LORA_A: params[LORA_A], LORA_B: params[LORA_B]}
         keys -= {LORA_A, LORA_B}
     for key in sorted(keys, key=str):
@@ -230,7 +247,9 @@ def save_adapter(
             checkpoint's metadata (``lora_scan_axis``) for merges.
 
     Raises:
-        CheckpointExistsError: an adapter (its config or its checkpoint) is there already.
+        CheckpointExistsError: an adapter (its config) is there already, or a checkpoint of
+            other weights (one of these weights, left by a save stopped before its config
+            was written, is kept and the config written).
         ConfigError: ``config`` is not valid (``adapter_config``); the params' ranks are
             not ``config.r``.
         CorruptCheckpointError: ``params`` is not an adapter tree.
@@ -245,13 +264,57 @@ def save_adapter(
         raise ConfigError(f"no {LORA_A} / {LORA_B} pair in the adapter params to save")
     check_ranks(modules, config, str(adapter_dir))
     custom = {"lora": True} if scan_axis is None else {"lora": True, "lora_scan_axis": scan_axis}
-    save(storage.join(path, WEIGHTS_STEP), {"params": params}, custom_metadata=custom)
+    weights = storage.join(path, WEIGHTS_STEP)
+    if not _saved_already(weights, params):  # else a save cut before its config: finish it
+        save(weights, {"params": params}, custom_metadata=custom)
     if process_index() == 0:
         body = json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         try:
             storage.create_exclusive(config_file, body)
         except FileExistsError as e:
             raise CheckpointExistsError(f"{config_file} appeared while saving: left as is") from e
+
+
+def holds_weights(weights: str, params: Any) -> bool | None:
+    """Whether the committed checkpoint ``weights`` (an adapter's ``<lora_id>/0``) holds the
+    adapter ``params`` bit for bit; None when there is no committed checkpoint there.
+
+    Arrays spread over several processes are not compared (False).
+    """
+    try:
+        saved = adapter_modules(restore(weights, select="params"))
+    except (CheckpointNotFoundError, IncompleteCheckpointError):
+        return None  # none, or a cut save (stepsafe.save refuses to write over it)
+    except CorruptCheckpointError:
+        return False
+    modules = adapter_modules(params)
+
+    def same(x: Any, y: Any) -> bool:
+        try:
+            x, y = np.asarray(x), np.asarray(y)
+        except RuntimeError:  # an array spread over processes
+            return False
+        return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+    return saved.keys() == modules.keys() and all(
+        same(saved[m][k], modules[m][k]) for m in modules for k in (LORA_A, LORA_B)
+    )
+
+
+def _saved_already(weights: str, params: Any) -> bool:
+    """Whether a save stopped between its checkpoint and its config left these ``params`` at
+    ``weights``; False when there is no checkpoint there.
+
+    Raises:
+        CheckpointExistsError: it holds other weights.
+    """
+    held = holds_weights(weights, params)
+    if held is False:
+        raise CheckpointExistsError(
+            f"{weights} holds other weights, and no {CONFIG_FILE} beside it: save the adapter "
+            "to another directory, or move that one away"
+        )
+    return bool(held)
 
 
 def load_adapter(adapter_dir: str, target: Any = None) -> tuple[AdapterConfig, Any]:

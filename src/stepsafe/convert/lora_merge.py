@@ -28,10 +28,15 @@ from stepsafe.convert.lora import (
     check_ranks,
     read_adapter_config,
 )
-from stepsafe.convert.source import open_source, source_tree
+from stepsafe.convert.source import (
+    open_source,
+    source_custom_metadata,
+    source_extra_files,
+    source_step,
+    source_tree,
+)
 from stepsafe.convert.write_tree import write_tree
 from stepsafe.errors import ConfigError
-from stepsafe.format.step_files import read_extra
 from stepsafe.storage import storage_for
 
 DEFAULT_SCAN_AXIS = 1  # MaxText's param_scan_axis
@@ -78,12 +83,22 @@ def layer_axis(
 
 
 def merged_kernel(
-    w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, axis: int | None
+    w: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    scale: float,
+    axis: int | None,
+    *,
+    in_place: bool = False,
 ) -> np.ndarray:
     """``w + (a ·r b) * scale`` in ``w``'s dtype, computed in float32 (float64 for float64),
-    one layer at a time when ``axis`` (the layer axis) is given."""
+    one layer at a time when ``axis`` (the layer axis) is given.
+
+    ``w`` is left as it is unless ``in_place`` (the merge's own freshly read kernel: no copy
+    of it is made when it is float32 already)."""
     ct = _compute_dtype(w.dtype)
-    acc = w if w.dtype == ct and w.flags.writeable else np.array(w, dtype=ct)
+    mine = in_place and w.dtype == ct and w.flags.writeable
+    acc = w if mine else np.array(w, dtype=ct)
     a, b, s = a.astype(ct, copy=False), b.astype(ct, copy=False), ct.type(scale)
     if axis is None:
         acc += np.tensordot(a, b, axes=1) * s
@@ -135,7 +150,11 @@ def merge_lora(
     config = read_adapter_config(adapter_dir)
     storage, apath = storage_for(str(adapter_dir))
     adapter = open_source(storage.join(apath, WEIGHTS_STEP))
-    recorded = adapter.record.custom_metadata.get("lora_scan_axis")
+    recorded = source_custom_metadata(adapter).get("lora_scan_axis")
+    if recorded is not None and type(recorded) is not int:
+        raise ConfigError(
+            f"{adapter_dir} records lora_scan_axis={recorded!r}, not an integer: pass scan_axis"
+        )
     if scan_axis is not None and recorded is not None and scan_axis != recorded:
         raise ConfigError(
             f"scan_axis={scan_axis}, but the adapter {adapter_dir} was saved with its layers "
@@ -155,19 +174,16 @@ def merge_lora(
     params = tree[params_key] if has_key else tree
     for path, pair in modules.items():
         _replace_kernel(params, path, pair, config.scale, axis_hint)
-    step = reader.record.step
+    step = source_step(reader)
     extras: dict[str, bytes] = {}
     if param_only:
         tree, step = {params_key: params}, 0
     elif has_key:
         tree = {**tree, params_key: params}
-        extras = {
-            name: read_extra(reader.storage, reader.path, name, reader.record) or b""
-            for name in reader.record.extra_files
-        }
+        extras = source_extra_files(reader)
     else:
         tree = params
-    custom = dict(reader.record.custom_metadata)
+    custom = source_custom_metadata(reader)
     custom["lora_merged"] = str(adapter_dir)
     out_storage, out_path = storage_for(str(dst))
     if data_file_size_bytes is None and "://" in str(dst):
@@ -200,8 +216,9 @@ def _replace_kernel(
     axis = layer_axis(w.shape, tuple(a.shape), tuple(b.shape), scan_axis)
 
     def make(w: OutLeaf = w, a: Any = a, b: Any = b) -> np.ndarray:
+        kernel = np.asarray(w.make())  # read for this merge alone: summed into in place
         return merged_kernel(
-            np.asarray(w.make()), np.asarray(a.make()), np.asarray(b.make()), scale, axis
+            kernel, np.asarray(a.make()), np.asarray(b.make()), scale, axis, in_place=True
         )
 
     node["kernel"] = OutLeaf(w.shape, w.dtype, make)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from stepsafe.convert.hf import map_weights, read_config
@@ -42,8 +42,26 @@ from stepsafe.storage import storage_for
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def read_peft_config(peft_dir: str) -> AdapterConfig:
+def adapted_modules(names: Iterable[str]) -> list[str]:
+    """PEFT's short names of the modules whose ``lora_A`` / ``lora_B`` weights are ``names``
+    (``...self_attn.q_proj.lora_A.weight`` -> ``q_proj``), sorted."""
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
+            found.add(parts[-3])
+    return sorted(found)
+
+
+def read_peft_config(
+    peft_dir: str, module_names: Callable[[], list[str]] | None = None
+) -> AdapterConfig:
     """The checked ``adapter_config.json`` of a PEFT adapter directory.
+
+    Args:
+        peft_dir (`str`): the PEFT adapter directory.
+        module_names (`Callable`, *optional*): the modules the weights adapt; called when
+            ``target_modules`` is a regex string (PEFT's other form), whose place it takes.
 
     Raises:
         ConfigError: missing, not JSON, or not plain LoRA (see ``lora.adapter_config``).
@@ -57,6 +75,8 @@ def read_peft_config(peft_dir: str) -> AdapterConfig:
         raise ConfigError(f"cannot read {file}: {e}") from e
     if isinstance(doc, dict) and doc.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{file}: peft_type {doc['peft_type']!r} is not LORA")
+    if isinstance(doc, dict) and isinstance(doc.get("target_modules"), str) and module_names:
+        doc = {**doc, "target_modules": module_names() or doc["target_modules"]}
     if isinstance(doc, dict) and isinstance(doc.get("target_modules"), list):
         doc = {**doc, "target_modules": sorted(doc["target_modules"])}  # PEFT saves a set
     return adapter_config(doc, file)
@@ -106,17 +126,25 @@ def import_peft(
         `AdapterConfig`: the config written.
 
     Raises:
-        ConfigError: no or an unsupported ``adapter_config.json``; the function failed, wanted
+        ConfigError: no or an unsupported ``adapter_config.json`` (a regex string as
+            ``target_modules`` is written as the list of modules the weights adapt); the
+            function failed, wanted
             a tensor the file lacks, left tensors unmapped, or made ranks other than ``r``.
         CheckpointNotFoundError, CorruptCheckpointError: no or a bad safetensors file.
         CheckpointExistsError: ``dst_adapter_dir`` holds an adapter already.
     """
-    config = read_peft_config(peft_dir)
+    tensors: list[tuple[str, OutLeaf]] = []
+
+    def module_names() -> list[str]:
+        tensors.extend(read_peft_tensors(peft_dir))
+        return adapted_modules(name for name, _ in tensors)
+
+    config = read_peft_config(peft_dir, module_names)
     storage, path = storage_for(str(dst_adapter_dir))
     config_file = storage.join(path, CONFIG_FILE)
     if storage.exists(config_file):
         raise CheckpointExistsError(f"{dst_adapter_dir} holds an adapter already ({CONFIG_FILE})")
-    params = map_weights(read_peft_tensors(peft_dir), conversion_fn, str(peft_dir))
+    params = map_weights(tensors or read_peft_tensors(peft_dir), conversion_fn, str(peft_dir))
     modules = adapter_modules(params)
     if not modules:
         raise ConfigError(f"the conversion function made no lora pair of {peft_dir}")

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 
+from stepsafe.checkpoint import info
 from stepsafe.config import Config
 from stepsafe.convert import load_parameters
 from stepsafe.convert.hf import conversion_function, load_safetensors_parameters
@@ -35,10 +36,13 @@ from stepsafe.demo.data import SyntheticData
 from stepsafe.demo.distributed import start_distributed
 from stepsafe.demo.lora import (
     LoraPlan,
+    check_fresh_start,
+    check_resume,
     init_adapter,
     load_plan_adapter,
     merged,
     plan_lora,
+    run_record,
     save_trained,
 )
 from stepsafe.demo.model import SCAN_AXIS, init_params, loss_fn
@@ -49,6 +53,7 @@ from stepsafe.demo.sharding import (
     state_shardings,
     with_shardings,
 )
+from stepsafe.errors import ConfigError, StepsafeError
 from stepsafe.manager import (
     CheckpointManager,
     ManagerOptions,
@@ -219,6 +224,8 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
+    lora_record = run_record(plan)  # kept with every checkpoint: a resume must agree
+    _check_lora_resume(manager, plan)
     loaded = load_initial_state(
         manager,
         with_shardings(abstract, shardings),
@@ -230,6 +237,11 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
     if loaded.source in ("resume", "full_state"):
         state = loaded.state
     elif plan is not None:
+        try:
+            check_fresh_start(config, plan)  # before any training: its adapter must fit in
+        except ConfigError:
+            manager.close()
+            raise
         state = _lora_start(config, plan, key, loaded, abstract, shardings)
     elif loaded.source == "parameters":
         state = jax.jit(partial(state_from_params, config), out_shardings=shardings)(loaded.state)
@@ -256,20 +268,42 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
             if step % config.log_period == 0 or step == config.steps:
                 losses.append(float(loss))
                 bar.update(step, float(loss))
-            manager.save(step, state, data_iterator=data)
+            manager.save(step, state, data_iterator=data, custom_metadata=lora_record)
             stopped_by = stop.check(step, final=step >= config.steps)
             if stopped_by:
                 log.warning(
                     "Training interrupted at step %d (%s). Saving checkpoint...", step, stopped_by
                 )
-                manager.save(step, state, data_iterator=data, force=True)
+                manager.save(
+                    step, state, data_iterator=data, force=True, custom_metadata=lora_record
+                )
                 break
         else:
             if config.save_checkpoint_on_completion:
-                manager.save(step, state, data_iterator=data, force=True)
+                manager.save(
+                    step, state, data_iterator=data, force=True, custom_metadata=lora_record
+                )
     if plan is not None:
         save_trained(config, plan, state["lora_params"], step)
     return TrainResult(state, start, step, loaded.source, stopped_by, losses)
+
+
+def _check_lora_resume(manager: CheckpointManager, plan: LoraPlan | None) -> None:
+    """Refuse a resume whose LoRA flags are not those of the run's newest checkpoint (closing
+    the manager, whose lease the run would otherwise keep)."""
+    latest = manager.latest_step()
+    if latest is None:
+        return
+    where = manager.step_path(latest)
+    try:
+        recorded = info(where).custom_metadata
+    except StepsafeError:  # a local-tier or damaged step: the restore judges it
+        return
+    try:
+        check_resume(plan, recorded, where)
+    except ConfigError:
+        manager.close()
+        raise
 
 
 def _lora_start(
