@@ -458,3 +458,17 @@ def test_target_modules_that_lie_about_the_weights_are_refused_before_training(t
     config = train_config(tmp_path, "r", f"lora_input_adapters_path={tmp_path / 'ad'}")
     with pytest.raises(ConfigError, match="but its weights adapt"):
         plan_lora(config)
+
+
+def test_a_start_that_fails_releases_the_run_for_the_next_try(tmp_path):
+    """A start that fails after the manager took the run's lease (here: parameters of another
+    model's shape) releases it, so that the next try in the same process may run."""
+    pytest.importorskip("jax")
+    from stepsafe.demo.train import train
+    from stepsafe.errors import TargetMismatchError
+
+    stepsafe.save(str(tmp_path / "other" / "checkpoints" / "1"),
+                  {"params": {"token_embedder": {"embedding": np.ones((3, 3), f32)}}})  # fmt: skip
+    with pytest.raises((TargetMismatchError, ConfigError)):
+        train(train_config(tmp_path, "r", f"load_parameters_path={tmp_path / 'other'}"))
+    assert train(train_config(tmp_path, "r")).end_step == 3

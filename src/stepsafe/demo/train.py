@@ -53,7 +53,7 @@ from stepsafe.demo.sharding import (
     state_shardings,
     with_shardings,
 )
-from stepsafe.errors import ConfigError, StepsafeError
+from stepsafe.errors import StepsafeError
 from stepsafe.manager import (
     CheckpointManager,
     ManagerOptions,
@@ -207,51 +207,56 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
             **local_tier_options(config),
         ),
     )
-    data = SyntheticData(  # the global batch; each process places its own devices' rows
-        config.seed,
-        config.per_device_batch_size * jax.device_count(),
-        config.max_target_length,
-        config.vocab_size,
-    )
-    key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(partial(init_state, config, plan=plan), key)
-    shardings = state_shardings(abstract, mesh)
-    rows = batch_sharding(mesh)
-    scale = None if plan is None else plan.config.scale
-    step_fn = jax.jit(
-        partial(train_step, config, scale=scale),
-        in_shardings=(shardings, rows),
-        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    )
-    lora_record = run_record(plan)  # kept with every checkpoint: a resume must agree
-    _check_lora_resume(manager, plan)
-    loaded = load_initial_state(
-        manager,
-        with_shardings(abstract, shardings),
-        load_parameters_path=config.load_parameters_path,
-        load_full_state_path=config.load_full_state_path,
-        data_iterator=data,
-        load_parameters=parameters_loader(config),
-    )
-    if loaded.source in ("resume", "full_state"):
-        state = loaded.state
-    elif plan is not None:
-        try:
+    try:  # until the run's loop holds the manager: a failed start must release its lease
+        data = SyntheticData(  # the global batch; each process places its own devices' rows
+            config.seed,
+            config.per_device_batch_size * jax.device_count(),
+            config.max_target_length,
+            config.vocab_size,
+        )
+        key = jax.random.key(config.seed)
+        abstract = jax.eval_shape(partial(init_state, config, plan=plan), key)
+        shardings = state_shardings(abstract, mesh)
+        rows = batch_sharding(mesh)
+        scale = None if plan is None else plan.config.scale
+        step_fn = jax.jit(
+            partial(train_step, config, scale=scale),
+            in_shardings=(shardings, rows),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=0,
+        )
+        lora_record = run_record(plan)  # kept with every checkpoint: a resume must agree
+        _check_lora_resume(manager, plan)
+        loaded = load_initial_state(
+            manager,
+            with_shardings(abstract, shardings),
+            load_parameters_path=config.load_parameters_path,
+            load_full_state_path=config.load_full_state_path,
+            data_iterator=data,
+            load_parameters=parameters_loader(config),
+        )
+        if loaded.source in ("resume", "full_state"):
+            state = loaded.state
+        elif plan is not None:
             check_fresh_start(config, plan)  # before any training: its adapter must fit in
-        except ConfigError:
-            manager.close()
-            raise
-        state = _lora_start(config, plan, key, loaded, abstract, shardings)
-    elif loaded.source == "parameters":
-        state = jax.jit(partial(state_from_params, config), out_shardings=shardings)(loaded.state)
-    else:
-        state = jax.jit(partial(init_state, config), out_shardings=shardings)(key)
-    start = int(state["step"])
-    data.position = data.position if loaded.source == "resume" else start
-    log.info(
-        "Starting at step %d (%s%s)", start, loaded.source, f": {loaded.path}" * bool(loaded.path)
-    )
+            state = _lora_start(config, plan, key, loaded, abstract, shardings)
+        elif loaded.source == "parameters":
+            state = jax.jit(partial(state_from_params, config), out_shardings=shardings)(
+                loaded.state
+            )
+        else:
+            state = jax.jit(partial(init_state, config), out_shardings=shardings)(key)
+        start = int(state["step"])
+        data.position = data.position if loaded.source == "resume" else start
+        log.info(
+            "Starting at step %d (%s%s)",
+            start,
+            loaded.source,
+            f": {loaded.path}" * bool(loaded.path),
+        )
+    except BaseException:
+        manager.close()
+        raise
 
     losses: list[float] = []
     stopped_by = None
@@ -289,8 +294,7 @@ def train(config: Config, *, console: Console | None = None) -> TrainResult:
 
 
 def _check_lora_resume(manager: CheckpointManager, plan: LoraPlan | None) -> None:
-    """Refuse a resume whose LoRA flags are not those of the run's newest checkpoint (closing
-    the manager, whose lease the run would otherwise keep)."""
+    """Refuse a resume whose LoRA flags are not those of the run's newest checkpoint."""
     latest = manager.latest_step()
     if latest is None:
         return
@@ -299,11 +303,7 @@ def _check_lora_resume(manager: CheckpointManager, plan: LoraPlan | None) -> Non
         recorded = info(where).custom_metadata
     except StepsafeError:  # a local-tier or damaged step: the restore judges it
         return
-    try:
-        check_resume(plan, recorded, where)
-    except ConfigError:
-        manager.close()
-        raise
+    check_resume(plan, recorded, where)
 
 
 def _lora_start(
