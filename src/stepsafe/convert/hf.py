@@ -24,6 +24,8 @@ against the weights and complete; when it is not empty it is written beside the 
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import inspect
 import json
@@ -34,7 +36,12 @@ from typing import Any
 
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.params_loading import place_tree
-from stepsafe.convert.safetensors_files import HF_SHARD_BYTES, read_safetensors, write_safetensors
+from stepsafe.convert.safetensors_files import (
+    HF_SHARD_BYTES,
+    read_input_file,
+    read_safetensors,
+    write_safetensors,
+)
 from stepsafe.convert.source import open_source, source_tree
 from stepsafe.convert.write_tree import write_tree
 from stepsafe.errors import (
@@ -43,7 +50,7 @@ from stepsafe.errors import (
     CorruptCheckpointError,
     StepsafeError,
 )
-from stepsafe.storage import storage_for
+from stepsafe.storage import is_bucket, storage_for
 
 log = logging.getLogger("stepsafe")
 
@@ -94,6 +101,16 @@ class _Seen(dict):
         self.asked.add(key)
         return super().pop(key, *default)
 
+    def __iter__(self) -> Any:
+        # Defined here so that dict(flat), {**flat} and d.update(flat) go through keys() and
+        # __getitem__ (CPython copies a dict subclass directly only when it keeps dict's
+        # __iter__): the weights they hand out count as used; iterating names alone does not.
+        return super().__iter__()
+
+    def copy(self) -> dict[str, Any]:
+        self.asked.update(dict.keys(self))
+        return dict(dict.items(self))
+
     def items(self) -> Any:  # every weight handed out counts as used
         self.asked.update(dict.keys(self))
         return super().items()
@@ -115,7 +132,23 @@ def takes_config(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):  # a callable without a signature: one argument
         return False
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return param is not None and param.kind in kinds
+    if isinstance(fn, functools.partial) and "config" in fn.keywords:
+        return False  # its caller bound one: keep it
+    return param is not None and (param.kind in kinds or _config_second(fn))
+
+
+def _config_second(fn: Callable[..., Any]) -> bool:
+    """Whether ``config`` is ``fn``'s second parameter and positional-only (``def f(flat,
+    config, /)``): given by position then, as a keyword would fail."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return (
+        len(params) > 1
+        and params[1].name == "config"
+        and params[1].kind == inspect.Parameter.POSITIONAL_ONLY
+    )
 
 
 def read_config(path: str, *, required: bool = False) -> dict[str, Any] | None:
@@ -137,7 +170,7 @@ def read_config(path: str, *, required: bool = False) -> dict[str, Any] | None:
             f"no Hugging Face config at {path}: give a config.json or a model directory with one"
         )
     try:
-        config = json.loads(storage.read_bytes(file, 1 << 24))
+        config = json.loads(read_input_file(storage, file, 1 << 24, local=not is_bucket(url)))
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{file} is not readable JSON: {e}") from e
     if not isinstance(config, dict):
@@ -148,6 +181,8 @@ def read_config(path: str, *, required: bool = False) -> dict[str, Any] | None:
 def _call(fn: Callable[..., Any], arg: Any, **kwargs: Any) -> Any:
     """``fn(arg, **kwargs)``, its failure said as the conversion function's (named)."""
     try:
+        if "config" in kwargs and _config_second(fn):
+            return fn(arg, kwargs.pop("config"), **kwargs)
         return fn(arg, **kwargs)
     except StepsafeError as e:
         raise type(e)(f"in the conversion function {_name(fn)}: {e}") from e
@@ -232,7 +267,8 @@ def export_safetensors(
     """
     tree = source_tree(open_source(src))
     params = tree[params_key] if isinstance(tree, dict) and params_key in tree else tree
-    hf_config = dict(config) if config is not None else {}
+    # a deep copy: a function completing a nested entry (rope_scaling) must not change the caller's
+    hf_config = copy.deepcopy(dict(config)) if config is not None else {}
     extra = {"config": hf_config} if takes_config(fn) else {}
     named = _call(fn, params, **extra)
     if not isinstance(named, Mapping):
@@ -255,7 +291,8 @@ def export_safetensors(
 
 def _config_json(config: dict[str, Any], fn: Callable[..., Any]) -> bytes:
     try:
-        return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        # allow_nan=False: NaN and Infinity are no JSON; strict readers refuse the file
+        return (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"the Hugging Face config (after {_name(fn)}) cannot be written as JSON: {e}"

@@ -25,7 +25,10 @@ besides names, transposes and reshapes, as MaxText's own conversion makes them:
 
 - MaxText's attention does not divide by sqrt(K): its query kernels are scaled by 1/sqrt(K)
   on import and by sqrt(K) on export (in float32, rounded once to the weights' dtype: exact
-  both ways when K is a power of 4, e.g. 16, 64, 256; within one rounding otherwise, e.g. 128).
+  both ways when K is a power of 4, e.g. 16, 64, 256, for float32 and bfloat16; within one
+  rounding otherwise, e.g. 128). float16's exponent range is narrow: a query weight below
+  sqrt(K) x its smallest normal (8 x 6.1e-5 for K = 64; common in trained weights) becomes
+  subnormal when scaled and loses low bits, as in MaxText's own conversion.
 - Rotary embeddings: Hugging Face's q/k weights order each head's features half-split (the
   pairs rotated together are j and j + K/2), MaxText's interleaved (2j and 2j + 1); the
   features are permuted so, which leaves the attention unchanged.
@@ -134,6 +137,7 @@ def to_hf(params: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
     first = layers[0]
     hidden, heads, head_dim = (int(n) for n in _at(first, (*_ATTN, "query", "kernel")).shape)
     kv_heads = int(_at(first, (*_ATTN, "key", "kernel")).shape[1])
+    _check_groups(heads, kv_heads, "the tree's attention kernels have")
     dims = _Dims(len(layers), heads, kv_heads, head_dim)
     tied = "logits_dense" not in decoder
     embedding = params["token_embedder"]["embedding"]
@@ -173,9 +177,9 @@ def _dims_of(config: dict[str, Any] | None, flat: dict[str, Any]) -> _Dims:
     hidden_size = config.get("hidden_size") or flat[EMBED].shape[1]
     try:
         heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
+        kv_heads = int(_given(config, "num_key_value_heads", heads))  # 0 is refused below
         hidden = int(hidden_size)
-        head_dim = int(config.get("head_dim") or hidden // heads)
+        head_dim = int(_given(config, "head_dim", hidden // heads))
         said = config.get("num_hidden_layers")
         layers = None if said is None else int(said)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
@@ -192,7 +196,25 @@ def _dims_of(config: dict[str, Any] | None, flat: dict[str, Any]) -> _Dims:
             f"config.json gives {heads} heads, {kv_heads} key/value heads, head_dim {head_dim} "
             f"and {layers} layers: each must be >= 1, head_dim even (rotary pairs)"
         )
+    _check_groups(heads, kv_heads, "config.json gives")
     return _Dims(layers, heads, kv_heads, head_dim)
+
+
+def _given(config: dict[str, Any], key: str, default: Any) -> Any:
+    """``config[key]``, or ``default`` where it is absent or null (not where it is 0)."""
+    value = config.get(key)
+    return default if value is None else value
+
+
+def _check_groups(heads: int, kv_heads: int, who: str) -> None:
+    """Grouped-query attention shares each key/value head among heads / kv_heads query heads:
+    a count that does not divide makes a model no attention can run (transformers saves one,
+    and fails only in its forward pass)."""
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{who} {heads} heads and {kv_heads} key/value heads: the key/value heads must "
+            "divide the heads (each is shared by a group of them)"
+        )
 
 
 def _tied(config: dict[str, Any] | None, flat: dict[str, Any]) -> bool:

@@ -47,6 +47,25 @@ class OutLeaf:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
+    def made(self) -> np.ndarray:
+        """``make()``, checked to be the array planned (C-contiguous): what a lazy op builds
+        on, so that a source making another shape or dtype is refused, never broadcast or
+        cast into the output.
+
+        Raises:
+            ManifestError: it came out another shape or dtype than planned.
+        """
+        return _checked(self.make(), self.shape, self.dtype)
+
+    def region(self, box: Box) -> np.ndarray:
+        """``box(box)`` (the source must read regions), checked as ``made`` is.
+
+        Raises:
+            ManifestError: it came out another shape or dtype than the region's.
+        """
+        assert self.box is not None
+        return _checked(self.box(box), tuple(b - a for a, b in box), self.dtype)
+
     def blocks(self, limit: int | None = None) -> Iterator[np.ndarray]:
         """The array in C order, as contiguous blocks of at most about ``limit`` bytes
         (``CONVERT_BLOCK_BYTES``) when it is bigger and ``box`` can read regions, else whole.
@@ -56,15 +75,15 @@ class OutLeaf:
         """
         limit = int(knobs.CONVERT_BLOCK_BYTES) if limit is None else limit
         if self.box is None or self.nbytes <= limit:
-            yield _checked(self.make(), self.shape, self.dtype)
+            yield self.made()
             return
         for box in block_boxes(self.shape, np.dtype(self.dtype).itemsize, limit):
-            yield _checked(self.box(box), tuple(b - a for a, b in box), self.dtype)
+            yield self.region(box)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """Made now, for code that wants an array (a conversion function written for arrays:
         it then holds what it made; ``convert.ops`` keeps it lazy)."""
-        a = np.asarray(self.make())
+        a = self.made()
         return a if dtype is None else a.astype(dtype)
 
 
@@ -144,9 +163,11 @@ def block_boxes(shape: tuple[int, ...], itemsize: int, limit: int) -> list[Box]:
 
 
 def _checked(a: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    a = np.asarray(a)
-    if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+    a, want = np.asarray(a), np.dtype(dtype)
+    if a.dtype != want and a.dtype.newbyteorder("=") == want.newbyteorder("="):
+        a = a.astype(want)  # the same values in the other byte order (a big-endian source)
+    if a.shape != tuple(shape) or a.dtype != want:
         raise ManifestError(
             f"made an array of {a.shape} {a.dtype}, {tuple(shape)} {np.dtype(dtype)} was planned"
         )
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (which makes 0-d 1-d)

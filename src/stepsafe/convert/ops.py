@@ -7,11 +7,13 @@ holding what it makes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.stacking import layer_slices, stacked_leaf
 from stepsafe.errors import ConfigError
@@ -37,7 +39,7 @@ def transpose(x: Any, axes: tuple[int, ...] | None = None) -> OutLeaf:
     shape = tuple(leaf.shape[a] for a in order)
     box = _through(leaf, lambda b: tuple(b[order.index(a)] for a in range(len(order))),
                    lambda a: np.transpose(a, order))  # fmt: skip
-    return OutLeaf(shape, leaf.dtype, lambda: np.transpose(leaf.make(), order), leaf.group, box)
+    return OutLeaf(shape, leaf.dtype, lambda: np.transpose(leaf.made(), order), leaf.group, box)
 
 
 def reshape(x: Any, shape: tuple[int, ...]) -> OutLeaf:
@@ -47,7 +49,14 @@ def reshape(x: Any, shape: tuple[int, ...]) -> OutLeaf:
         new = np.empty(leaf.shape, np.uint8).reshape(shape).shape  # checks the size now
     except ValueError as e:
         raise ConfigError(f"cannot reshape an array of shape {leaf.shape} to {shape}") from e
-    return OutLeaf(new, leaf.dtype, lambda: leaf.make().reshape(new), leaf.group)
+    if leaf.box is None:
+        return OutLeaf(new, leaf.dtype, lambda: leaf.made().reshape(new), leaf.group)
+    old = tuple(leaf.shape)
+
+    def box(b: Box) -> np.ndarray:
+        return _reshaped_region(leaf, old, new, tuple(b))
+
+    return OutLeaf(new, leaf.dtype, lambda: leaf.made().reshape(new), leaf.group, box)
 
 
 def astype(x: Any, dtype: Any) -> OutLeaf:
@@ -55,7 +64,7 @@ def astype(x: Any, dtype: Any) -> OutLeaf:
     leaf = as_leaf(x)
     dt = np.dtype(dtype)
     box = _through(leaf, lambda b: b, lambda a: a.astype(dt))
-    return OutLeaf(leaf.shape, dt, lambda: leaf.make().astype(dt), leaf.group, box)
+    return OutLeaf(leaf.shape, dt, lambda: leaf.made().astype(dt), leaf.group, box)
 
 
 def take(x: Any, indices: Any, axis: int = -1) -> OutLeaf:
@@ -77,11 +86,10 @@ def take(x: Any, indices: Any, axis: int = -1) -> OutLeaf:
         return (*b[:ax], (0, leaf.shape[ax]), *b[ax + 1 :])
 
     def box(b: Box) -> np.ndarray:
-        assert leaf.box is not None
-        return np.take(leaf.box(region(b)), order[b[ax][0] : b[ax][1]], axis=ax)
+        return np.take(leaf.region(region(b)), order[b[ax][0] : b[ax][1]], axis=ax)
 
     return OutLeaf(
-        leaf.shape, leaf.dtype, lambda: np.take(leaf.make(), order, axis=axis), leaf.group,
+        leaf.shape, leaf.dtype, lambda: np.take(leaf.made(), order, axis=axis), leaf.group,
         box if leaf.box is not None else None,
     )  # fmt: skip
 
@@ -105,7 +113,7 @@ def scale(x: Any, factor: float) -> OutLeaf:
         return (a.astype(work) * work.type(factor)).astype(dt)
 
     box = _through(leaf, lambda b: b, scaled)
-    return OutLeaf(leaf.shape, dt, lambda: scaled(leaf.make()), leaf.group, box)
+    return OutLeaf(leaf.shape, dt, lambda: scaled(leaf.made()), leaf.group, box)
 
 
 def stack(xs: list[Any], axis: int = 0) -> OutLeaf:
@@ -135,7 +143,53 @@ def _through(
 ) -> Callable[[Box], np.ndarray] | None:
     """A region of the result, made from ``leaf``'s region ``region(box)`` by ``fn``; None when
     ``leaf`` cannot read regions (the result is then made whole)."""
-    source = leaf.box
-    if source is None:
+    if leaf.box is None:
         return None
-    return lambda b: fn(source(region(b)))
+    return lambda b: fn(leaf.region(region(b)))
+
+
+def _c_strides(shape: tuple[int, ...]) -> list[int]:
+    """Elements between neighbours along each axis of a C-ordered array of ``shape``."""
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return strides[::-1]
+
+
+def _reshaped_region(leaf: OutLeaf, old: tuple[int, ...], new: tuple[int, ...], b: Box) -> Any:
+    """The region ``b`` of ``leaf`` (shape ``old``) reshaped to ``new``: a reshape keeps the
+    C order, so the region's elements lie between its first and last one in ``leaf``'s order,
+    within one contiguous region of ``leaf`` (single indices on the axes where the two agree,
+    the range between them on the next, the rest whole), read and cut. When that region is
+    much bigger than ``b`` (``b`` is not contiguous, e.g. a band of columns), ``b`` is halved
+    along its first axis of more than one index and each half read so, until it fits: the
+    memory of a block stays about a block's."""
+    extents = [y - x for x, y in b]
+    dtype = np.dtype(leaf.dtype)
+    if math.prod(extents) == 0:
+        return np.empty(extents, dtype)
+    ns, os_ = _c_strides(new), _c_strides(old)
+    first = sum(x * st for (x, _), st in zip(b, ns))
+    last = sum((y - 1) * st for (_, y), st in zip(b, ns))
+    lo = [first // st % n for st, n in zip(os_, old)]
+    hi = [last // st % n for st, n in zip(os_, old)]
+    k = next((i for i in range(len(old)) if lo[i] != hi[i]), len(old))
+    cover = (
+        *((lo[i], lo[i] + 1) for i in range(k)),
+        *(((lo[k], hi[k] + 1),) if k < len(old) else ()),
+        *((0, n) for n in old[k + 1 :]),
+    )
+    size = math.prod(y - x for x, y in cover) * dtype.itemsize
+    wanted = math.prod(extents) * dtype.itemsize
+    split = next((i for i, n in enumerate(extents) if n > 1), None)
+    if size > max(int(knobs.CONVERT_BLOCK_BYTES), 2 * wanted) and split is not None:
+        (x, y), mid = b[split], (b[split][0] + b[split][1]) // 2
+        halves = [(*b[:split], (x, mid), *b[split + 1 :]), (*b[:split], (mid, y), *b[split + 1 :])]
+        return np.concatenate([_reshaped_region(leaf, old, new, h) for h in halves], axis=split)
+    start = sum(x * st for (x, _), st in zip(cover, os_))
+    flat = leaf.region(cover).reshape(-1)[first - start : last + 1 - start]
+    view = np.lib.stride_tricks.as_strided(
+        flat, extents, [st * dtype.itemsize for st in ns], writeable=False
+    )
+    return view.copy()  # C order; np.ascontiguousarray would make a 0-d view 1-d

@@ -11,7 +11,8 @@ every tensor of a file in memory at once; this one writes the format itself, str
 tensor (an ``OutLeaf``, made when its turn comes and dropped after), so a model of any size
 needs about its largest tensor in memory. Files are split as Hugging Face does: in order, a
 new file when the next tensor would pass the limit, a tensor bigger than the limit alone. The
-directory appears whole or not at all (a local transaction: a temporary renamed into place).
+directory appears whole or not at all (a local transaction: a temporary renamed into place;
+in a bucket, files under their final names, the index last, behind an exclusive claim).
 
 Reading goes through the safetensors library (``safe_open``, lazy: only the tensor asked for
 is read), each tensor an ``OutLeaf``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import struct
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.convert.lazy_leaf import OutLeaf, grouped
 from stepsafe.errors import (
     CheckpointExistsError,
@@ -39,14 +42,15 @@ from stepsafe.errors import (
     StepsafeError,
 )
 from stepsafe.format.manifest import Box
-from stepsafe.storage import Storage, storage_for
-from stepsafe.storage.local import LocalStorage
+from stepsafe.storage import Storage, is_bucket, storage_for
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 HF_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB" (huggingface_hub's and transformers 4's)
 
-_MAX_HEADER = 100 << 20  # the safetensors library's limit on a header
+log = logging.getLogger("stepsafe")
+
+_MAX_HEADER = 100_000_000  # the safetensors library's limit on a header (bytes, decimal)
 
 _DTYPES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
@@ -110,7 +114,7 @@ def write_safetensors(
         contents = [*extras, *contents]
     url = str(directory)
     storage, path = storage_for(url if "://" in url else os.path.abspath(url))
-    if isinstance(storage, LocalStorage):
+    if not is_bucket(url):
         with storage.transaction(path) as txn:
             for file, chunks in contents:
                 txn.write_file(file, chunks)
@@ -120,22 +124,45 @@ def write_safetensors(
     return [file for file, _ in contents]
 
 
+CLAIM = ".stepsafe-writing"  # in a bucket prefix while an export writes there
+
+
 def _upload(
     storage: Any, path: str, contents: list[tuple[str, Iterator[Any]]], *, exclusive_last: bool
 ) -> None:
     """A model directory in a bucket, which has no rename: every file is uploaded under its
     final name (an object appears whole or not at all), the one readers look for first last:
     the index, or the single file. Nothing is overwritten; a failure deletes only what this
-    upload wrote, so an interrupted one leaves no model a reader would take."""
+    upload wrote, so an interrupted one leaves no model a reader would take.
+
+    A bucket has no exclusive streaming upload, so two exports racing into one new prefix
+    would overwrite each other's shards (same names), and the loser's clean-up would delete
+    the winner's: each export first creates ``CLAIM`` exclusively (the race is decided there,
+    before any shard), checks the prefix holds nothing else, and deletes the claim at the end.
+    One killed midway leaves its claim (and shards, but no index): the prefix stays refused."""
     targets = [storage.join(path, file) for file, _ in contents]
-    there = storage.list_dir(path) if storage.exists(path) else []
-    if there:  # as a local directory that exists: a model, or something else, is there
-        raise CheckpointExistsError(
-            f"{path} already holds {', '.join(sorted(there)[:3])}: stepsafe never writes into "
-            "an existing model; write to a new directory"
-        )
-    written: list[str] = []
+    claim = storage.join(path, CLAIM)
+
+    def refuse_if_used(there: list[str]) -> None:
+        if CLAIM in there:
+            raise CheckpointExistsError(
+                f"{path} is being written by another export, or one was interrupted there (it "
+                f"left {CLAIM}): write to a new directory, or delete {path} if none is running"
+            )
+        if there:  # as a local directory that exists: a model, or something else, is there
+            raise CheckpointExistsError(
+                f"{path} already holds {', '.join(sorted(there)[:3])}: stepsafe never writes "
+                "into an existing model; write to a new directory"
+            )
+
+    refuse_if_used(storage.list_dir(path) if storage.exists(path) else [])
     try:
+        storage.create_exclusive(claim, b"a stepsafe export is writing this model\n")
+    except FileExistsError:
+        refuse_if_used([CLAIM])
+    written: list[str] = [claim]
+    try:
+        refuse_if_used([n for n in storage.list_dir(path) if n != CLAIM])
         for target, (_, chunks) in zip(targets, contents):
             if target == targets[-1] and exclusive_last:  # the index: created exclusively
                 try:
@@ -148,10 +175,12 @@ def _upload(
                 written.append(target)  # before: a failed upload may leave an object
                 storage.upload(target, chunks)
     except BaseException:
-        for target in written:
+        for target in reversed(written):  # the claim last: the prefix stays claimed till then
             with contextlib.suppress(Exception):
                 storage.delete_file(target)
         raise
+    with contextlib.suppress(Exception):  # the model is whole: a claim left is harmless
+        storage.delete_file(claim)
 
 
 def _is_text(name: str) -> bool:
@@ -227,26 +256,50 @@ def read_safetensors(directory: str, *, single: str = SINGLE) -> list[tuple[str,
 
     url = str(directory)
     storage, root = storage_for(url if "://" in url else os.path.abspath(url))
-    local = isinstance(storage, LocalStorage)
+    local = not is_bucket(url)
     out: list[tuple[str, OutLeaf]] = []
     seen: set[str] = set()
-    for file, names in _files_of(storage, root, single).items():
+    unlisted: list[tuple[str, str, Header]] = []  # in a file, not in the index
+    for file, names in _files_of(storage, root, single, local=local).items():
         path = storage.join(root, file)
         held = _local_header(path) if local else _bucket_header(storage, path)
+        if names is not None:
+            listed = set(names)
+            unlisted += [(path, n, held) for n in held if n not in listed]
         for name in held if names is None else names:
             if name not in held:
                 raise CorruptCheckpointError(
                     f"{directory}/{INDEX} puts tensor {name!r} in {file}, which lacks it"
                 )
-            if name in seen:
-                raise CorruptCheckpointError(f"tensor {name!r} is in two files of {directory}")
-            seen.add(name)
-            shape, dtype, start = held[name]
-            read = (
-                _reader(path, name) if local else _bucket_reader(storage, path, start, shape, dtype)
-            )
-            out.append((name, OutLeaf(shape, dtype, read, box=read)))
+            out.append(_tensor(path, name, held, seen, directory, local, storage))
+    # A tensor a shard holds that its index leaves out is a weight too (transformers loads
+    # every tensor of the files it reads): named as unmapped, never silently dropped.
+    out += [_tensor(p, n, h, seen, directory, local, storage) for p, n, h in unlisted]
     return out
+
+
+def _tensor(
+    path: str, name: str, held: Header, seen: set[str], directory: str, local: bool, storage: Any
+) -> tuple[str, OutLeaf]:
+    """Tensor ``name`` of the file at ``path`` as a lazy weight (one name, one file)."""
+    if name in seen:
+        raise CorruptCheckpointError(f"tensor {name!r} is in two files of {directory}")
+    seen.add(name)
+    shape, dtype, start = held[name]
+    read = _reader(path, name) if local else _bucket_reader(storage, path, start, shape, dtype)
+    return name, OutLeaf(shape, dtype, read, box=_empty_aware(read, dtype))
+
+
+def _empty_aware(read: Callable[..., np.ndarray], dtype: np.dtype) -> Callable[..., np.ndarray]:
+    """``read`` for regions, an empty one made here: the library refuses to slice an axis of
+    length 0, even 0:0."""
+
+    def region(box: Box) -> np.ndarray:
+        if any(b <= a for a, b in box):
+            return np.empty([max(b - a, 0) for a, b in box], dtype)
+        return read(box)
+
+    return region
 
 
 Header = dict[str, tuple[tuple[int, ...], np.dtype, int]]  # name -> shape, dtype, data start
@@ -289,18 +342,12 @@ def _bucket_header(storage: Storage, path: str) -> Header:
     raw = bytearray(n)
     storage.read_into(path, 8, memoryview(raw))
     try:
-        doc = json.loads(raw)
-        entries = sorted(
-            ((k, v) for k, v in doc.items() if k != "__metadata__"),
-            key=lambda kv: tuple(kv[1]["data_offsets"]),
-        )
+        entries = sorted(_header_entries(raw).items(), key=lambda kv: kv[1][2])
         held: Header = {}
         end = 0
-        for name, v in entries:
-            a, b = (int(x) for x in v["data_offsets"])
-            shape = tuple(int(x) for x in v["shape"])
-            dtype = _numpy_dtype(name, v["dtype"])
-            if a != end or b - a != math.prod(shape) * dtype.itemsize or min(shape, default=0) < 0:
+        for name, (shape, st_dtype, (a, b)) in entries:
+            dtype = _numpy_dtype(name, st_dtype)
+            if a != end or b - a != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor {name!r}: bytes {a}..{b} for {shape} {dtype}")
             held[name], end = (shape, dtype, 8 + n + a), b
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -310,15 +357,74 @@ def _bucket_header(storage: Storage, path: str) -> Header:
     return held
 
 
-def _files_of(storage: Storage, directory: str, single: str) -> dict[str, list[str] | None]:
-    """Each file to read and the tensors in it (None: all it holds)."""
+Entries = dict[str, tuple[tuple[int, ...], Any, tuple[int, int]]]  # name -> shape, dtype, offsets
+
+
+def _header_entries(raw: bytes | bytearray) -> Entries:
+    """A header's tensors (name -> shape, safetensors dtype, data offsets), typed as the
+    library's parser (serde) types them: counts are JSON integers (no floats, booleans or
+    strings; within numpy's reach), ``__metadata__`` text to text, no NaN.
+
+    Raises:
+        ValueError: the header is not such a JSON object.
+    """
+
+    def no_constant(word: str) -> Any:
+        raise ValueError(f"{word} is not JSON")
+
+    def count(x: Any, what: str) -> int:
+        if type(x) is not int or not 0 <= x < 1 << 63:
+            raise ValueError(f"{what} {x!r} is not a count")
+        return x
+
+    doc = json.loads(raw, parse_constant=no_constant)
+    if not isinstance(doc, dict):
+        raise ValueError(f"the header is a JSON {type(doc).__name__}, not an object")
+    meta = doc.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise ValueError("__metadata__ is not a map of text to text")
+    out: Entries = {}
+    for name, v in doc.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not isinstance(v.get("shape"), list):
+            raise ValueError(f"tensor {name!r} is not described by a dtype, shape and offsets")
+        offsets = v["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+        shape = tuple(count(x, f"tensor {name!r}: dimension") for x in v["shape"])
+        begin, end = (count(x, f"tensor {name!r}: offset") for x in offsets)
+        out[name] = (shape, v["dtype"], (begin, end))
+    return out
+
+
+def _files_of(
+    storage: Storage, directory: str, single: str, *, local: bool
+) -> dict[str, list[str] | None]:
+    """Each file to read and the tensors in it (None: all it holds). Where both the one file
+    and an index are there, the one file, as transformers' ``from_pretrained`` chooses: the
+    import is then of the weights transformers would run."""
     index = storage.join(directory, INDEX)
-    if single == SINGLE and storage.exists(index):
+    both = single == SINGLE and storage.exists(storage.join(directory, SINGLE))
+    if both and storage.exists(index):
+        log.warning(
+            "%s holds both %s and %s: reading %s, as transformers does", directory, SINGLE,
+            INDEX, SINGLE,
+        )  # fmt: skip
+    if single == SINGLE and not both and storage.exists(index):
         try:
-            weight_map = json.loads(storage.read_bytes(index, 1 << 28))["weight_map"]
+            weight_map = json.loads(read_input_file(storage, index, 1 << 28, local=local))[
+                "weight_map"
+            ]
             files: dict[str, list[str] | None] = {}
             for name, file in weight_map.items():
-                files.setdefault(str(file), []).append(str(name))  # type: ignore[union-attr]
+                if not isinstance(file, str) or not _plain_name(file):
+                    raise ValueError(
+                        f"tensor {name!r} is put in {file!r}, not a file of the model's directory"
+                    )
+                files.setdefault(file, []).append(str(name))  # type: ignore[union-attr]
             return files
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"{index} is not a valid index: {e}") from e
@@ -326,6 +432,34 @@ def _files_of(storage: Storage, directory: str, single: str) -> dict[str, list[s
         return {single: None}
     what = f"neither {SINGLE} nor {INDEX}" if single == SINGLE else f"no {single}"
     raise CheckpointNotFoundError(f"{directory} holds {what}: not a Hugging Face model")
+
+
+def read_input_file(storage: Storage, path: str, limit: int, *, local: bool) -> bytes:
+    """A small file of a model given as input (an index, ``config.json``), at most ``limit``
+    bytes. On local disk it is read through symbolic links, as transformers reads it: a
+    model in Hugging Face's cache (``snapshots/<revision>/*`` link to ``blobs/``) is made of
+    links, which the storage's reads of checkpoints refuse.
+
+    Raises:
+        CorruptCheckpointError: it is not a regular file (after links), or bigger than
+            ``limit``.
+    """
+    if not local:
+        return storage.read_bytes(path, limit)
+    if not os.path.isfile(path):  # a FIFO or device would block or never end
+        raise CorruptCheckpointError(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CorruptCheckpointError(f"{path} holds more than {limit} bytes: not a model's")
+    return data
+
+
+def _plain_name(file: str) -> bool:
+    """A file name in the directory itself: an index naming ``../x`` or ``/x`` (or another
+    bucket) would read files outside the model into the conversion's output."""
+    bad = ("/", "\\", "://", "\0")
+    return file not in ("", ".", "..") and not any(c in file for c in bad)
 
 
 def _numpy_dtype(name: str, st: str) -> np.dtype:
@@ -340,23 +474,45 @@ def _numpy_dtype(name: str, st: str) -> np.dtype:
 def _bucket_reader(
     storage: Storage, path: str, start: int, shape: tuple[int, ...], dtype: np.dtype
 ) -> Callable[..., np.ndarray]:
-    """Reads a tensor at byte ``start`` of a bucket file: whole, or the rows a region ``box``
-    spans on its first axis (one ranged read), cut to the region."""
+    """Reads a tensor at byte ``start`` of a bucket file: whole, or the region ``box``
+    (``_read_region``: nothing held but the region and at most a block of rows)."""
 
     def read(box: Box | None = None) -> np.ndarray:
-        if not shape:  # a scalar
-            out = np.empty((), dtype)
-            storage.read_into(path, start, memoryview(out.reshape(1).view(np.uint8)))
-            return out
-        box = box or tuple((0, n) for n in shape)
-        (r0, r1), rest = box[0], box[1:]
-        out = np.empty((r1 - r0, *shape[1:]), dtype)
+        box = tuple((0, n) for n in shape) if box is None else tuple(box)
+        out = np.empty([b - a for a, b in box], dtype)
         if out.nbytes:
-            at = start + r0 * math.prod(shape[1:]) * dtype.itemsize
-            storage.read_into(path, at, memoryview(out.reshape(-1).view(np.uint8)))
-        return np.ascontiguousarray(out[(slice(None), *(slice(a, b) for a, b in rest))])
+            _read_region(storage, path, start, shape, box, out)
+        return out
 
     return read
+
+
+def _read_region(
+    storage: Storage, path: str, at: int, shape: tuple[int, ...], box: Box, out: np.ndarray
+) -> None:
+    """Fill ``out`` (C-contiguous) with the region ``box`` of the array of ``shape`` at byte
+    ``at``: one ranged read when the region is contiguous (whole in every axis after its
+    first); else its rows read a block (``CONVERT_BLOCK_BYTES``) at a time and cut, or, when
+    one row is bigger than a block, each row's region in turn. A block of a transposed weight
+    (a band of columns: every row crosses it) so never reads the whole tensor at once."""
+    if not shape or all(b - a == n for (a, b), n in zip(box[1:], shape[1:])):
+        row = math.prod(shape[1:]) * out.dtype.itemsize
+        offset = at + (box[0][0] * row if shape else 0)
+        storage.read_into(path, offset, memoryview(out.reshape(-1).view(np.uint8)))
+        return
+    (r0, r1), rest = box[0], box[1:]
+    row = math.prod(shape[1:]) * out.dtype.itemsize
+    limit = int(knobs.CONVERT_BLOCK_BYTES)
+    if row > limit:
+        for r in range(r0, r1):
+            _read_region(storage, path, at + r * row, shape[1:], rest, out[r - r0])
+        return
+    step = max(1, limit // row)
+    cut = tuple(slice(a, b) for a, b in rest)
+    for r in range(r0, r1, step):
+        rows = np.empty((min(step, r1 - r), *shape[1:]), out.dtype)
+        storage.read_into(path, at + r * row, memoryview(rows.reshape(-1).view(np.uint8)))
+        out[r - r0 : r - r0 + len(rows)] = rows[(slice(None), *cut)]
 
 
 def _reader(path: str, name: str) -> Callable[..., np.ndarray]:

@@ -172,8 +172,8 @@ class _Stacked:
     def layer(self, i: int) -> np.ndarray:
         with self._lock:
             if self._data is None:
-                self._data = np.asarray(self.leaf.make())
-            out = np.ascontiguousarray(np.take(self._data, i, axis=self.axis))
+                self._data = self.leaf.made()
+            out = np.array(np.take(self._data, i, axis=self.axis))  # a copy; 0-d stays 0-d
             self.left -= 1
             if self.left == 0:
                 self._data = None
@@ -186,10 +186,9 @@ class _Stacked:
         shape = (*leaf.shape[:ax], *leaf.shape[ax + 1 :])
         if leaf.box is None or leaf.nbytes <= knobs.CONVERT_BLOCK_BYTES:
             return OutLeaf(shape, leaf.dtype, lambda: self.layer(i), group=self.group)
-        source = leaf.box
 
         def box(b: Box) -> np.ndarray:
-            return source((*b[:ax], (i, i + 1), *b[ax:])).reshape([y - x for x, y in b])
+            return leaf.region((*b[:ax], (i, i + 1), *b[ax:])).reshape([y - x for x, y in b])
 
         return OutLeaf(shape, leaf.dtype, lambda: box(tuple((0, n) for n in shape)), box=box)
 
@@ -234,7 +233,7 @@ def stacked_leaf(layers: list[OutLeaf], ax: int) -> OutLeaf:
     def make() -> np.ndarray:  # one layer at a time into the output, each dropped after
         out = np.empty(shape, first.dtype)
         for i, x in enumerate(layers):
-            out[(slice(None),) * ax + (i,)] = x.make()
+            out[(slice(None),) * ax + (i,)] = x.made()
         return out
 
     if any(x.box is None for x in layers):
@@ -244,7 +243,7 @@ def stacked_leaf(layers: list[OutLeaf], ax: int) -> OutLeaf:
         inner = (*b[:ax], *b[ax + 1 :])
         out = np.empty([y - x for x, y in b], first.dtype)
         for n, i in enumerate(range(*b[ax])):
-            out[(slice(None),) * ax + (n,)] = layers[i].box(inner)  # type: ignore[misc]
+            out[(slice(None),) * ax + (n,)] = layers[i].region(inner)
         return out
 
     return OutLeaf(shape, first.dtype, make, box=box)
