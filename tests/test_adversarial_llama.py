@@ -169,14 +169,14 @@ def test_bucket_regions_read_no_more_than_a_block_at_a_time(bucket_url, tmp_path
     _upload(bucket_url, SINGLE, (tmp_path / SINGLE).read_bytes())
     storage, _ = storage_for(bucket_url)
     reads: list[int] = []
-    original = type(storage).read_into
+    original = type(storage).read_ranges
 
-    def spy(self, path, offset, buf):
-        reads.append(memoryview(buf).nbytes)
-        return original(self, path, offset, buf)
+    def spy(self, ranges, *args, **kwargs):  # one call: what a read holds at once
+        reads.append(sum(memoryview(r.buf).nbytes for r in ranges))
+        return original(self, ranges, *args, **kwargs)
 
     read = dict(read_safetensors(bucket_url))
-    monkeypatch.setattr(type(storage), "read_into", spy)
+    monkeypatch.setattr(type(storage), "read_ranges", spy)
     monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", 1024)
     made = {
         "row": _made(read["row"]),
@@ -406,20 +406,20 @@ def test_llama_import_and_export_read_big_tensors_by_regions_only(tmp_path, monk
     import_safetensors(str(tmp_path / "hf"), str(tmp_path / "whole"), from_hf)
     limit = 1024
     whole_reads: list[tuple[str, int]] = []
-    original = safetensors_files._reader
+    original = safetensors_files._tensor_reader
 
-    def reader(path, name):
-        read = original(path, name)
+    def reader(storage, path, start, shape, dtype):
+        read = original(storage, path, start, shape, dtype)
 
         def spy(box=None):
             a = read(box)
             if box is None and a.nbytes > limit:
-                whole_reads.append((name, a.nbytes))
+                whole_reads.append((shape, a.nbytes))
             return a
 
         return spy
 
-    monkeypatch.setattr(safetensors_files, "_reader", reader)
+    monkeypatch.setattr(safetensors_files, "_tensor_reader", reader)
     monkeypatch.setattr(knobs, "CONVERT_BLOCK_BYTES", limit)
     import_safetensors(str(tmp_path / "hf"), str(tmp_path / "blocks"), from_hf)
     assert whole_reads == []
