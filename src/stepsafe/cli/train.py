@@ -66,7 +66,10 @@ def exit_code(stopped_by: str | None) -> int:
 
 def _log_to(console: Console | None) -> None:
     """Log lines through rich on the progress bar's console, so they print above the bar
-    instead of into it; plain timestamped lines otherwise (files, pipes, --no-progress)."""
+    instead of into it; plain timestamped lines otherwise (files, pipes, --no-progress).
+    Libraries that log through absl (orbax-checkpoint, reading an Orbax checkpoint) say only
+    warnings: their INFO lines are their internals, not the run's."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if console is None:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         return
