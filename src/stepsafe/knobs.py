@@ -92,6 +92,9 @@ KNOBS = {
              "its data files at this size unless told otherwise: a bucket upload holds a whole "
              "file, twice, so smaller files keep a conversion's memory near its largest array "
              "(a save's default there is 128 MiB).", minimum=64),
+        Knob("ORBAX_CLEANUP_WAIT_S", 5.0, "seconds", "After a failed export to Orbax, how long "
+             "its temporaries are retried for removal while Orbax's writer threads finish "
+             "writing into them (what is left then is named in the error)."),
         # -- local disk --
         Knob("SYNC_NOW_BYTES", 1 << 20, "bytes", "A data file at least this big is fsynced as "
              "soon as it is written, so the disk works while other threads still write; "

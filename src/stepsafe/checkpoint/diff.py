@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from stepsafe import knobs
-from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, find_orbax
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_for
 from stepsafe.checkpoint.restore import open_checkpoint
 from stepsafe.errors import UnsupportedFormatError
 from stepsafe.format import ArrayEntry, CheckpointReader
@@ -128,8 +128,8 @@ def _opened(path: str) -> CheckpointReader:
     """The stepsafe checkpoint at ``path``; one Orbax wrote is refused, saying what to do."""
     try:
         return open_checkpoint(path)
-    except NOT_STEPSAFE:
-        if find_orbax(str(path)) is None:
+    except NOT_STEPSAFE as e:
+        if orbax_for(str(path), e) is None:
             raise
         raise UnsupportedFormatError(
             f"{path} is an Orbax checkpoint: diff compares stepsafe checkpoints (convert it "

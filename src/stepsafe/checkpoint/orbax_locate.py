@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,18 @@ from stepsafe.storage import Storage, storage_for
 NOT_STEPSAFE = (CheckpointNotFoundError, IncompleteCheckpointError, CorruptCheckpointError,
                 UnsupportedFormatError)  # fmt: skip
 _MAX_METADATA_BYTES = 16 << 20
+# Orbax's step names: ``<step>``, zero-padded (``step_format_fixed_length``) or after a prefix
+# (``step_prefix``: ``ckpt_300``), as its ``standard_name_format`` writes them.
+_ORBAX_STEP = re.compile(r"^(?:.+_)?([0-9]+)$")
+
+
+def orbax_step_number(name: str) -> int | None:
+    """The step an Orbax step directory's name stands for (``300``, ``000300``,
+    ``ckpt_300``), or None."""
+    if step_number(name) is not None:
+        return step_number(name)
+    match = _ORBAX_STEP.match(name) if name.isascii() else None
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -67,17 +80,26 @@ def orbax_instead(path: str, error: StepsafeError) -> OrbaxStep:
         ConfigError: a step with several items and none of MaxText's names.
         StepsafeError: ``error``, when there is no Orbax checkpoint at ``path``.
     """
-    try:
-        found = find_orbax(str(path))
-    except OSError:
-        found = None
+    found = orbax_for(path, error)
     if found is None:
         raise error
     return found
 
 
-def find_orbax(path: str) -> OrbaxStep | None:
-    """The complete Orbax step ``path`` designates, or None when it designates none.
+def orbax_for(path: str, error: StepsafeError) -> OrbaxStep | None:
+    """``orbax_instead``, None where it raises ``error``."""
+    # A run's stepsafe step that is damaged is never passed over for an Orbax step: only a run
+    # with no stepsafe checkpoint at all (or none committed) is read as Orbax's.
+    runs = isinstance(error, CheckpointNotFoundError | IncompleteCheckpointError)
+    try:
+        return find_orbax(str(path), runs=runs)
+    except OSError:
+        return None
+
+
+def find_orbax(path: str, *, runs: bool = True) -> OrbaxStep | None:
+    """The complete Orbax step ``path`` designates, or None when it designates none
+    (``runs=False``: only a step or item directory designates one, not a run's listing).
 
     Raises:
         IncompleteCheckpointError: it designates an Orbax step that Orbax has not finished
@@ -88,13 +110,14 @@ def find_orbax(path: str) -> OrbaxStep | None:
     p = p.rstrip("/") or "/"
     if not storage.exists(p) or not storage.is_dir(p):
         return None
-    parent = posixpath.dirname(p)
     if is_item_dir(storage, p):
-        if is_orbax_step(storage, parent) and not is_item_dir(storage, parent):
-            return _checked(storage, parent, p)
-        return _checked(storage, p, p)  # a bare PyTreeCheckpointer save: no item directory
+        if _in_step(storage, p):
+            return _checked(storage, posixpath.dirname(p), p)
+        return _checked(storage, p, p)  # StandardCheckpointer's, a bare PyTreeCheckpointer's
     if is_orbax_step(storage, p):
         return _checked(storage, p, _item(storage, p))
+    if not runs:
+        return None
     for d in (storage.join(p, CHECKPOINTS_DIR), p):
         if storage.is_dir(d):
             found = _latest(storage, d, path)
@@ -103,7 +126,34 @@ def find_orbax(path: str) -> OrbaxStep | None:
     return None
 
 
+def _in_step(storage: Storage, item: str) -> bool:
+    """Whether the item directory ``item`` is one item of a step (``<step>/items``), not a
+    step itself (a ``StandardCheckpointer`` save holds its PyTree's files and its own
+    ``_CHECKPOINT_METADATA``): its parent has the step's metadata, or a step's name."""
+    if storage.exists(storage.join(item, COMMIT_FILE)):
+        return False
+    parent = posixpath.dirname(item)
+    if is_item_dir(storage, parent) or not is_orbax_step(storage, parent):
+        return False
+    named = orbax_step_number(posixpath.basename(parent)) is not None
+    return named or storage.exists(storage.join(parent, COMMIT_FILE))
+
+
+def designating_path(found: OrbaxStep) -> str:
+    """The step directory when reading it reads ``found``'s item (MaxText's ``items``, a
+    single item, or a step that is its own item), else the item directory: what to hand
+    back to ``restore``, which reads the same item then."""
+    try:
+        if _item(found.storage, found.path) == found.item:
+            return found.path
+    except (ConfigError, OSError):
+        pass
+    return found.item
+
+
 def _item(storage: Storage, step_path: str) -> str:
+    if is_item_dir(storage, step_path):  # StandardCheckpointer's step: the item itself
+        return step_path
     names = item_names(storage, step_path)
     if not names:
         return step_path
@@ -122,9 +172,9 @@ def _latest(storage: Storage, directory: str, asked: str) -> OrbaxStep | None:
         child = storage.join(directory, name)
         if orbax_tmp_step(name) is not None:
             pending.append(name)
-        elif step_number(name) is not None and is_orbax_step(storage, child):
+        elif orbax_step_number(name) is not None and is_orbax_step(storage, child):
             if orbax_incomplete_reason(storage, child) is None:
-                steps.append((step_number(name), child))
+                steps.append((orbax_step_number(name), child))
             else:
                 pending.append(name)
     if steps:
@@ -143,7 +193,7 @@ def _checked(storage: Storage, step_path: str, item: str) -> OrbaxStep:
     if reason is not None:
         raise IncompleteCheckpointError(f"{step_path} is an unfinished Orbax checkpoint: {reason}")
     base = posixpath.basename(step_path)
-    step = step_number(base)
+    step = orbax_step_number(base)
     return OrbaxStep(storage, step_path, item, step, _record(storage, step_path))
 
 
@@ -156,6 +206,6 @@ def _record(storage: Storage, step_path: str) -> dict[str, Any]:
         if storage.size(path) > _MAX_METADATA_BYTES:
             return {}
         doc = json.loads(storage.read_bytes(path))
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError, StepsafeError):  # a FIFO: no record
         return {}
     return doc if isinstance(doc, dict) else {}

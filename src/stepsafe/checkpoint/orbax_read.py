@@ -8,6 +8,7 @@ reaches are Orbax's business; nothing here parses its files.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,6 +48,8 @@ class OrbaxCheckpoint:
         from etils import epath
 
         item = found.item if "://" in found.item else os.path.abspath(found.item)
+        if "://" not in item:
+            _check_regular(item)
         self._dir = epath.Path(item)  # Orbax refuses relative paths
         self._handler = ocp.PyTreeCheckpointHandler()
         try:
@@ -196,6 +199,27 @@ def open_orbax(found: OrbaxStep) -> OrbaxCheckpoint:
         CorruptCheckpointError: Orbax cannot read the item's metadata.
     """
     return OrbaxCheckpoint(found)
+
+
+def _check_regular(item: str) -> None:
+    """Refuse an item holding something other than files and directories (a FIFO, a device):
+    Orbax and tensorstore would open it and wait forever.
+
+    Raises:
+        CorruptCheckpointError: naming the first such entry.
+    """
+    for root, _dirs, files in os.walk(item):
+        for name in files:  # os.walk lists links, FIFOs and devices as files
+            path = os.path.join(root, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:
+                continue  # a dangling link: Orbax's own error names it
+            if not regular:
+                raise CorruptCheckpointError(
+                    f"{path} is not a regular file (a FIFO or device): Orbax never writes one; "
+                    "remove it, or use another step"
+                )
 
 
 def _tree_util() -> Any:

@@ -7,7 +7,7 @@ module finds the checkpoint, or every step of a run, from the path the user type
 from __future__ import annotations
 
 from stepsafe.checkpoint.locate import locate
-from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, find_orbax
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_for
 from stepsafe.checkpoint.run_layout import CHECKPOINTS_DIR, is_step_name, step_number, step_path
 from stepsafe.errors import UnsupportedFormatError
 from stepsafe.format import COMMIT_FILE
@@ -77,7 +77,7 @@ def _ours(storage: Storage, p: str, path: str) -> str:
     try:
         found = locate(storage, p)
     except NOT_STEPSAFE as e:
-        if find_orbax(str(path)) is None:
+        if orbax_for(str(path), e) is None:
             raise
         raise _orbax_refused(path) from e
     if is_orbax_step(storage, found):

@@ -8,7 +8,7 @@ is a committed step whose metadata or manifest is corrupt; "Symlink", "Orbax", "
 "Unreadable" entries are not stepsafe's own: each is listed with why, and gc never deletes it.
 An Orbax step (MaxText's) is "Orbax" when complete by Orbax's own rules (readable by
 ``stepsafe inspect``/``convert``/``restore``), "Orbax (incomplete)" otherwise (a
-``<step>.orbax-checkpoint-tmp-*`` directory, or on GCS no ``commit_success.txt``).
+``<step>.orbax-checkpoint-tmp[-*]`` directory, or on GCS no ``commit_success.txt``).
 
 With emergency or multi-tier checkpoints a run has a second tier on each process's own disk,
 outside BASE: ``--local <local_checkpoint_directory>/<run_name>`` (once per process's

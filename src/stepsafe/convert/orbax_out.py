@@ -14,14 +14,17 @@ writes it (about the checkpoint's size), unlike the streaming stepsafe and safet
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.arrays import is_leaf
 from stepsafe.checkpoint.orbax_read import import_orbax
 from stepsafe.checkpoint.run_layout import check_step, step_name, step_number
@@ -35,9 +38,11 @@ from stepsafe.errors import (
     UnsupportedLeafError,
 )
 from stepsafe.format.orbax_layout import orbax_tmp_step
+from stepsafe.manager.inventory import scan_steps
 from stepsafe.storage import Storage, storage_for
 from stepsafe.tree import flatten, join, split
 
+log = logging.getLogger("stepsafe")
 ITEM_NAME = "items"  # MaxText's
 _NOT_TENSORSTORE = "MmUSO"  # datetimes, timedeltas, text, bytes, objects (and np.void)
 
@@ -118,29 +123,46 @@ def export_orbax(
         raise CheckpointExistsError(
             f"{step_dir} exists already: choose another step (--step) or directory"
         )
+    pending = _temporaries(storage, root, number)
+    if pending:  # Orbax would delete it to start its own: another save's, running or dead
+        raise CheckpointExistsError(
+            f"{storage.join(root, pending[0])} is an unfinished Orbax save of step {number}: "
+            "choose another step (--step) or directory, or delete it if no save is running"
+        )
     custom = source_custom_metadata(reader)
     if unstack or stack:
         custom["scan_layers"] = stack  # what MaxText records, and reads to build the model
     _check_names(tree)
+    _warn_of_stepsafe_steps(storage, root)
     held = {"bytes": 0}
     state = _made(tree, held, on_bytes)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
     # One step written as Orbax's CheckpointManager writes it (the same files), by the
     # Checkpointer it uses, so that the other steps in ``dst`` are never opened: Orbax 0.12's
     # manager refuses a directory holding stepsafe's steps (their metadata has more keys).
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{item_name: handler}))
-    before = set(_temporaries(storage, root, number))
+    # Its item directories made before the save goes on (not by a thread that a failed save
+    # leaves running, to make them after the cleanup below): no other file differs.
+    made_now = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+    composite = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(async_options=made_now), **{item_name: handler}
+    )
+    checkpointer = ocp.Checkpointer(composite)
+    failed: Exception | None = None
     try:
         checkpointer.save(
             step_dir, ocp.args.Composite(**{item_name: ocp.args.PyTreeSave(state)}),
             custom_metadata=custom,
         )  # fmt: skip
     except Exception as e:  # Orbax's and tensorstore's own errors, whatever their class
-        for name in set(_temporaries(storage, root, number)) - before:  # this save's only
-            storage.delete_tree(storage.join(root, name))
-        raise StorageError(f"orbax-checkpoint could not write {step_dir}: {e}") from e
+        failed = e
     finally:
-        checkpointer.close()
+        checkpointer.close()  # first: Orbax's threads may still be making its temporaries
+    if failed is not None:
+        left = _remove_temporaries(storage, root, number)
+        also = f" (delete its leftover {left})" if left else ""
+        raise StorageError(
+            f"orbax-checkpoint could not write {step_dir}: {failed}{also}"
+        ) from failed
     return ExportedOrbax(shown, storage.join(shown, item_name), number, held["bytes"], sets)
 
 
@@ -191,6 +213,39 @@ def _check_names(tree: Any) -> None:
                 "with '.'), one overwriting the other: rename one; nothing written"
             )
         seen[name] = key
+
+
+def _warn_of_stepsafe_steps(storage: Storage, root: str) -> None:
+    """Warn when ``root`` holds stepsafe's steps: Orbax 0.12's ``CheckpointManager`` (MaxText's)
+    refuses to open such a directory (it cannot parse their ``_CHECKPOINT_METADATA``)."""
+    if not storage.is_dir(root):
+        return
+    ours = [e.step for e in scan_steps(storage, root, sizes=False) if e.ours]
+    if ours:
+        log.warning(
+            "%s holds stepsafe's steps (%s): Orbax's CheckpointManager (MaxText's) will not "
+            "open it; to resume in MaxText, export into a directory of its own",
+            root, ", ".join(map(str, ours[:3])) + (" ..." if len(ours) > 3 else ""),
+        )  # fmt: skip
+
+
+def _remove_temporaries(storage: Storage, root: str, step: int) -> str | None:
+    """Delete this failed save's temporaries (none was there before it began), waiting for
+    Orbax's writer threads, which a failed save leaves finishing their files in them; the
+    one left, if they never finish."""
+    deadline = time.monotonic() + float(knobs.ORBAX_CLEANUP_WAIT_S)
+    while time.monotonic() < deadline:
+        names = _temporaries(storage, root, step)
+        if not names:
+            return None
+        try:
+            for name in names:
+                storage.delete_tree(storage.join(root, name))
+        except OSError:  # a file written into it meanwhile ("Directory not empty")
+            pass
+        time.sleep(0.1)  # and whether a late write made it again
+    names = _temporaries(storage, root, step)
+    return storage.join(root, names[0]) if names else None
 
 
 def _temporaries(storage: Storage, root: str, step: int) -> list[str]:

@@ -4,9 +4,10 @@ wrote (MaxText's), read through orbax-checkpoint one leaf per ``OutLeaf`` made."
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_instead
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, OrbaxStep, orbax_instead
 from stepsafe.checkpoint.orbax_read import OrbaxCheckpoint, open_orbax
 from stepsafe.checkpoint.restore import OWN_SHARDS, open_checkpoint, restore_from
 from stepsafe.convert.lazy_leaf import OutLeaf
@@ -16,6 +17,7 @@ from stepsafe.format.step_files import read_extra
 from stepsafe.tree import build_plain
 
 Source = CheckpointReader | OrbaxCheckpoint
+log = logging.getLogger("stepsafe")
 
 
 def open_source(path: str) -> Source:
@@ -32,13 +34,37 @@ def open_source(path: str) -> Source:
     try:
         reader = open_checkpoint(path)
     except NOT_STEPSAFE as e:
-        return open_orbax(orbax_instead(str(path), e))
+        found = orbax_instead(str(path), e)
+        _warn_of_other_items(found)
+        return open_orbax(found)
     if OWN_SHARDS in reader.record.extra_files:
         raise TargetMismatchError(
             f"{reader.path} is a local-tier step of one process (its own shards), not a "
             "state: convert a step of the persistent tier"
         )
     return reader
+
+
+def _warn_of_other_items(found: OrbaxStep) -> None:
+    """Say which of the step's other Orbax items are not converted: MaxText's ``iter`` (the
+    data iterator's position) would otherwise be lost without a word."""
+    if found.item == found.path:
+        return
+    storage, step = found.storage, found.path
+    try:
+        others = [
+            n
+            for n in storage.list_dir(step)
+            if n not in (found.item_name, "metrics")  # Orbax's copy of the metrics: no state
+            and storage.is_dir(storage.join(step, n))
+        ]
+    except OSError:
+        return
+    if others:
+        log.warning(
+            "%s: only its Orbax item %s is converted, not %s (MaxText's iter: the data "
+            "iterator's position)", step, found.item_name, ", ".join(others),
+        )  # fmt: skip
 
 
 def source_tree(reader: Source) -> Any:

@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from stepsafe.errors import StepsafeError
 from stepsafe.format.layout import COMMIT_FILE
 from stepsafe.format.manifest import FORMAT
 from stepsafe.storage import Storage
@@ -56,12 +57,12 @@ def _read_metadata_doc(storage: Storage, path: str) -> Any:
         if storage.size(path) > _MAX_METADATA_BYTES:
             return None
         return json.loads(storage.read_bytes(path))
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError, StepsafeError):  # a FIFO, a link: not a record
         return None
 
 
 # -- Orbax's own completeness rules (orbax.checkpoint._src.path.atomicity, 0.11 - 0.12) --------
-# A save on a POSIX disk writes ``<name>.orbax-checkpoint-tmp-<timestamp>`` and renames it to
+# A save on a POSIX disk writes ``<name>.orbax-checkpoint-tmp[-<timestamp>]`` and renames it to
 # ``<name>`` when it finishes; on GCS (no atomic rename) it writes ``<name>`` in place and puts
 # ``commit_success.txt`` in it last. Items are written the same way inside the step.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -86,7 +87,11 @@ def is_item_dir(storage: Storage, path: str) -> bool:
         children = storage.list_dir(path)
     except OSError:
         return False
-    return any(c in ORBAX_ITEM_FILES or c.startswith("ocdbt.process_") for c in children)
+    return any(_item_file(c) for c in children)
+
+
+def _item_file(name: str) -> bool:
+    return name in ORBAX_ITEM_FILES or name.startswith("ocdbt.process_")
 
 
 def item_names(storage: Storage, step_path: str) -> list[str]:
@@ -95,7 +100,9 @@ def item_names(storage: Storage, step_path: str) -> list[str]:
     names = [
         n
         for n in storage.list_dir(step_path)
-        if TMP_SUFFIX not in n and is_item_dir(storage, storage.join(step_path, n))
+        if TMP_SUFFIX not in n
+        and not _item_file(n)  # an item's own ``ocdbt.process_0/``, when the step is the item
+        and is_item_dir(storage, storage.join(step_path, n))
     ]
     return sorted(names, key=lambda n: (ITEM_NAMES.index(n) if n in ITEM_NAMES else 99, n))
 
@@ -106,7 +113,7 @@ def orbax_incomplete_reason(storage: Storage, path: str) -> str | None:
     ``commit_success.txt``."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
     if TMP_SUFFIX in name:
-        return f"a temporary directory ({TMP_SUFFIX}-*): the Orbax save never finished"
+        return f"a temporary directory (*{TMP_SUFFIX}*): the Orbax save never finished"
     pending = [n for n in storage.list_dir(path) if TMP_SUFFIX in n]
     if pending:
         return f"its item {pending[0]} is still a temporary: the Orbax save never finished"

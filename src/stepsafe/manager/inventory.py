@@ -14,7 +14,7 @@ step-like entry gets one status, and only stepsafe's own count:
 - Symlink: the step directory is a symbolic link; never entered by a deletion.
 - Orbax / Foreign: written by Orbax or by something else; never counted, never deleted.
   An Orbax step's detail says whether it is complete by Orbax's own rules (its directory no
-  longer ``<step>.orbax-checkpoint-tmp-*``, and on GCS ``commit_success.txt`` in it): a
+  longer ``<step>.orbax-checkpoint-tmp[-*]``, and on GCS ``commit_success.txt`` in it): a
   complete one can be read (``stepsafe.restore``, ``inspect``, ``convert``, with the extra
   ``stepsafe[orbax]``); an unfinished one, temporaries included, is listed and left alone.
 - Unreadable: could not be listed or read (permissions, a link loop, a newer format).
@@ -27,6 +27,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from stepsafe.checkpoint.orbax_locate import orbax_step_number
 from stepsafe.checkpoint.run_layout import checkpoints_dir, is_run_dir, step_of
 from stepsafe.errors import (
     CorruptCheckpointError,
@@ -169,6 +170,10 @@ def scan_steps(storage: Storage, ckpt_dir: str, *, sizes: bool = True) -> list[S
             entries.append(scan_step(storage, storage.join(ckpt_dir, n), n, step, sizes=sizes))
         elif orbax_tmp_step(n) is not None:  # an Orbax save that has not finished (or died)
             entries.append(_orbax_tmp(storage, storage.join(ckpt_dir, n), n, sizes))
+        elif (number := orbax_step_number(n)) is not None:  # Orbax's ckpt_300, 000300
+            e = scan_step(storage, storage.join(ckpt_dir, n), n, number, sizes=sizes)
+            if e.status == ORBAX:  # listed, and left alone; anything else so named: passed by
+                entries.append(e)
     entries.sort(key=lambda e: (e.step, e.temporary, e.name))
     return entries
 
@@ -287,7 +292,7 @@ def orbax_detail(storage: Storage, path: str) -> str:
 
 
 def _orbax_tmp(storage: Storage, path: str, name: str, sizes: bool) -> StepEntry:
-    """The temporary directory of an Orbax save (``300.orbax-checkpoint-tmp-<ts>``): Orbax's
+    """The temporary directory of an Orbax save (``300.orbax-checkpoint-tmp``, older versions ``-<ts>``): Orbax's
     to finish or clean up, never stepsafe's."""
     try:
         walked = walk_step(storage, path) if storage.is_dir(path) else StepFiles()

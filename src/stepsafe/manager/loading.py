@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepsafe.checkpoint import metadata, restore
-from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, orbax_instead
+from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, designating_path, orbax_instead
 from stepsafe.checkpoint.restore import open_checkpoint
 from stepsafe.errors import ConfigError
 from stepsafe.manager.iterator_state import CheckpointableIterator
@@ -95,4 +95,4 @@ def _resolved(path: str) -> str:
         with open_checkpoint(path) as reader:
             return reader.path
     except NOT_STEPSAFE as e:
-        return orbax_instead(str(path), e).path
+        return designating_path(orbax_instead(str(path), e))  # <step>/<item> when needed
