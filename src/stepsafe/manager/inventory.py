@@ -292,8 +292,8 @@ def orbax_detail(storage: Storage, path: str) -> str:
 
 
 def _orbax_tmp(storage: Storage, path: str, name: str, sizes: bool) -> StepEntry:
-    """The temporary directory of an Orbax save (``300.orbax-checkpoint-tmp``, older versions ``-<ts>``): Orbax's
-    to finish or clean up, never stepsafe's."""
+    """The temporary directory of an Orbax save (``300.orbax-checkpoint-tmp``, with ``-<ts>``
+    in older versions): Orbax's to finish or clean up, never stepsafe's."""
     try:
         walked = walk_step(storage, path) if storage.is_dir(path) else StepFiles()
     except OSError:
