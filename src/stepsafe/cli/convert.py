@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hf-config", metavar="PATH",
         help="--to safetensors: the model's config.json (or its directory), checked against "
-        "the weights and written beside them",
+        "the weights and written beside them; --from peft: the base model's, for head counts",
     )  # fmt: skip
     p.add_argument(
         "--step", type=int, default=None,
@@ -212,9 +212,10 @@ def _lora(args: argparse.Namespace, progress: Progress) -> int:
                     "--from peft needs --conversion-fn module:function (the demo model's: "
                     "stepsafe.convert.peft_demo:from_peft)"
                 )
+            base = read_config(args.hf_config, required=True) if args.hf_config else None
             config = import_peft(
                 args.src, args.dst, conversion_function(args.conversion_fn),
-                scan_axis=args.scan_axis, on_bytes=on_bytes,
+                scan_axis=args.scan_axis, base_config=base, on_bytes=on_bytes,
             )  # fmt: skip
             what = f"LoRA adapter, r={config.r}, lora_alpha={config.lora_alpha:g}"
             result = {"path": args.dst, "written": what}
@@ -236,7 +237,7 @@ _READS = {
     "--scan-axis": {"kind", "orbax", "merge", "peft"},
     "--conversion-fn": {"safetensors-out", "safetensors-in", "peft"},
     "--max-shard-bytes": {"safetensors-out"},
-    "--hf-config": {"safetensors-out"},
+    "--hf-config": {"safetensors-out", "peft"},
     "--step": {"orbax"},
     "--no-ocdbt": {"orbax"},
 }

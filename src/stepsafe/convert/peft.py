@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from stepsafe.convert.hf import map_weights, read_config
+from stepsafe.convert.hf import map_weights, read_config, takes_config
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.lora import (
     CONFIG_FILE,
@@ -105,6 +105,7 @@ def import_peft(
     conversion_fn: Callable[[Any], Any],
     *,
     scan_axis: int | None = None,
+    base_config: Mapping[str, Any] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> AdapterConfig:
     """Write the PEFT adapter in ``peft_dir`` as a stepsafe adapter at ``dst_adapter_dir``
@@ -120,6 +121,9 @@ def import_peft(
         scan_axis (`int`, *optional*): the layer axis the function stacks along, recorded for
             merges (``lora_scan_axis``); None: the function's own ``scan_axis`` attribute
             when it has one (``peft_demo.from_peft``'s is 0), else nothing is recorded.
+        base_config (`Mapping`, *optional*): the base model's Hugging Face ``config.json``
+            (``hf.read_config``), given to a function that takes a ``config``: head counts
+            are not in an adapter's weights (``stepsafe.convert.peft_llama:from_peft``).
         on_bytes (`Callable[[int], None]`, *optional*): called with each run of bytes written.
 
     Returns:
@@ -144,7 +148,11 @@ def import_peft(
     config_file = storage.join(path, CONFIG_FILE)
     if storage.exists(config_file):
         raise CheckpointExistsError(f"{dst_adapter_dir} holds an adapter already ({CONFIG_FILE})")
-    params = map_weights(tensors or read_peft_tensors(peft_dir), conversion_fn, str(peft_dir))
+    extra = {"config": dict(base_config) if base_config is not None else None}
+    params = map_weights(
+        tensors or read_peft_tensors(peft_dir), conversion_fn, str(peft_dir),
+        **(extra if takes_config(conversion_fn) else {}),
+    )  # fmt: skip
     modules = adapter_modules(params)
     if not modules:
         raise ConfigError(f"the conversion function made no lora pair of {peft_dir}")
