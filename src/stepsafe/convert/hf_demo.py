@@ -41,10 +41,10 @@ _TOP = {
 
 def to_hf(params: dict[str, Any]) -> dict[str, Any]:
     """The demo model's ``params`` tree -> {Hugging Face-style name: weight}."""
-    out = {name: _at(params, path) for path, name in _TOP.items()}
+    out = {name: ops.at(params, path) for path, name in _TOP.items()}
     stacked = params["decoder"]["layers"]
     for path, (name, transposed) in _LAYER.items():
-        for i, w in enumerate(ops.layers(_at(stacked, path), axis=0)):
+        for i, w in enumerate(ops.layers(ops.at(stacked, path), axis=0)):
             out[f"model.layers.{i}.{name}"] = ops.transpose(w) if transposed else w
     return out
 
@@ -61,21 +61,9 @@ def from_hf(flat: dict[str, Any]) -> dict[str, Any]:
         count += 1
     params: dict[str, Any] = {}
     for path, name in _TOP.items():
-        _put(params, path, flat[name])
+        ops.put(params, path, flat[name])
     for path, (name, transposed) in _LAYER.items():
         parts = [flat[f"model.layers.{i}.{name}"] for i in range(count)]
         parts = [ops.transpose(p) for p in parts] if transposed else parts
-        _put(params, ("decoder", "layers", *path), ops.stack(parts, axis=0))
+        ops.put(params, ("decoder", "layers", *path), ops.stack(parts, axis=0))
     return params
-
-
-def _at(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value

@@ -103,18 +103,18 @@ def from_hf(flat: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
     hidden = flat[EMBED].shape[1]
     layer: dict[str, Any] = {}
     for path, name in _NORMS.items():
-        _put(layer, path, _stacked(flat, name, dims, lambda w: w))
+        ops.put(layer, path, _stacked(flat, name, dims, lambda w: w))
     for path, (name, key, rotary) in _HEADS.items():
         heads = getattr(dims, key)
         shape = (heads * dims.head_dim, hidden)
         rescale = 1 / math.sqrt(dims.head_dim) if path[1] == "query" else None
-        _put(
+        ops.put(
             layer, path, _stacked(flat, name, dims, _heads_in(heads, dims, rotary, rescale), shape)
         )
     out_shape = (hidden, dims.heads * dims.head_dim)
-    _put(layer, _OUT[0], _stacked(flat, _OUT[1], dims, _out_in(dims), out_shape))
+    ops.put(layer, _OUT[0], _stacked(flat, _OUT[1], dims, _out_in(dims), out_shape))
     for path, name in _MLP.items():
-        _put(layer, path, _stacked(flat, name, dims, ops.transpose))
+        ops.put(layer, path, _stacked(flat, name, dims, ops.transpose))
     decoder: dict[str, Any] = {"layers": layer, "decoder_norm": {"scale": flat[NORM]}}
     if _tied(config, flat):
         flat.get(LM_HEAD)  # a saved copy of tied embeddings: unused, as by transformers
@@ -135,14 +135,14 @@ def to_hf(params: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
     decoder = params["decoder"]
     layers = _layer_trees(decoder)
     first = layers[0]
-    hidden, heads, head_dim = (int(n) for n in _at(first, (*_ATTN, "query", "kernel")).shape)
-    kv_heads = int(_at(first, (*_ATTN, "key", "kernel")).shape[1])
+    hidden, heads, head_dim = (int(n) for n in ops.at(first, (*_ATTN, "query", "kernel")).shape)
+    kv_heads = int(ops.at(first, (*_ATTN, "key", "kernel")).shape[1])
     _check_groups(heads, kv_heads, "the tree's attention kernels have")
     dims = _Dims(len(layers), heads, kv_heads, head_dim)
     tied = "logits_dense" not in decoder
     embedding = params["token_embedder"]["embedding"]
     if config is not None:
-        width = int(_at(first, ("mlp", "wi_0", "kernel")).shape[-1])
+        width = int(ops.at(first, ("mlp", "wi_0", "kernel")).shape[-1])
         _complete(config, dims, hidden, width, int(embedding.shape[0]), tied, embedding.dtype)
     _refuse_unmapped(params, len(layers), "layers" in decoder, tied)
     out: dict[str, Any] = {EMBED: embedding, NORM: decoder["decoder_norm"]["scale"]}
@@ -150,15 +150,15 @@ def to_hf(params: dict[str, Any], config: dict[str, Any] | None = None) -> dict[
         out[LM_HEAD] = ops.transpose(decoder["logits_dense"]["kernel"])
     for i, layer in enumerate(layers):
         for path, name in _NORMS.items():
-            out[f"model.layers.{i}.{name}"] = _at(layer, path)
+            out[f"model.layers.{i}.{name}"] = ops.at(layer, path)
         for path, (name, _, rotary) in _HEADS.items():
             rescale = math.sqrt(head_dim) if path[1] == "query" else None
-            w = _heads_out(_at(layer, path), rotary, rescale)
+            w = _heads_out(ops.at(layer, path), rotary, rescale)
             out[f"model.layers.{i}.{name}"] = w
-        o = ops.reshape(_at(layer, _OUT[0]), (heads * head_dim, hidden))
+        o = ops.reshape(ops.at(layer, _OUT[0]), (heads * head_dim, hidden))
         out[f"model.layers.{i}.{_OUT[1]}"] = ops.transpose(o)
         for path, name in _MLP.items():
-            out[f"model.layers.{i}.{name}"] = ops.transpose(_at(layer, path))
+            out[f"model.layers.{i}.{name}"] = ops.transpose(ops.at(layer, path))
     return out
 
 
@@ -276,14 +276,14 @@ def _layer_trees(decoder: dict[str, Any]) -> list[Any]:
     if "layers" in decoder:
         stacked = decoder["layers"]
         paths = [*_NORMS, *_HEADS, _OUT[0], *_MLP]
-        sliced = {path: ops.layers(_at(stacked, path), axis=SCAN_AXIS) for path in paths}
+        sliced = {path: ops.layers(ops.at(stacked, path), axis=SCAN_AXIS) for path in paths}
         counts = {len(v) for v in sliced.values()}
         if len(counts) != 1:
             raise ConfigError(f"the scanned layers disagree on their count: {sorted(counts)}")
         trees: list[dict[str, Any]] = [{} for _ in range(counts.pop())]
         for path, parts in sliced.items():
             for tree, part in zip(trees, parts):
-                _put(tree, path, part)
+                ops.put(tree, path, part)
         return trees
     count = 0
     while f"layers_{count}" in decoder:
@@ -359,15 +359,3 @@ def _complete(
         name = np.dtype(dtype).name
         if name in ("float32", "bfloat16", "float16"):
             config["dtype"] = name
-
-
-def _at(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value

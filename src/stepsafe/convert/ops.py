@@ -19,7 +19,10 @@ from stepsafe.convert.stacking import layer_slices, stacked_leaf
 from stepsafe.errors import ConfigError
 from stepsafe.format.manifest import Box
 
-__all__ = ["as_leaf", "astype", "layers", "reshape", "scale", "stack", "take", "transpose"]
+__all__ = [
+    "as_leaf", "astype", "at", "layers", "put", "reshape", "scale", "stack", "take",
+    "transpose",
+]  # fmt: skip
 
 
 def as_leaf(x: Any) -> OutLeaf:
@@ -193,3 +196,17 @@ def _reshaped_region(leaf: OutLeaf, old: tuple[int, ...], new: tuple[int, ...], 
         flat, extents, [st * dtype.itemsize for st in ns], writeable=False
     )
     return view.copy()  # C order; np.ascontiguousarray would make a 0-d view 1-d
+
+
+def at(tree: Any, path: tuple[str, ...]) -> Any:
+    """``tree[path[0]][path[1]]..``: a conversion function's lookup by key path."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """``tree[path[0]]..[path[-1]] = value``, making the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
