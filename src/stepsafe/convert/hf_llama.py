@@ -174,30 +174,45 @@ def _dims_of(config: dict[str, Any] | None, flat: dict[str, Any]) -> _Dims:
             "the Llama conversion needs the model's config.json (head counts are not in the "
             "weights): put it in the model directory"
         )
-    hidden_size = config.get("hidden_size") or flat[EMBED].shape[1]
-    try:
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(_given(config, "num_key_value_heads", heads))  # 0 is refused below
-        hidden = int(hidden_size)
-        head_dim = int(_given(config, "head_dim", hidden // heads))
-        said = config.get("num_hidden_layers")
-        layers = None if said is None else int(said)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise ConfigError(
-            f"config.json does not give the attention heads ({e}): num_attention_heads, "
-            "num_key_value_heads and head_dim are needed"
-        ) from e
+    heads, kv_heads, head_dim, layers = config_heads(
+        config, config.get("hidden_size") or flat[EMBED].shape[1], "config.json"
+    )
     if layers is None:  # count them, as the weights are named
         layers = 0
         while f"model.layers.{layers}.input_layernorm.weight" in flat:
             layers += 1
-    if min(heads, kv_heads, head_dim, layers) < 1 or head_dim % 2:
-        raise ConfigError(
-            f"config.json gives {heads} heads, {kv_heads} key/value heads, head_dim {head_dim} "
-            f"and {layers} layers: each must be >= 1, head_dim even (rotary pairs)"
-        )
-    _check_groups(heads, kv_heads, "config.json gives")
+    if layers < 1:
+        raise ConfigError(f"config.json gives {layers} layers: there must be at least one")
     return _Dims(layers, heads, kv_heads, head_dim)
+
+
+def config_heads(config: dict[str, Any], hidden: Any, who: str) -> tuple[int, int, int, int | None]:
+    """(heads, key/value heads, head_dim, layers or None) as a Llama ``config.json`` gives
+    them (``head_dim`` defaults to ``hidden`` / heads, key/value heads to the heads; 0 is
+    not absent), checked: each at least 1, head_dim even (rotary pairs), the key/value heads
+    dividing the heads. ``who`` names the config in errors.
+
+    Raises:
+        ConfigError: a count missing, not a number, or not as above.
+    """
+    try:
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(_given(config, "num_key_value_heads", heads))
+        head_dim = int(_given(config, "head_dim", int(hidden) // heads))
+        said = config.get("num_hidden_layers")
+        layers = None if said is None else int(said)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(
+            f"{who} does not give the attention heads ({e}): num_attention_heads, "
+            "num_key_value_heads and head_dim (or hidden_size) are needed"
+        ) from e
+    if min(heads, kv_heads, head_dim) < 1 or head_dim % 2:
+        raise ConfigError(
+            f"{who} gives {heads} heads, {kv_heads} key/value heads and head_dim {head_dim}: "
+            "each must be >= 1, head_dim even (rotary pairs)"
+        )
+    _check_groups(heads, kv_heads, f"{who} gives")
+    return heads, kv_heads, head_dim, layers
 
 
 def _given(config: dict[str, Any], key: str, default: Any) -> Any:

@@ -39,7 +39,7 @@ import re
 from typing import Any
 
 from stepsafe.convert import ops
-from stepsafe.convert.hf_llama import rotary_interleave
+from stepsafe.convert.hf_llama import config_heads, rotary_interleave
 from stepsafe.errors import ConfigError
 
 PREFIX = "base_model.model.model.layers"
@@ -148,24 +148,8 @@ def _heads(
             )
         return {}
     hidden = config.get("hidden_size") or _hidden(flat, found)
-    try:
-        heads = int(config["num_attention_heads"])
-        kv = config.get("num_key_value_heads")
-        kv_heads = heads if kv is None else int(kv)
-        dim = config.get("head_dim")
-        head_dim = int(hidden) // heads if dim is None else int(dim)
-        said = config.get("num_hidden_layers")
-        layers = count if said is None else int(said)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise ConfigError(
-            f"the base config does not give the attention heads ({e}): num_attention_heads, "
-            "num_key_value_heads, head_dim (or hidden_size) are needed"
-        ) from e
-    if min(heads, kv_heads, head_dim) < 1 or head_dim % 2 or heads % kv_heads:
-        raise ConfigError(
-            f"the base config gives {heads} heads, {kv_heads} key/value heads and head_dim "
-            f"{head_dim}: each >= 1, head_dim even, the key/value heads dividing the heads"
-        )
+    heads, kv_heads, head_dim, said = config_heads(config, hidden, "the base config")
+    layers = count if said is None else said
     if layers != count:
         raise ConfigError(
             f"the adapter has {count} layer(s), the base config {layers}: is it this base's "
