@@ -461,14 +461,21 @@ def test_target_modules_that_lie_about_the_weights_are_refused_before_training(t
 
 
 def test_a_start_that_fails_releases_the_run_for_the_next_try(tmp_path):
-    """A start that fails after the manager took the run's lease (here: parameters of another
-    model's shape) releases it, so that the next try in the same process may run."""
+    """A start that fails after the manager took the run's lease (here: a resume onto a model
+    of another width) releases it, so that the next try in the same process may run (it got
+    RunInUseError before)."""
     pytest.importorskip("jax")
     from stepsafe.demo.train import train
     from stepsafe.errors import TargetMismatchError
 
-    stepsafe.save(str(tmp_path / "other" / "checkpoints" / "1"),
-                  {"params": {"token_embedder": {"embedding": np.ones((3, 3), f32)}}})  # fmt: skip
-    with pytest.raises((TargetMismatchError, ConfigError)):
-        train(train_config(tmp_path, "r", f"load_parameters_path={tmp_path / 'other'}"))
     assert train(train_config(tmp_path, "r")).end_step == 3
+    wider = [f for f in FLAGS if not f.startswith(("steps=", "emb_dim="))]
+    from stepsafe.config import load_config
+
+    def config(*extra: str):
+        return load_config(None, [*wider, f"base_output_directory={tmp_path}", "run_name=r",
+                                  "steps=6", *extra])  # fmt: skip
+
+    with pytest.raises(TargetMismatchError):
+        train(config("emb_dim=16"))
+    assert train(config("emb_dim=32")).end_step == 6
