@@ -138,7 +138,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--states", "--state", dest="states",
-        help="comma list of tiny,m95,l4g (default tiny,m95 on disk, m95 on buckets)",
+        help="comma list of tiny,m95,l4g,l12g (default tiny,m95 on disk, m95 on buckets; "
+        "l12g runs stepsafe, raw and disk only)",
     )  # fmt: skip
     p.add_argument("--methods", help="comma list (default: every method of the storage)")
     p.add_argument("--repeats", type=int, default=3)
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                 for storage in a.storages:
                     for method, variant in plan.groups(a.methods, a.file_sizes):
                         if storage not in REGISTRY[method].storages:
+                            continue
+                        if method not in states.ONLY.get(state, (method,)):
                             continue
                         recs = run_group(
                             storage, method, variant, state, repeat,

@@ -141,10 +141,13 @@ def test_without_target_jax_arrays_come_back_as_numpy(tmp_path, mesh):
 
 
 def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, mesh, monkeypatch):
-    """The snapshot of an async save shares no memory with the caller's state: JAX really
-    donates and reuses the saved buffers (on the CPU a snapshot holding views of them makes JAX
-    copy instead of donating, so ``is_deleted`` tells), and a numpy leaf changed in place while
-    the write is still to come (each file is written 0.2 s late) is saved as it was."""
+    """An async save takes the caller's JAX arrays on the CPU without copying them (they are
+    immutable), and the training step that donates them while the write is still to come (each
+    file is written 0.2 s late) cannot change what is written: while the snapshot holds views of
+    the buffers, JAX computes into new ones instead (``is_deleted`` stays False), and once the
+    write is done the views are gone, so the next donation reuses the buffers (``is_deleted``).
+    A numpy leaf changed in place before the write is saved as it was (numpy leaves are
+    copied)."""
     from stepsafe.manager import CheckpointManager, ManagerOptions
     from stepsafe.storage.local import LocalTransaction
 
@@ -171,11 +174,14 @@ def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, mesh, monke
     m.save(1, state)
     state["host"][:] = -7  # the caller updates a host leaf in place, before the write
     donated = {k: state[k] for k in ("w", "b")}
-    new = clobber_donating(donated)  # reuses the saved buffers while the save still runs
+    new = clobber_donating(donated)  # donates the saved buffers while the save still runs
     assert float(new["b"][0]) == -7
-    assert all(x.is_deleted() for x in donated.values()), "JAX could not donate the buffers"
+    assert not any(x.is_deleted() for x in donated.values()), "the save held no view"
     m.wait_until_finished()
     m.close()
+    again = clobber_donating(donated)  # the save is done: nothing holds the buffers any more
+    assert float(again["w"].ravel()[0]) == -7
+    assert all(x.is_deleted() for x in donated.values()), "the save kept views of the buffers"
     out = stepsafe.restore(tmp_path / "1")
     for k in expected:
         np.testing.assert_array_equal(out[k], expected[k])

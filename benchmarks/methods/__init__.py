@@ -28,16 +28,22 @@ class Entry:
 REGISTRY: dict[str, Entry] = {
     "stepsafe": Entry("stepsafe", "Stepsafe", "sync", "stepsafe", DISK + BUCKETS),
     "stepsafe-async": Entry(
-        "stepsafe", "StepsafeManager", "async", "stepsafe async (CheckpointManager)"
+        "stepsafe", "StepsafeManager", "async", "stepsafe async (CheckpointManager), JAX arrays"
+    ),
+    "stepsafe-async-numpy": Entry(
+        "stepsafe",
+        "StepsafeManagerNumpy",
+        "async",
+        "stepsafe async (CheckpointManager), numpy leaves: copied into fresh buffers",
     ),
     "stepsafe-thread": Entry(
-        "stepsafe", "StepsafeThread", "async", "stepsafe async (thread: snapshot+write)"
+        "stepsafe", "StepsafeThread", "async", "stepsafe async (thread: snapshot+write), JAX arrays"
     ),
     "stepsafe-staged": Entry(
         "stepsafe",
         "StepsafeThreadStaged",
         "async",
-        "stepsafe async (thread, staging buffers of an earlier save reused)",
+        "stepsafe async (thread), numpy leaves: staging buffers of an earlier save reused",
     ),
     "raw": Entry("raw", "Raw", "sync", "raw write+fsync / readinto"),
     "one-object": Entry(

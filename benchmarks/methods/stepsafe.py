@@ -2,11 +2,15 @@
 manager's two halves (``snapshot`` + ``write``) run in a thread by hand.
 
 ``StepsafeManager`` is the public async API: ``CheckpointManager(async_save=True).save``
-blocks while the state is captured, the write runs in the background. ``StepsafeThread`` is the
-same split without the manager (no lease, no listing of committed steps), the floor of what the
-manager can block for. ``StepsafeThreadStaged`` is the steady state of a run that saves
-repeatedly: the snapshot copies into the staging buffers an earlier save left mapped (that
-earlier save is outside the clock), as the manager's own staging does from its second save on.
+blocks while the state is captured, the write runs in the background; its state is JAX arrays
+on the CPU device, as a training run holds it and as the Orbax arms save it (stepsafe takes
+them as views: they are immutable). ``StepsafeThread`` is the same split without the manager
+(no lease, no listing of committed steps), the floor of what the manager can block for.
+``StepsafeManagerNumpy`` saves the state as numpy arrays, which an async save must copy (the
+caller may change them in place): a process's first save, into fresh buffers.
+``StepsafeThreadStaged`` is the steady state of numpy leaves in a run that saves repeatedly:
+the snapshot copies into the staging buffers an earlier save left mapped (that earlier save is
+outside the clock), as the manager's own staging does from its second save on.
 """
 
 from __future__ import annotations
@@ -72,7 +76,14 @@ class Stepsafe(Method):
             warm_up(remote_storage(location.split("://", 1)[0]).fs, location)
 
 
-class StepsafeManager(AsyncMethod):
+def jax_state(state: str) -> Any:
+    """``state`` as JAX arrays on the CPU device (made outside the clock, like Orbax's)."""
+    import jax
+
+    return states.build(state, lambda a: jax.block_until_ready(jax.device_put(a)))
+
+
+class StepsafeManagerNumpy(AsyncMethod):
     """``CheckpointManager.save`` with ``async_save``; the manager (and its lease on the run
     directory) is made before the clock, as a training run makes it once."""
 
@@ -87,7 +98,15 @@ class StepsafeManager(AsyncMethod):
         self.manager.close()
 
 
+class StepsafeManager(StepsafeManagerNumpy):
+    def make(self, state: str) -> Any:
+        return jax_state(state)
+
+
 class StepsafeThread(AsyncMethod):
+    def make(self, state: str) -> Any:
+        return jax_state(state)
+
     def start(self, path: str, tree: Any) -> Callable[[], None]:
         snap = snapshot(tree, copy=True)
         thread = threading.Thread(target=write, args=(path, snap))

@@ -51,10 +51,16 @@ def _checks(run_states: list[str]) -> list[Check]:
     """(target, measured as, function -> value, threshold text, higher is better)."""
     out: list[Check] = []
     ss = "stepsafe"
-    for s in [s for s in ("m95", "l4g") if s in run_states]:
+    for s in [s for s in ("m95", "l4g", "l12g") if s in run_states]:
         out += [
             (f"{s} save ≥ 0.9x raw GB/s", "raw time / stepsafe time",
              _ratio((s, ss, "save", "seconds"), (s, "raw", "save", "seconds")), "0.9", True),
+            (f"{s} save ≥ 0.95x the disk's limit", "dd-like time / stepsafe time",
+             _ratio((s, ss, "save", "seconds"), (s, "disk", "save", "seconds")), "0.95", True),
+        ]  # fmt: skip
+        if s == "l12g":
+            continue  # stepsafe, raw and the disk's limit only (benchmarks.states.ONLY)
+        out += [
             (f"{s} save ≥ 3x Orbax", "Orbax time / stepsafe time",
              _ratio((s, ss, "save", "seconds"), (s, "orbax", "save", "seconds")), "3", True),
             (f"{s} cold restore ≥ 0.9x faster of raw, torch.load", "best peer time / stepsafe",
@@ -68,25 +74,24 @@ def _checks(run_states: list[str]) -> list[Check]:
             (f"{s} restore peak RSS ≤ +10% of state", "extra RSS / state size (cold)",
              _over(s, "cold"), "0.10", False),
         ]  # fmt: skip
-        for a, how in (
-            ("stepsafe-async", "CheckpointManager"),
-            ("stepsafe-thread", "thread"),
-            ("stepsafe-staged", "staged"),
-        ):
+        # JAX arrays, as Orbax saves them; each case is a fresh process, so every measured save
+        # is the process's first (the numpy arms are in the measurements, not targets: an
+        # async save must copy a numpy leaf, which the caller may change in place)
+        for a, how in (("stepsafe-async", "CheckpointManager"), ("stepsafe-thread", "thread")):
             out += [
                 (f"{s} async ({how}) blocked ≤ Orbax async blocked", "stepsafe / Orbax, blocked",
                  _ratio((s, "orbax-async", "save", "blocked_s"), (s, a, "save", "blocked_s")),
                  "1", False),
-                (f"{s} async ({how}) done ≥ 3x sooner than Orbax async",
+                (f"{s} async ({how}) done ≥ 2x sooner than Orbax async",
                  "Orbax done / stepsafe done",
                  _ratio((s, a, "save", "seconds"), (s, "orbax-async", "save", "seconds")),
-                 "3", True),
+                 "2", True),
             ]  # fmt: skip
     if "tiny" in run_states:
         for phase, what in (("save", "save"), ("cold", "cold restore"), ("warm", "warm restore")):
             out.append(
-                (f"tiny {what} ≤ 2x raw time", "stepsafe time / raw time",
-                 _ratio(("tiny", "raw", phase, "seconds"), ("tiny", ss, phase, "seconds")),
+                (f"tiny {what} ≤ 2x safetensors' time", "stepsafe time / safetensors time",
+                 _ratio(("tiny", "safetensors", phase, "seconds"), ("tiny", ss, phase, "seconds")),
                  "2", False)
             )  # fmt: skip
     return out

@@ -71,6 +71,9 @@ KNOBS = {
              "on the calling thread (threads cost more than they save)."),
         Knob("PARALLEL_COPY_BYTES", 32 << 20, "bytes", "A save's host snapshot copies leaves on "
              "the I/O threads once they add up to this."),
+        Knob("BULK_MAP_BYTES", 4 << 20, "bytes", "Host buffers at least this big (snapshot "
+             "copies, restored arrays) are mapped with huge pages and populated in one call "
+             "instead of faulting in page by page (storage.host_memory)."),
         Knob("WINDOW_BYTES", 256 << 20, "bytes", "Restore and verify read in windows of about "
              "this size, each one batch of ranged reads; it bounds the host memory of device "
              "arrays' staging on restore."),

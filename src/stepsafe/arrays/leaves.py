@@ -1,9 +1,10 @@
 """Which leaves are arrays, which are small inline values, and the host snapshot of an array.
 
 The snapshot is what a save writes from: numpy arrays are used in place (``copy=False``) or
-copied (``copy=True``, for async saves: the caller may mutate or donate its buffers the moment
-``save`` returns); JAX arrays are brought to host shard by shard, each replica written once
-(under several processes split among the devices holding it), with their sharding.
+copied (``copy=True``, for async saves: the caller may change them in place the moment
+``save`` returns); JAX arrays are brought to host shard by shard (on the CPU as views, even
+for async saves: they are immutable), each replica written once (under several processes split
+among the devices holding it), with their sharding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from stepsafe.arrays.staging import StagingBuffers
 from stepsafe.errors import UnsupportedLeafError
 from stepsafe.format.dtypes import dtype_to_str
 from stepsafe.format.plan import HostArray
+from stepsafe.storage.host_memory import copy_of
 
 VALUE_TYPES = (type(None), bool, int, float, str)
 
@@ -76,7 +78,8 @@ def refuse_masked(path: str, x: Any) -> None:
     Raises:
         UnsupportedLeafError: naming the leaf and what to save instead.
     """
-    if isinstance(x, np.ma.MaskedArray):
+    ma = sys.modules.get("numpy.ma")  # not imported: no masked array exists (importing: 10 ms)
+    if ma is not None and isinstance(x, ma.MaskedArray):
         raise UnsupportedLeafError(
             f"leaf at {path or '<root>'!r} is a numpy masked array, and stepsafe saves only "
             "the data, so its mask would be lost: save x.data and np.ma.getmaskarray(x) "
@@ -85,7 +88,8 @@ def refuse_masked(path: str, x: Any) -> None:
 
 
 def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = None) -> HostArray:
-    """``copy``: the result shares no memory with ``x`` (copied into ``staging`` if given).
+    """``copy``: the result shares no memory that the caller can change: a numpy ``x`` is
+    copied (into ``staging`` if given); a JAX array, immutable, is not (``host_shards``).
 
     Raises:
         UnsupportedLeafError: ``x`` is a numpy masked array, whose mask would be lost.
@@ -96,7 +100,7 @@ def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = N
 
         dtype = np.dtype(x.dtype)
         dtype_to_str(dtype, path)
-        shards = host_shards(x, path, copy, staging)
+        shards = host_shards(x, path, copy)
         return HostArray(
             path, dtype, tuple(x.shape), shards, describe_sharding(x.sharding),
             mesh_device_ids(x.sharding),
@@ -106,5 +110,5 @@ def to_host(path: str, x: Any, *, copy: bool, staging: StagingBuffers | None = N
     if copy and staging is not None:
         a = staging.copy(path, a)
     elif copy or not a.flags.c_contiguous:
-        a = np.array(a, order="C", copy=True)
+        a = copy_of(a)
     return HostArray(path, a.dtype, a.shape, [(full_index(a.shape), a)])

@@ -18,6 +18,7 @@ from stepsafe.arrays import (
     described,
     is_array,
     is_host_local,
+    is_jax_array,
     is_leaf,
     start_host_transfers,
     to_host,
@@ -56,8 +57,10 @@ def snapshot(
 ) -> Snapshot:
     """Flatten ``tree`` and capture its arrays. ``copy``: make the snapshot independent of the
     caller's buffers (async saves): arrays on accelerators are copied where they lie, in one
-    batched dispatch; host arrays are copied into ``staging`` when given, big copies on the I/O
-    threads, since memcpy releases the GIL and two cores copy about twice as fast.
+    batched dispatch; JAX arrays on the CPU are immutable and taken as views, not copied
+    (``arrays.jax_arrays.host_shards``); numpy arrays are copied into ``staging`` when given,
+    big copies on the I/O threads, since memcpy releases the GIL and two cores copy about twice
+    as fast.
 
     Under several JAX processes a host-local leaf (a numpy array, or a JAX array on this
     process's devices only) is taken from process 0: the others capture only its description.
@@ -78,7 +81,7 @@ def snapshot(
             return described(px[0], px[1])
         return to_host(px[0], px[1], copy=copy and px[0] not in copied, staging=staging)
 
-    host_bytes = sum(getattr(x, "nbytes", 0) for p, x in leaves if p not in copied)
+    host_bytes = sum(getattr(x, "nbytes", 0) for _, x in leaves if not is_jax_array(x))
     if copy and host_bytes >= knobs.PARALLEL_COPY_BYTES:
         arrays = run_all(capture, leaves)
     else:
