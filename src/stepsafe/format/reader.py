@@ -204,9 +204,12 @@ class CheckpointReader:
             plan, c = owner[i]
             if verify and checksum(reads[i].buf) != c.checksum:
                 raise _mismatch(plan.key, reads[i].path, c)
-            with lock:
-                left[id(plan)] -= 1
-                last = left[id(plan)] == 0
+            if len(mine[id(plan)]) == 1:  # its only chunk (most small arrays): no count to keep
+                last = True
+            else:
+                with lock:
+                    left[id(plan)] -= 1
+                    last = left[id(plan)] == 0
             if last:
                 whole(plan)
                 for j in mine.pop(id(plan)):  # read_ranges is done with them: free early
