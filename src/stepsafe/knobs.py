@@ -95,6 +95,10 @@ KNOBS = {
              "its data files at this size unless told otherwise: a bucket upload holds a whole "
              "file, twice, so smaller files keep a conversion's memory near its largest array "
              "(a save's default there is 128 MiB).", minimum=64),
+        Knob("ORBAX_CHUNK_BYTES", 64 << 20, "bytes", "An export to Orbax stores arrays bigger "
+             "than this in chunks of contiguous rows, each read, written and dropped before the "
+             "next: the export's peak memory is a few chunks, whatever the model's size.",
+             minimum=64),
         Knob("ORBAX_CLEANUP_WAIT_S", 5.0, "seconds", "After a failed export to Orbax, how long "
              "its temporaries are retried for removal while Orbax's writer threads finish "
              "writing into them (what is left then is named in the error)."),

@@ -106,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--to orbax: one zarr array per leaf, without OCDBT (MaxText's "
         "checkpoint_storage_use_ocdbt=false)",
     )  # fmt: skip
+    p.add_argument(
+        "--zstd", action="store_true",
+        help="--to orbax: compress every chunk with zstd, as Orbax does by default (smaller "
+        "files, several times the CPU); without it chunks are stored raw, which Orbax and "
+        "MaxText read alike",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -151,7 +157,7 @@ def _orbax(args: argparse.Namespace, progress: Progress) -> int:
             params_key=args.params_key, dtype=args.dtype, unstack=args.unstack,
             stack=args.stack, scan_axis=1 if args.scan_axis is None else args.scan_axis,
             layers_key=args.layers_key or "layers", use_ocdbt=not args.no_ocdbt,
-            on_bytes=lambda n: progress.advance(task, n),
+            use_compression=args.zstd, on_bytes=lambda n: progress.advance(task, n),
         )  # fmt: skip
     if args.json:
         common.print_json(done)
@@ -240,6 +246,7 @@ _READS = {
     "--hf-config": {"safetensors-out", "peft"},
     "--step": {"orbax"},
     "--no-ocdbt": {"orbax"},
+    "--zstd": {"orbax"},
 }
 _NAMES = {
     "kind": "a conversion between stepsafe kinds", "orbax": "--to orbax",
@@ -265,7 +272,7 @@ def _refuse_unread(args: argparse.Namespace) -> None:
         "--layers-key": args.layers_key, "--scan-axis": args.scan_axis is not None,
         "--conversion-fn": args.conversion_fn, "--max-shard-bytes": args.max_shard_bytes,
         "--hf-config": args.hf_config, "--step": args.step is not None,
-        "--no-ocdbt": args.no_ocdbt,
+        "--no-ocdbt": args.no_ocdbt, "--zstd": args.zstd,
     }  # fmt: skip
     unread = [flag for flag, value in given.items() if value and mode not in _READS[flag]]
     if unread:
