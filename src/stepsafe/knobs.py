@@ -99,6 +99,11 @@ KNOBS = {
              "than this in chunks of contiguous rows, each read, written and dropped before the "
              "next: the export's peak memory is a few chunks, whatever the model's size.",
              minimum=64),
+        Knob("ORBAX_PIECE_BYTES", 64 << 20, "bytes", "Reads of an Orbax array are cut into "
+             "pieces of whole chunks of about this, each decoded straight into the result: "
+             "tensorstore decodes a read's chunks all at once, so a whole read of an array of "
+             "many chunks would hold it about twice (a 360 MiB array of 16 MiB chunks: ~200 MiB "
+             "over the array at once, ~100 in 64 MiB pieces, as fast)."),
         Knob("ORBAX_CLEANUP_WAIT_S", 5.0, "seconds", "After a failed export to Orbax, how long "
              "its temporaries are retried for removal while Orbax's writer threads finish "
              "writing into them (what is left then is named in the error)."),

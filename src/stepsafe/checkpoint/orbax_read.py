@@ -1,24 +1,32 @@
 """An Orbax checkpoint read through orbax-checkpoint itself (the optional extra
-``stepsafe[orbax]``), leaf by leaf: its tree from Orbax's metadata (no array bytes), and any
-set of its leaves by one partial restore in which every other leaf is Orbax's ``PLACEHOLDER``,
-so reading a subtree never reads the rest. OCDBT, zarr2/zarr3 and the buckets tensorstore
-reaches are Orbax's business; nothing here parses its files.
+``stepsafe[orbax]``), leaf by leaf: its tree from Orbax's metadata (no array bytes); its arrays
+through tensorstore, opened with the specs Orbax builds for them (``orbax_regions``: whole or
+by region, holding about an array, not Orbax's two copies); its other leaves (Python scalars,
+strings), and any array tensorstore cannot open, by one partial restore in which every other
+leaf is Orbax's ``PLACEHOLDER``, so reading a subtree never reads the rest. OCDBT, zarr2/zarr3
+and the buckets tensorstore reaches are Orbax's business; nothing here parses its files.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from stepsafe import knobs
 from stepsafe.checkpoint.orbax_locate import OrbaxStep
+from stepsafe.checkpoint.orbax_regions import ArraySpec, OrbaxRegions, StoreError
 from stepsafe.errors import CorruptCheckpointError, UnsupportedFormatError
+from stepsafe.format.manifest import Box
 from stepsafe.tree import flatten, join
 
 EXTRA = "pip install 'stepsafe[orbax]'"
+log = logging.getLogger("stepsafe")
 
 
 def import_orbax(what: str) -> Any:
@@ -64,13 +72,19 @@ class OrbaxCheckpoint:
         self.paths: list[str] = flat.paths
         self.arrays: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._kinds: dict[str, str] = {}
+        specs: dict[str, ArraySpec] = {}
         for key, m in zip(flat.paths, flat.leaves):
             kind = self._kind(m)
             self._kinds[key] = kind
             if kind == "array":
-                self.arrays[key] = (tuple(int(n) for n in m.shape), np.dtype(m.dtype))
+                self.arrays[key] = shape, dtype = tuple(int(n) for n in m.shape), np.dtype(m.dtype)
+                if isinstance(getattr(m, "name", None), str):  # else: Orbax's restore reads it
+                    chunk = getattr(getattr(m, "storage", None), "chunk_shape", None)
+                    chunk = tuple(int(n) for n in chunk) if chunk is not None else None
+                    specs[key] = ArraySpec(m.name, shape, dtype, chunk)
         self._values: dict[str, Any] | None = None
         self.use_zarr3 = bool(getattr(meta, "use_zarr3", False))
+        self._regions = OrbaxRegions(ocp, self._dir, specs, self.use_zarr3, found.item)
 
     # -- what it holds ---------------------------------------------------------------------
     @property
@@ -94,22 +108,83 @@ class OrbaxCheckpoint:
         shape, dtype = self.arrays[key]
         return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
-    # -- reading ---------------------------------------------------------------------------
-    def read_array(self, key: str) -> np.ndarray:
-        """One array, as numpy (bit for bit as saved)."""
-        return self.read([key])[key]
+    def chunk_bytes(self, key: str) -> int | None:
+        """Bytes of one stored chunk of array ``key`` (the least a read of it decodes and
+        holds), or None when Orbax's metadata does not say or tensorstore does not read it."""
+        return self._regions.chunk_bytes(key) if key in self._regions.specs else None
 
-    def read(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The leaves ``keys`` (arrays as numpy, values as saved), by one Orbax restore that
-        reads nothing else.
+    def regions_pay(self, key: str, boxes: Sequence[Box]) -> bool:
+        """Whether reading array ``key`` as the regions ``boxes`` (that tile it) decodes its
+        stored chunks about once (at most 1.5 times over on the whole: the chunks on the
+        regions' edges twice): not so for chunks that span several regions (one chunk for the
+        array, a numpy array's save; chunks cut along other axes than the regions), which
+        each region would decode again, and hold."""
+        if key not in self._regions.specs:
+            return False
+        decoded = self._regions.decoded(key, boxes)
+        return decoded is not None and 2 * decoded <= 3 * math.prod(self.arrays[key][0])
+
+    # -- reading ---------------------------------------------------------------------------
+    def read_array(self, key: str, budget: int | None = None) -> np.ndarray:
+        """One array, as numpy (bit for bit as saved); ``budget``: see ``read``."""
+        return self.read([key], budget)[key]
+
+    def read_box(self, key: str, box: Box, budget: int | None = None) -> np.ndarray:
+        """The region ``box`` (``((start, stop), ..)``) of array ``key``, read by pieces of
+        whole chunks of about ``budget`` bytes (twice the region's, ``ORBAX_PIECE_BYTES`` at
+        most: a region that cuts across chunks, a layer of a stacked array, decodes about that
+        at a time); what tensorstore cannot read is read whole by Orbax's restore and cut.
+
+        Raises:
+            CorruptCheckpointError: it could not be read, or not as Orbax's metadata says.
+        """
+        if budget is None:
+            itemsize = self.arrays[key][1].itemsize
+            wanted = 2 * math.prod(b - a for a, b in box) * itemsize
+            budget = min(knobs.ORBAX_PIECE_BYTES, wanted)
+        if key in self._regions.specs:
+            try:
+                return self._regions.read_box(key, box, budget)
+            except StoreError as e:
+                self._fell_back([key], e)
+        whole = self._restore({key})[key]
+        return np.ascontiguousarray(whole[tuple(slice(a, b) for a, b in box)])
+
+    def read(self, keys: Iterable[str], budget: int | None = None) -> dict[str, Any]:
+        """The leaves ``keys`` (arrays as numpy, values as saved): the arrays through
+        tensorstore (an array of chunks bigger than ``budget`` bytes, by default
+        ``knobs.ORBAX_PIECE_BYTES``, by pieces of about that into one array, which holds
+        about the array and a piece), the rest by one Orbax restore that reads nothing else.
+
+        Raises:
+            CorruptCheckpointError: they could not be read, or an array came out of another
+                shape or dtype than Orbax's metadata says.
+        """
+        want = set(keys)
+        out: dict[str, Any] = {k: None for k in want if self._kinds.get(k) == "none"}
+        arrays = sorted(k for k in want if k in self._regions.specs)
+        if arrays:
+            try:
+                out.update(self._regions.read(arrays, budget or knobs.ORBAX_PIECE_BYTES))
+            except StoreError as e:
+                self._fell_back(arrays, e)
+        todo = want - set(out)
+        if todo:
+            out.update(self._restore(todo))
+        return out
+
+    def _fell_back(self, keys: list[str], e: StoreError) -> None:
+        log.warning("%s; reading %s by orbax-checkpoint's restore instead", e, _few(keys))
+
+    def _restore(self, todo: set[str]) -> dict[str, Any]:
+        """The leaves ``todo`` by one Orbax partial restore (every other leaf a placeholder).
 
         Raises:
             CorruptCheckpointError: Orbax could not read them, or made an array of another
                 shape or dtype than its metadata says.
         """
-        want = set(keys)
-        out: dict[str, Any] = {k: None for k in want if self._kinds.get(k) == "none"}
-        todo = want - set(out)
+        out: dict[str, Any] = {k: None for k in todo if self._kinds.get(k) == "none"}
+        todo = todo - set(out)
         if not todo:
             return out
         ocp, tu = self._ocp, _tree_util()
@@ -142,6 +217,7 @@ class OrbaxCheckpoint:
         return out
 
     def close(self) -> None:
+        self._regions.close()
         close = getattr(self._handler, "close", None)
         if close is not None:
             close()

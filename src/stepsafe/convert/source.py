@@ -1,16 +1,21 @@
 """A checkpoint as a conversion's source: its tree, with each array an ``OutLeaf`` that reads
 it (or a region of it) only when the writer needs it. A stepsafe checkpoint, or one Orbax
-wrote (MaxText's), read through orbax-checkpoint one leaf per ``OutLeaf`` made."""
+wrote (MaxText's), its arrays read through tensorstore as orbax-checkpoint opens them, one
+leaf (or region) per ``OutLeaf`` made."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
+import numpy as np
+
+from stepsafe import knobs
 from stepsafe.checkpoint.orbax_locate import NOT_STEPSAFE, OrbaxStep, orbax_instead
 from stepsafe.checkpoint.orbax_read import OrbaxCheckpoint, open_orbax
 from stepsafe.checkpoint.restore import OWN_SHARDS, open_checkpoint, restore_from
-from stepsafe.convert.lazy_leaf import OutLeaf
+from stepsafe.convert.lazy_leaf import OutLeaf, block_boxes
 from stepsafe.errors import TargetMismatchError
 from stepsafe.format import CheckpointReader
 from stepsafe.format.step_files import read_extra
@@ -87,13 +92,30 @@ def source_tree(reader: Source) -> Any:
 
 
 def _orbax_tree(ckpt: OrbaxCheckpoint) -> Any:
+    """An Orbax source's tree: each array read through tensorstore when made, and by region
+    (``box``: block by block when it is bigger than ``CONVERT_BLOCK_BYTES``) where its blocks
+    decode its stored chunks about once (a sharded save's chunks, cut along the blocks' axis).
+    An array stored otherwise (one chunk, a numpy array's save; chunks spanning all its rows)
+    is read whole: any region of a chunk decodes all of it, so blocks would decode it again
+    and again and hold about as much."""
+    limit = int(knobs.CONVERT_BLOCK_BYTES)
+
     def leaf(key: str) -> Any:
-        if key in ckpt.arrays:
-            shape, dtype = ckpt.arrays[key]
-            return OutLeaf(shape, dtype, lambda: ckpt.read_array(key))
-        return ckpt.values[key]
+        if key not in ckpt.arrays:
+            return ckpt.values[key]
+        shape, dtype = ckpt.arrays[key]
+        box = (lambda b: ckpt.read_box(key, b)) if _blocks_pay(ckpt, key, limit) else None
+        return OutLeaf(shape, dtype, lambda: ckpt.read_array(key), box=box)
 
     return build_plain(ckpt.structure, leaf)
+
+
+def _blocks_pay(ckpt: OrbaxCheckpoint, key: str, limit: int) -> bool:
+    """Whether array ``key`` read block by block (``limit``) decodes its chunks about once."""
+    shape, dtype = ckpt.arrays[key]
+    if not shape or not math.prod(shape):  # no region of a 0-d or empty array to read
+        return False
+    return ckpt.regions_pay(key, block_boxes(shape, np.dtype(dtype).itemsize, limit))
 
 
 def source_step(reader: Source) -> int | None:
