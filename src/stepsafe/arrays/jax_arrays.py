@@ -55,9 +55,11 @@ def host_shards(x: jax.Array, path: str, copy: bool) -> list[tuple[Box, np.ndarr
     on the CPU are returned as numpy views of their buffers, never copied, even for an async
     save (``copy``) whose caller goes on training while the write runs: a ``jax.Array`` is
     immutable, and while a view of its buffer exists JAX keeps that buffer as it is: a call
-    donating the array computes into a new buffer instead (tested: ``is_deleted`` stays
-    False), and ``delete()`` leaves the memory to the view. So the snapshot costs no copy and
-    no memory beyond the arrays the caller already holds.
+    donating the array leaves the viewed buffer alone (the result goes to a new one), and
+    ``delete()`` leaves the memory to the view. So the snapshot costs no copy and no memory
+    beyond the arrays the caller already holds, as Orbax's does. Outside JAX's rules, memory
+    shared with another library through DLPack and changed in place while the write runs is
+    written as it is then (README: "Async saves").
     """
     out: list[tuple[Box, np.ndarray | jax.Array]] = []
     for s, box in write_boxes(x):

@@ -17,6 +17,7 @@ when the last view of it is dropped, as with any numpy array.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 
@@ -38,7 +39,12 @@ def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < knobs.BULK_MAP_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, dtype)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # out of memory: numpy's MemoryError, which callers know to expect
+        if e.errno != errno.ENOMEM:
+            raise
+        return np.empty(shape, dtype)
     for advice in (mmap.MADV_HUGEPAGE, _POPULATE_WRITE):
         # an older kernel, or huge pages off: the pages fault in as they are first written
         with contextlib.suppress(OSError):
