@@ -51,11 +51,12 @@ for name, (mesh, spec, shape) in cases.items():
     for box, data in mine:
         want = g[tuple(slice(lo, hi) for lo, hi in box)]
         assert np.array_equal(np.asarray(data), want), (name, box)
+    # an async save's capture (copy=True) takes the same boxes, as views: JAX arrays are
+    # immutable, so nothing is copied (stepsafe.arrays.jax_arrays.host_shards)
     copied = to_host(name, x, copy=True, staging=StagingBuffers()).shards
     assert [b for b, _ in copied] == [b for b, _ in mine], name
     for (box, data), (_, orig) in zip(copied, mine):
-        assert np.array_equal(data, np.asarray(orig)) and data.flags.c_contiguous, name
-        assert not np.shares_memory(data, np.asarray(x.addressable_shards[0].data)), name
+        assert np.array_equal(data, np.asarray(orig)) and not data.flags.writeable, name
     out[name] = {"shape": list(shape), "boxes": [[list(r) for r in b] for b, _ in mine]}
 print("BOXES " + json.dumps(out), flush=True)
 """
