@@ -95,6 +95,11 @@ KNOBS = {
              "its data files at this size unless told otherwise: a bucket upload holds a whole "
              "file, twice, so smaller files keep a conversion's memory near its largest array "
              "(a save's default there is 128 MiB).", minimum=64),
+        Knob("CONVERT_AHEAD_BYTES", 128 << 20, "bytes", "A conversion makes its output arrays "
+             "on a thread of its own at most this far ahead of the writer, so that reading and "
+             "slicing overlap writing (at most two blocks where CONVERT_BLOCK_BYTES is lower)."),
+        Knob("CONVERT_BUCKET_AHEAD_BYTES", 32 << 20, "bytes", "The same, for a conversion into a "
+             "bucket, whose uploads already hold a data file in memory."),
         Knob("ORBAX_CHUNK_BYTES", 64 << 20, "bytes", "An export to Orbax stores arrays bigger "
              "than this in chunks of contiguous rows, each read, written and dropped before the "
              "next: the export's peak memory is a few chunks, whatever the model's size.",

@@ -3,11 +3,11 @@
 A conversion describes its output tree with ``OutLeaf`` s (shape, dtype, and how to make the
 array) instead of arrays; the writer streams the data files one after another in tree order
 (``format.written``: shards made on demand are written in order), so each array is made when
-its first byte is due and dropped once its last byte is written: one array of the model is in
-memory at a time, whatever the model's size. An array bigger than ``CONVERT_BLOCK_BYTES`` whose
-source can read a region (``OutLeaf.box``) is made block by block instead: contiguous runs of
-its rows, one block held at a time, so that even one stacked weight of hundreds of GB needs
-only a block's memory.
+its first byte is due (a little earlier, on a thread of its own: ``pipeline.Ahead``) and dropped
+once its last byte is written: about one array of the model is in memory at a time, whatever
+the model's size. An array bigger than ``CONVERT_BLOCK_BYTES`` whose source can read a region
+(``OutLeaf.box``) is made block by block instead: contiguous runs of its rows, one block held
+at a time, so that even one stacked weight of hundreds of GB needs only a block's memory.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from stepsafe import knobs
+from stepsafe.convert.buffers import empty
 from stepsafe.errors import ManifestError
 from stepsafe.format.manifest import Box
 from stepsafe.format.plan import LazyShard
@@ -103,9 +104,18 @@ class LazyLeaf(LazyShard):
     block by block), each block dropped after its last byte; ``on_bytes(n)`` reports progress
     as bytes are handed to the writer. The writer asks for the bytes in order."""
 
-    def __init__(self, key: str, leaf: OutLeaf, on_bytes: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        key: str,
+        leaf: OutLeaf,
+        on_bytes: Callable[[int], None] | None = None,
+        feed: Callable[[], Iterator[np.ndarray]] | None = None,
+    ):
+        """``feed``: the leaf's blocks as made ahead (``pipeline.Ahead.blocks``), taken the first
+        time its bytes are asked for; asked again, they are made here (``leaf.blocks()``)."""
         self.key, self.leaf, self.nbytes = key, leaf, leaf.nbytes
         self._on_bytes = on_bytes
+        self._feed = feed
         self._lock = threading.Lock()
         self._blocks: Iterator[np.ndarray] | None = None
         self._block = np.empty(0, np.uint8)
@@ -125,7 +135,9 @@ class LazyLeaf(LazyShard):
 
     def _range(self, start: int, stop: int) -> memoryview:
         if self._blocks is None or start < self._at:  # the first bytes, or asked again
-            self._blocks = (b.reshape(-1).view(np.uint8) for b in self.leaf.blocks())
+            made = self._feed() if self._feed is not None else self.leaf.blocks()
+            self._feed = None
+            self._blocks = (b.reshape(-1).view(np.uint8) for b in made)
             self._block, self._at = np.empty(0, np.uint8), 0
         while start >= self._at + len(self._block):
             self._next()
@@ -170,4 +182,8 @@ def _checked(a: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         raise ManifestError(
             f"made an array of {a.shape} {a.dtype}, {tuple(shape)} {np.dtype(dtype)} was planned"
         )
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (which makes 0-d 1-d)
+    if a.flags.c_contiguous:
+        return a
+    out = empty(a.shape, a.dtype)  # a reused buffer on a pipeline's thread (0-d stays 0-d)
+    np.copyto(out, a)
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stepsafe import knobs
+from stepsafe.convert.buffers import empty
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.convert.stacking import layer_slices, stacked_leaf
 from stepsafe.errors import ConfigError
@@ -66,8 +67,15 @@ def astype(x: Any, dtype: Any) -> OutLeaf:
     """``x.astype(dtype)``, lazily."""
     leaf = as_leaf(x)
     dt = np.dtype(dtype)
-    box = _through(leaf, lambda b: b, lambda a: a.astype(dt))
-    return OutLeaf(leaf.shape, dt, lambda: leaf.made().astype(dt), leaf.group, box)
+    box = _through(leaf, lambda b: b, lambda a: _cast(a, dt))
+    return OutLeaf(leaf.shape, dt, lambda: _cast(leaf.made(), dt), leaf.group, box)
+
+
+def _cast(a: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """``a.astype(dt)``, into a reused buffer on a pipeline's thread (``buffers.empty``)."""
+    out = empty(a.shape, dt)
+    np.copyto(out, a, casting="unsafe")
+    return out
 
 
 def take(x: Any, indices: Any, axis: int = -1) -> OutLeaf:

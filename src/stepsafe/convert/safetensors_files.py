@@ -8,8 +8,9 @@ A file is an 8-byte little-endian header length, a JSON header (each tensor's dt
 byte range; ``__metadata__`` ``{"format": "pt"}``, which transformers expects) padded with
 spaces to 8 bytes, then the tensors' bytes in C order. The safetensors library's writer takes
 every tensor of a file in memory at once; this one writes the format itself, streaming each
-tensor (an ``OutLeaf``, made when its turn comes and dropped after), so a model of any size
-needs about its largest tensor in memory. Files are split as Hugging Face does: in order, a
+tensor (an ``OutLeaf``, made when its turn comes, a little ahead of the write on a thread of
+its own: ``pipeline.py``, and dropped after), so a model of any size needs about its largest
+tensor in memory. Files are split as Hugging Face does: in order, a
 new file when the next tensor would pass the limit, a tensor bigger than the limit alone. The
 directory appears whole or not at all (a local transaction: a temporary renamed into place;
 in a bucket, files under their final names, the index last, behind an exclusive claim).
@@ -34,6 +35,7 @@ import numpy as np
 
 from stepsafe import knobs
 from stepsafe.convert.lazy_leaf import OutLeaf, grouped
+from stepsafe.convert.pipeline import Ahead
 from stepsafe.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -103,7 +105,16 @@ def write_safetensors(
     for name in extra_files or {}:
         if name in files or name == INDEX or "/" in name or name in ("", ".", ".."):
             raise ConfigError(f"extra file {name!r} cannot be written beside the weights")
-    contents = [(file, _file_bytes(group, on_bytes)) for file, group in zip(files, groups)]
+    url = str(directory)
+    ahead = Ahead(  # made in the order written
+        [leaf for group in groups for _, leaf in group],
+        bucket=is_bucket(url),
+    )
+    firsts = [sum(len(g) for g in groups[:k]) for k in range(len(groups))]
+    contents = [
+        (file, _file_bytes(group, on_bytes, ahead, first))
+        for file, group, first in zip(files, groups, firsts)
+    ]
     extras = [(name, iter([bytes(body)])) for name, body in (extra_files or {}).items()]
     if len(files) > 1:  # the index last: readers look for it first
         index = {
@@ -113,15 +124,17 @@ def write_safetensors(
         contents += [*extras, (INDEX, iter([json.dumps(index, indent=2).encode()]))]
     else:  # the one file last
         contents = [*extras, *contents]
-    url = str(directory)
     storage, path = storage_for(url if "://" in url else os.path.abspath(url))
-    if not is_bucket(url):
-        with storage.transaction(path) as txn:
-            for file, chunks in contents:
-                txn.write_file(file, chunks)
-            txn.commit()
-    else:
-        _upload(storage, path, contents, exclusive_last=len(files) > 1)
+    try:
+        if not is_bucket(url):
+            with storage.transaction(path) as txn:
+                for file, chunks in contents:
+                    txn.write_file(file, chunks)
+                txn.commit()
+        else:
+            _upload(storage, path, contents, exclusive_last=len(files) > 1)
+    finally:
+        ahead.close()
     return [file for file, _ in contents]
 
 
@@ -215,8 +228,13 @@ def _dtype_name(name: str, dtype: Any) -> str:
 
 
 def _file_bytes(
-    group: list[tuple[str, OutLeaf]], on_bytes: Callable[[int], None] | None
+    group: list[tuple[str, OutLeaf]],
+    on_bytes: Callable[[int], None] | None,
+    ahead: Ahead,
+    first: int,
 ) -> Iterator[bytes | memoryview]:
+    """A file's bytes: its header, then its tensors' (``group``: arrays ``first`` .. of
+    ``ahead``, made there a little ahead of the write)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for name, leaf in group:
@@ -229,14 +247,15 @@ def _file_bytes(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     yield struct.pack("<Q", len(raw)) + raw
-    for name, leaf in group:
+    for i, (name, _) in enumerate(group, first):
         try:
-            for a in leaf.blocks():  # the tensor whole, or block by block when it is big
+            for a in ahead.blocks(i):  # the tensor whole, or block by block when it is big
                 if a.dtype.byteorder == ">":
                     a = a.astype(a.dtype.newbyteorder("<"))
-                yield memoryview(a.reshape(-1).view(np.uint8))
+                yield memoryview(a.reshape(-1).view(np.uint8))  # the storage cuts its writes
                 if on_bytes is not None:
                     on_bytes(a.nbytes)
+                del a  # written: its buffer may take the next block
         except ManifestError as e:
             raise StepsafeError(f"tensor {name!r}: {e}: nothing was written") from e
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from stepsafe import knobs
 from stepsafe.arrays import is_leaf
+from stepsafe.convert.buffers import empty
 from stepsafe.convert.lazy_leaf import OutLeaf
 from stepsafe.errors import ConfigError
 from stepsafe.format.manifest import Box
@@ -170,10 +171,15 @@ class _Stacked:
         self._data: np.ndarray | None = None
 
     def layer(self, i: int) -> np.ndarray:
+        """Layer ``i``, copied once out of the stacked array into a C-contiguous array (a
+        reused buffer on a pipeline's thread: ``buffers.empty``): row by row, each row's run
+        of the layer contiguous, whatever the axis."""
         with self._lock:
             if self._data is None:
                 self._data = self.leaf.made()
-            out = np.array(np.take(self._data, i, axis=self.axis))  # a copy; 0-d stays 0-d
+            data, ax = self._data, self.axis
+            out = empty((*data.shape[:ax], *data.shape[ax + 1 :]), data.dtype)
+            np.copyto(out, data[(slice(None),) * ax + (slice(i, i + 1),)].reshape(out.shape))
             self.left -= 1
             if self.left == 0:
                 self._data = None

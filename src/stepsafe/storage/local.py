@@ -78,18 +78,21 @@ _start_writeback = _libc_sync_file_range()
 def write_all(fd: int, chunks: Iterable[memoryview | bytes]) -> int:
     """Write every chunk; every few MiB, ask the kernel to start writing them to disk
     (``sync_file_range``, non-blocking) so that the final fsync finds most of the file already
-    there. Measured: 25-45% faster durable writes than write-everything-then-fsync."""
+    there. Measured: 25-45% faster durable writes than write-everything-then-fsync. A big chunk
+    (a whole tensor of a conversion) goes in writes of that many MiB, writeback started between
+    them: one write(2) of tens of MiB took the kernel 1.5-5x the system time of the same bytes
+    in 1 MiB writes (1.33 GB exported to safetensors in 1.5-3.2 s, 1.0 s in pieces)."""
     total = kicked = 0
     kick = knobs.WRITEBACK_KICK_BYTES  # once, not per chunk
     for chunk in chunks:
         view = memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
         while len(view):
-            n = os.write(fd, view[:_MAX_WRITE])
+            n = os.write(fd, view[: min(kick, _MAX_WRITE)])
             view = view[n:]
             total += n
-        if _start_writeback is not None and total - kicked >= kick:
-            _start_writeback(fd, kicked, total - kicked)
-            kicked = total
+            if _start_writeback is not None and total - kicked >= kick:
+                _start_writeback(fd, kicked, total - kicked)
+                kicked = total
         del chunk, view  # before the stream makes its next chunk (maybe a whole array)
     return total
 
