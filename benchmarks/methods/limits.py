@@ -1,7 +1,8 @@
 """The machine's limits for the same byte count: disk write/read and memory copies.
 
-``Disk`` writes one reused buffer like ``dd ... conv=fdatasync`` and reads the file back into one
-reused buffer: the disk alone, with no page faults. ``Memcpy`` copies the state's bytes into fresh
+``Disk`` writes one reused buffer like ``dd ... oflag=direct conv=fdatasync`` (around the page
+cache: ``benchmarks.direct``) and reads the file back into one reused buffer: the disk alone,
+with no page faults. ``Memcpy`` copies the state's bytes into fresh
 memory (page faults included, as a restore into new arrays pays) and into pre-touched memory.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import states
+from benchmarks.direct import ALIGN, aligned, finish, open_write, write_at
 from benchmarks.methods.base import Method
 
 BLOCK = 64 << 20
@@ -24,20 +26,20 @@ class Disk(Method):
 
     def make(self, state: str) -> Any:
         total = states.nbytes(state)
-        block = np.random.default_rng(0).integers(0, 256, min(total, BLOCK), dtype=np.uint8)
-        return {"total": total, "block": memoryview(block)}
+        block = aligned(-(-min(total, BLOCK) // ALIGN) * ALIGN)
+        block[:] = np.random.default_rng(0).integers(0, 256, len(block), dtype=np.uint8).data
+        return {"total": total, "block": block}
 
     def save(self, path: str, tree: Any) -> None:
         left, block = tree["total"], tree["block"]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd, direct = open_write(path)
         try:
+            pos = 0
             while left:
-                view = block[: min(left, len(block))]
-                while view:
-                    n = os.write(fd, view)
-                    left -= n
-                    view = view[n:]
-            os.fdatasync(fd)
+                n = min(left, len(block))
+                write_at(fd, block, n, pos, direct)
+                pos, left = pos + n, left - n
+            finish(fd, pos, direct)
         finally:
             os.close(fd)
 

@@ -25,6 +25,7 @@ from stepsafe.errors import (
     TruncatedDataError,
 )
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
+from stepsafe.storage.direct_write import open_direct, write_direct
 from stepsafe.storage.regular_files import open_regular, read_whole
 from stepsafe.storage.temporaries import (
     stale_temporaries,
@@ -35,6 +36,7 @@ from stepsafe.storage.temporaries import (
 from stepsafe.storage.threads import run_all
 
 _MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under
+DIRECT_SUFFIX = ".data"  # checkpoint data files: written around the page cache (direct_write)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -164,10 +166,13 @@ class LocalTransaction(Transaction):
                 while p != self.tmp:
                     self._dirs.add(p)
                     p = p.parent
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if relpath.endswith(DIRECT_SUFFIX):  # a data file: big, written once, not reread
+                fd, direct = open_direct(target)
+            else:
+                fd, direct = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), False
             self._mine.append(target)
             try:
-                size = write_all(fd, chunks)
+                size = write_direct(fd, chunks, write_all) if direct else write_all(fd, chunks)
                 if size >= knobs.SYNC_NOW_BYTES:  # the disk works while other threads still write
                     os.fsync(fd)
                 else:
