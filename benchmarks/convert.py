@@ -83,17 +83,32 @@ AXIS = 1  # MaxText's param_scan_axis
 CASES = (
     "copy-user", "copy-kernel", "param-only", "unstack", "param-only-stacked", "to-safetensors",
     "from-safetensors", "safetensors-load+save", "param-only-blocks", "to-orbax", "from-orbax",
-    "orbax-restore", "orbax-peer", "orbax-largest",
+    "from-orbax-sharded", "orbax-restore", "orbax-peer", "orbax-largest",
 )  # fmt: skip
 HF_IN = ("from-safetensors", "safetensors-load+save")  # the cases that read the HF directory
 ORBAX_IN = (
     "from-orbax",
+    "from-orbax-sharded",
     "orbax-restore",
     "orbax-peer",
     "orbax-largest",
 )  # ... that read the Orbax checkpoint
 ORBAX = ("to-orbax", *ORBAX_IN)  # the cases that import orbax-checkpoint (and JAX)
 ORBAX_STEP = 0  # the Orbax checkpoint's step, as MaxText's param-only ones
+SHARDS = 8  # from-orbax-sharded's source: the params saved from 8 CPU devices, axis 0 sharded
+SHARDED_SAVE = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import stepsafe
+from benchmarks.convert_fns import orbax_save
+mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+def put(a):
+    spec = P("fsdp") if a.ndim and a.shape[0] % len(jax.devices()) == 0 else P()
+    return jax.device_put(a, NamedSharding(mesh, spec))
+params = jax.tree.map(put, stepsafe.restore(sys.argv[1], select="params"))
+orbax_save({"params": params}, sys.argv[2], int(sys.argv[3]))
+"""
 BUFFER = 16 << 20
 BLOCK_BYTES = 64 << 20  # param-only-blocks' STEPSAFE_CONVERT_BLOCK_BYTES
 CASE_ENV = {"param-only-blocks": {"STEPSAFE_CONVERT_BLOCK_BYTES": str(BLOCK_BYTES)}}
@@ -150,6 +165,21 @@ def build_source(state: str, path: Path, orbax: Path | None = None) -> dict[str,
         "layers_shapes": {"/".join(s.key): list(s.shape) for s in specs
                           if s.key[0] == "params" and "layers" in s.key}, **made,
     }  # fmt: skip
+
+
+def write_orbax_sharded(src: Path, root: Path) -> dict[str, Any]:
+    """The params of ``src`` saved by orbax-checkpoint from jax arrays sharded on axis 0 over
+    ``SHARDS`` CPU devices, as an FSDP-sharded MaxText job saves them (a chunk per shard);
+    in a process of its own (the device count is set before JAX starts)."""
+    t0 = time.perf_counter()
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE.parent)]))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={SHARDS}"}  # fmt: skip
+    subprocess.run([sys.executable, "-c", SHARDED_SAVE, str(src), str(root), str(ORBAX_STEP)],
+                   env=env, check=True)  # fmt: skip
+    nbytes, count = fsutil.disk_usage(root)
+    return {"on_disk": nbytes, "file_count": count, "seconds": time.perf_counter() - t0,
+            "shards": SHARDS}  # fmt: skip
 
 
 def write_orbax(tree: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -254,7 +284,7 @@ def _orbax_case(case: str, src: Path, dst: Path, key: str | None) -> dict[str, A
     if case == "to-orbax":
         done = export_orbax(str(src), str(dst), param_only=True)
         return {"bytes": done.nbytes, "step": done.step}
-    if case == "from-orbax":
+    if case in ("from-orbax", "from-orbax-sharded"):
         return _convert(case, src / str(ORBAX_STEP), dst)
     t0 = time.perf_counter()
     tree = orbax_restore(str(src), ORBAX_STEP, key if case == "orbax-largest" else None)
@@ -420,6 +450,8 @@ def source_reads_regions(src: Path) -> bool:
 
 def child(a: argparse.Namespace) -> None:
     read = a.hf if a.case in HF_IN else a.orbax if a.case in ORBAX_IN else a.src
+    if a.case == "from-orbax-sharded":
+        read = a.orbax_sharded
     rec = run_case(a.case, Path(read), Path(a.dst), a.key)
     if a.case == "param-only-blocks":
         rec["source_regions"] = source_reads_regions(Path(a.src))
@@ -446,11 +478,13 @@ def write_hf(src: Path, hf: Path) -> dict[str, Any]:
 
 def one(
     a: argparse.Namespace, case: str, repeat: int, src: Path, cold: str, hf: Path | None = None,
-    orbax: Path | None = None,
+    orbax: Path | None = None, sharded: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     dst = a.scratch / f"out-{case}"
     fsutil.remove(dst)
     read = hf if case in HF_IN and hf else orbax if case in ORBAX_IN and orbax else src
+    if case == "from-orbax-sharded" and sharded is not None:
+        read = sharded
     fsutil.evict(read, cold)
     out = a.scratch / "case.json"
     cmd = [sys.executable, "-m", "benchmarks.convert", "--case", case, "--src", str(src),
@@ -459,6 +493,8 @@ def one(
         cmd += ["--hf", str(hf)]
     if orbax is not None:
         cmd += ["--orbax", str(orbax), "--key", a.largest]
+    if sharded is not None:
+        cmd += ["--orbax-sharded", str(sharded)]
     path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE.parent)]))
     env = {**os.environ, **CASE_ENV.get(case, {}), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     load = os.getloadavg()[0]
@@ -502,6 +538,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--hf", help=argparse.SUPPRESS)
     p.add_argument("--orbax", help=argparse.SUPPRESS)
+    p.add_argument("--orbax-sharded", help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -540,6 +577,13 @@ def main(argv: list[str] | None = None) -> None:
         if made := run["source"].get("orbax"):
             print(f"Orbax checkpoint: {made['on_disk'] / 1e9:.2f} GB in {made['file_count']} "
                   f"files, {made['seconds']:.1f} s", flush=True)  # fmt: skip
+        sharded = None
+        if "from-orbax-sharded" in cases:
+            sharded = a.scratch / "orbax-sharded"
+            run["source"]["orbax_sharded"] = made = write_orbax_sharded(src, sharded)
+            print(f"Orbax checkpoint saved from {SHARDS} devices: "
+                  f"{made['on_disk'] / 1e9:.2f} GB in {made['file_count']} files, "
+                  f"{made['seconds']:.1f} s", flush=True)  # fmt: skip
         hf = None
         if any(c in HF_IN for c in cases):
             hf = a.scratch / "hf"
@@ -549,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{made['file_count']} files, {made['seconds']:.1f} s", flush=True)  # fmt: skip
         for r in range(a.repeats):
             for case in cases:
-                run["records"].append(one(a, case, r, src, cold, hf, orbax))
+                run["records"].append(one(a, case, r, src, cold, hf, orbax, sharded))
                 print(_brief(run["records"][-1]), flush=True)
     finally:
         fsutil.remove(a.scratch)
