@@ -45,7 +45,7 @@ REGISTRY: dict[str, Entry] = {
         "async",
         "stepsafe async (thread), numpy leaves: staging buffers of an earlier save reused",
     ),
-    "raw": Entry("raw", "Raw", "sync", "raw write+fsync / readinto"),
+    "raw": Entry("raw", "Raw", "sync", "raw O_DIRECT write+fsync / readinto"),
     "one-object": Entry(
         "one_object", "OneObject", "sync", "one object, same client (best variant)", BUCKETS
     ),
@@ -55,7 +55,7 @@ REGISTRY: dict[str, Entry] = {
     "dcp-async": Entry("torch_dcp", "DcpAsync", "async", "torch DCP async_save"),
     "orbax": Entry("orbax", "Orbax", "sync", "Orbax (sync Checkpointer)", DISK + BUCKETS),
     "orbax-async": Entry("orbax", "OrbaxAsync", "async", "Orbax StandardCheckpointer (async)"),
-    "disk": Entry("limits", "Disk", "sync", "limit: dd write+fdatasync / read"),
+    "disk": Entry("limits", "Disk", "sync", "limit: dd oflag=direct write+fdatasync / read"),
     "memcpy": Entry("limits", "Memcpy", "memcpy", "limit: memcpy"),
 }
 

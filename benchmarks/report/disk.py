@@ -98,7 +98,7 @@ def _limits_table(runs: Runs, state: str, methods: list[str]) -> list[str]:
     rows = []
     if "disk" in methods:
         rows += [
-            ("write + fdatasync (dd-like, one reused 64 MiB buffer)", "disk", "save", "seconds"),
+            ("O_DIRECT write + fdatasync (dd-like, one 64 MiB buffer)", "disk", "save", "seconds"),
             ("cold read (cache dropped) into one reused buffer", "disk", "cold", "seconds"),
             ("warm read into one reused buffer", "disk", "warm", "seconds"),
         ]
