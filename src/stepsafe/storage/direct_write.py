@@ -19,6 +19,7 @@ what is written. The file is fsynced by its caller as any other.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -33,16 +34,21 @@ _local = threading.local()
 
 
 def open_direct(path: str | os.PathLike[str]) -> tuple[int, bool]:
-    """Create ``path`` exclusively for writing; (fd, whether it is open for direct I/O):
-    direct when ``knobs.DIRECT_WRITE_BUFFER_BYTES`` is on and the filesystem accepts it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if knobs.DIRECT_WRITE_BUFFER_BYTES and hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, flags | os.O_DIRECT, 0o644), True
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-    return os.open(path, flags, 0o644), False
+    """Create ``path`` exclusively for writing; (fd, whether it is set for direct I/O): direct
+    when ``knobs.DIRECT_WRITE_BUFFER_BYTES`` is on and the filesystem accepts it. The flag is
+    set after the file is made: a filesystem that refuses ``O_DIRECT`` at open has made the
+    file already (ramfs), so opening it again with ``O_EXCL`` would fail."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    if not knobs.DIRECT_WRITE_BUFFER_BYTES or not hasattr(os, "O_DIRECT"):
+        return fd, False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            os.close(fd)
+            raise
+        return fd, False
+    return fd, True
 
 
 def _buffer() -> memoryview:
@@ -57,11 +63,14 @@ def _buffer() -> memoryview:
 
 
 def write_direct(
-    fd: int, chunks: Iterable[memoryview | bytes], buffered: Callable[[int, Iterable], int]
+    fd: int, chunks: Iterable[memoryview | bytes], buffered: Callable[..., int]
 ) -> int:
-    """Write every chunk to ``fd`` (opened with ``O_DIRECT``, empty) in order; the bytes
-    written. Should the filesystem refuse a direct write, ``O_DIRECT`` is turned off on ``fd``
-    and the rest goes through ``buffered(fd, chunks)`` (what is in the buffer first).
+    """Write every chunk to ``fd`` (set for ``O_DIRECT``, empty) in order; the bytes written.
+    Should the filesystem refuse a direct write (EINVAL: an unaligned length it cut a write
+    to, under a file size limit; a filesystem that takes the flag and not the writes),
+    ``O_DIRECT`` is turned off on ``fd`` and the rest, that buffer first, goes through
+    ``buffered(fd, chunks, start)`` from where the direct writes stopped: the same bytes, and
+    a real error (EFBIG) raised as itself.
 
     Raises:
         OSError: as the writes raised it (a full disk, a size limit).
@@ -76,37 +85,43 @@ def write_direct(
         padded = -(-n // ALIGN) * ALIGN
         if padded > n:
             buf[n:padded] = bytes(padded - n)
-        if direct:
-            try:
-                _pwrite_all(fd, buf[:padded], pos)
-                pos += n
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL or pos:
-                    raise
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                direct = False
-        pos += buffered(fd, [buf[:n]])
+        try:
+            _pwrite_all(fd, buf[:padded], pos)
+            pos += n
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        os.lseek(fd, pos, os.SEEK_SET)  # pwrite never moved the position
+        direct = False
+        pos += buffered(fd, [buf[:n]], pos)
 
-    it = iter(chunks)
-    for chunk in it:
-        view = memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
-        while len(view):
-            take = min(len(view), size - fill)
-            buf[fill : fill + take] = view[:take]
-            fill += take
-            view = view[take:]
-            if fill == size:
-                flush(fill)
-                fill = 0
-                if not direct:  # the filesystem refused: the rest the buffered way
-                    return pos + buffered(fd, _rest(view, it))
-        del chunk, view  # before the stream makes its next chunk (maybe a whole array)
-    if fill:
-        flush(fill)
-        if pos % ALIGN and direct:
-            os.ftruncate(fd, pos)  # the last write's padding off
-    return pos
+    try:
+        it = iter(chunks)
+        for chunk in it:
+            view = (
+                memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
+            )
+            while len(view):
+                take = min(len(view), size - fill)
+                buf[fill : fill + take] = view[:take]
+                fill += take
+                view = view[take:]
+                if fill == size:
+                    flush(fill)
+                    fill = 0
+                    if not direct:  # refused: the rest the buffered way
+                        pos += buffered(fd, _rest(view, it), pos)
+                        return pos
+            del chunk, view  # before the stream makes its next chunk (maybe a whole array)
+        if fill:
+            flush(fill)
+        return pos
+    finally:
+        if pos % ALIGN or not direct:
+            with contextlib.suppress(OSError):  # the padding, or a partial direct write, off
+                os.ftruncate(fd, pos)
 
 
 def _rest(view: memoryview, chunks: Iterable[memoryview | bytes]) -> Iterable:
