@@ -97,7 +97,7 @@ def _in_mount(tmp_path: Path, mount: str, n: int, env: dict | None = None) -> st
     script.write_text(SAVE_SCRIPT)
     mnt = tmp_path / "mnt"
     mnt.mkdir(exist_ok=True)
-    cmd = f"{mount} {mnt} && {PY} {script} {mnt} {n}"
+    cmd = f"{mount} {mnt} || exit 77; {PY} {script} {mnt} {n}"
     r = subprocess.run(
         ["unshare", "-m", "sh", "-c", cmd],
         capture_output=True,
@@ -105,6 +105,8 @@ def _in_mount(tmp_path: Path, mount: str, n: int, env: dict | None = None) -> st
         timeout=120,
         env={**os.environ, **(env or {})},
     )
+    if r.returncode == 77:  # no loop device or ramfs here (a container): nothing to test
+        pytest.skip(f"cannot mount here: {r.stderr.strip()[-200:]}")
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -147,6 +149,8 @@ def _fsize(tmp_path: Path, n: int, limit: int, buffer: int | None = 65536) -> st
             **({} if buffer is None else {"STEPSAFE_DIRECT_WRITE_BUFFER_BYTES": str(buffer)}),
         },
     )
+    if r.returncode == 77:  # no loop device or ramfs here (a container): nothing to test
+        pytest.skip(f"cannot mount here: {r.stderr.strip()[-200:]}")
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
