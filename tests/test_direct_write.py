@@ -88,8 +88,8 @@ def test_refused_at_the_first_write_goes_on_buffered(tmp_path, small_buffer, mon
     data = os.urandom(size)
     n, direct = _write(tmp_path / "f.data", data, 3000)
     assert n == size and (tmp_path / "f.data").read_bytes() == data
-    if direct:
-        assert refused == [0]
+    if direct:  # a file smaller than the buffer is never written direct
+        assert refused == ([0] if size >= 8192 else [])
 
 
 def test_a_save_with_direct_writes_off_or_on_reads_back_alike(tmp_path, monkeypatch):
