@@ -96,3 +96,15 @@ def small_transfers():
     knobs.CONCURRENT_BYTES = 24 << 20  # the process default budget follows the knob
     yield
     knobs.CONCURRENT_BYTES = default
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A 2x2 mesh ("data", "model") of the 4 CPU devices set above (JAX imported only here)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    assert len(devices) == 4, "XLA_FLAGS above sets 4 CPU devices"
+    return Mesh(np.array(devices).reshape(2, 2), ("data", "model"))

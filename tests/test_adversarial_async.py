@@ -32,13 +32,6 @@ from stepsafe.manager import CheckpointManager, ManagerOptions  # noqa: E402
 from stepsafe.storage.local import LocalTransaction  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    devices = jax.devices()
-    assert len(devices) == 4, "tests/conftest.py sets 4 CPU devices"
-    return Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
-
-
 @pytest.fixture
 def slow_disk(monkeypatch):
     """Every file of a save is written 0.2 s late: the caller runs on meanwhile."""

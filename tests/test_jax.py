@@ -10,20 +10,12 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import stepsafe  # noqa: E402
 from stepsafe.format import CheckpointReader  # noqa: E402
 from stepsafe.storage.local import LocalStorage  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    devices = jax.devices()
-    assert len(devices) == 4, "tests/conftest.py sets 4 CPU devices"
-    return Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
-
 
 SPECS = [
     P(),

@@ -21,6 +21,7 @@ import pytest
 
 ocp = pytest.importorskip("orbax.checkpoint")
 import jax  # noqa: E402
+from test_convert_blocks import MEASURE as CONVERT_MEASURE  # noqa: E402
 from test_orbax_buckets import gcs_url  # noqa: E402, F401  (a fixture)
 
 import stepsafe  # noqa: E402
@@ -234,23 +235,9 @@ def test_a_conversion_reads_a_big_array_by_regions_of_whole_chunks(tmp_path, mon
     assert same(got.read_array("params/one"), one)
 
 
-MEASURE = """
-import json, sys
-import jax, orbax.checkpoint  # imported, and JAX's CPU backend up, before the peak is reset
-jax.devices()
-from stepsafe.convert import convert_checkpoint
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) restarts from the current RSS
-before = status("VmRSS")
-convert_checkpoint(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))
-print(json.dumps({"rise": status("VmHWM") - before}))
-"""
+# test_convert_blocks' measurement, with orbax-checkpoint imported and JAX's CPU backend up
+# before the peak is reset, as in a MaxText process
+MEASURE = "import jax, orbax.checkpoint\njax.devices()\n" + CONVERT_MEASURE
 
 
 @pytest.fixture(scope="module")
