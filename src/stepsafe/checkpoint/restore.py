@@ -109,7 +109,13 @@ def _wants_jax(target: Any) -> bool:
     return jax is not None and isinstance(target, jax.Array | jax.ShapeDtypeStruct)
 
 
+AS_SAVED = LeafPlan(lambda: None, lambda _: None)  # ``plan_leaf``: the array as saved, on the host
+
+
 def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool) -> LeafPlan:
+    """Check leaf ``key`` against ``target`` (nothing is read) and say how to restore it:
+    ``AS_SAVED`` when the leaf is the saved array itself in host memory (no target, or a host
+    target of the saved dtype), which ``_restore_all`` reads in one batch; else a plan."""
     manifest = reader.manifest
     if key in manifest.values:
         value = _restore_value(key, manifest.values[key], target, allow_cast)
@@ -135,8 +141,11 @@ def plan_leaf(reader: CheckpointReader, key: str, target: Any, allow_cast: bool)
             lambda read: assemble(entry.shape, dtype, sharding, read.outs),
             entry.nbytes,
         )
-    if target is None:
-        return LeafPlan(lambda: reader.plan(key), lambda read: read.outs.popitem()[1])
+    if target is None or (
+        not isinstance(target, (bool, int, float, np.generic))
+        and np.dtype(target.dtype) == entry.dtype
+    ):
+        return AS_SAVED
     return LeafPlan(
         lambda: reader.plan(key),
         lambda read: place_array(key, read.outs.popitem()[1], target),
@@ -308,6 +317,18 @@ def _restore_leaves(
 def _restore_all(
     reader: CheckpointReader, keys: list[str], targets: list[Any], verify: bool, allow_cast: bool
 ) -> list:
-    """Check every leaf against the checkpoint first (nothing is read before), then read them."""
+    """Check every leaf against the checkpoint first (nothing is read before), then read them:
+    arrays restored as saved into host memory in one batch, the others a window at a time."""
     plans = [plan_leaf(reader, k, t, allow_cast) for k, t in zip(keys, targets)]
-    return restore_in_windows(reader, keys, plans, verify)
+    saved = [i for i, p in enumerate(plans) if p is AS_SAVED]
+    if not saved:
+        return restore_in_windows(reader, keys, plans, verify)
+    out: list[Any] = [None] * len(keys)
+    for i, array in zip(saved, reader.read_arrays([keys[i] for i in saved], verify)):
+        out[i] = array
+    rest = [i for i, p in enumerate(plans) if p is not AS_SAVED]
+    if rest:
+        made = restore_in_windows(reader, [keys[i] for i in rest], [plans[i] for i in rest], verify)
+        for i, leaf in zip(rest, made):
+            out[i] = leaf
+    return out
