@@ -1,6 +1,6 @@
-"""A local commit renames only once every file and directory of the checkpoint is fsynced, now
-that small files are fsynced on the I/O threads as soon as each is written; a failed fsync
-fails the save and commits nothing. ``_fsync`` is wrapped, not replaced: the real fsyncs run."""
+"""A local commit renames only once every file and directory of the checkpoint is fsynced, and
+the parent after; a failed fsync fails the save and commits nothing. ``_fsync`` is wrapped, not
+replaced: the real fsyncs run."""
 
 from __future__ import annotations
 

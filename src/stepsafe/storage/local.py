@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 
 from stepsafe import knobs
@@ -34,7 +33,7 @@ from stepsafe.storage.temporaries import (
     temporary_target,
     writer_alive_here,
 )
-from stepsafe.storage.threads import io_pool, run_all
+from stepsafe.storage.threads import run_all
 
 _MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under
 DIRECT_SUFFIX = ".data"  # checkpoint data files: written around the page cache (direct_write)
@@ -130,7 +129,7 @@ class LocalTransaction(Transaction):
         except OSError as e:
             raise self._error("creating its directory", e) from e
         self._dirs: set[Path] = {self.tmp}
-        self._syncing: list[Future] = []  # fsyncs of small files, started as they were written
+        self._unsynced: list[Path] = []
         self._mine: list[Path] = []  # what a joined writer removes on abort
         self._done = False
 
@@ -178,31 +177,23 @@ class LocalTransaction(Transaction):
                 size = write_direct(fd, chunks, write_all) if direct else write_all(fd, chunks)
                 if size >= knobs.SYNC_NOW_BYTES:  # the disk works while other threads still write
                     os.fsync(fd)
+                else:
+                    self._unsynced.append(target)
             finally:
                 os.close(fd)
-            if size < knobs.SYNC_NOW_BYTES:  # synced on an I/O thread while the next is made
-                self._syncing.append(io_pool().submit(_fsync, target))
         except OSError as e:
             if not e.filename:
                 e.filename = str(target)
             raise self._error(f"writing {relpath}", e) from e
 
     def prepare(self) -> None:
-        """Wait for the small files' fsyncs (started as each was written, so that a tiny
-        checkpoint's data file is on its way to disk while its manifest is made) and fsync the
-        directories concurrently, so the filesystem can fold them into few journal commits."""
-        syncing, self._syncing = self._syncing, []
+        """fsync what is left (small files, directories) concurrently, so the filesystem can
+        fold them into one journal commit."""
         try:
-            run_all(_fsync, list(self._dirs))
+            run_all(_fsync, [*self._unsynced, *self._dirs])
         except OSError as e:
             raise self._error("syncing its files to disk", e) from e
-        finally:
-            errors = [f.exception() for f in syncing]  # all of them: none left running
-        for e in errors:
-            if isinstance(e, OSError):
-                raise self._error("syncing its files to disk", e) from e
-            if e is not None:
-                raise e
+        self._unsynced = []
 
     def commit(self) -> None:
         """``prepare``, then rename and fsync the parent.
