@@ -34,7 +34,7 @@ PY = sys.executable
 def buf64k(monkeypatch):
     """A 64 KiB buffer: every edge of it is cheap to reach."""
     monkeypatch.setattr(knobs, "DIRECT_WRITE_BUFFER_BYTES", 65536)
-    monkeypatch.setattr(direct_write._local, "buffer", None, raising=False)
+    monkeypatch.setattr(direct_write._local, "buffers", None, raising=False)
 
 
 def _same(a, b) -> bool:

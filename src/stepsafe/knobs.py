@@ -117,9 +117,11 @@ KNOBS = {
              "soon as it is written, so the disk works while other threads still write; "
              "smaller ones are fsynced together at commit."),
         Knob("DIRECT_WRITE_BUFFER_BYTES", 8 << 20, "bytes", "Data files on a local disk are "
-             "written with O_DIRECT through a reused aligned buffer of this size per thread that "
-             "writes them (storage.direct_write; kept for the process's life: up to IO_THREADS "
-             "of them), around the page cache; 0: buffered writes.", minimum=0),
+             "written with O_DIRECT, around the page cache, through two reused aligned buffers "
+             "of this size per thread that writes them, one written while the other fills "
+             "(storage.direct_write; kept for the process's life: up to 2 x IO_THREADS of them, "
+             "the second touched only by files bigger than one buffer); 0: buffered writes.",
+             minimum=0),
         Knob("WRITEBACK_KICK_BYTES", 8 << 20, "bytes", "Writeback of a file being written is "
              "started after every this many bytes (``sync_file_range``), so that the final "
              "fsync finds little left to do."),

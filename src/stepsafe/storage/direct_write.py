@@ -1,4 +1,4 @@
-"""Data files written around the page cache (``O_DIRECT``), through one reused aligned buffer.
+"""Data files written around the page cache (``O_DIRECT``), through two reused aligned buffers.
 
 A buffered write copies every byte into page-cache pages the kernel allocates for it. On a
 virtual machine that hands freed memory back to its host (virtio-balloon free page reporting),
@@ -17,15 +17,32 @@ stream's chunks are gathered into the buffer, written a full buffer at a time, t
 zero-padded to the alignment and the file then cut to its true size. A filesystem that
 refuses ``O_DIRECT`` (at open, or at a write) gets the same bytes written the buffered way: the
 flag is a speed hint, never a change in what is written. The file is fsynced by its caller.
+
+A direct write blocks until the device has the bytes, so with one buffer the thread took turns:
+fill (copy, and the caller's stream computing checksums), then wait for the disk. A file bigger
+than a buffer is double-buffered instead: a short-lived thread of its own writes each full
+buffer while the caller fills the other (1.2 GB of float32 in one data file, 2 cores, VM disk,
+median of 9: 0.83 s -> 0.58 s; 4 GB in one file, median of 3: 3.28 s -> 2.31 s; the same CPU
+seconds within this machine's noise; a 4 GB save split in two files, written by two threads
+already, did not change: 2.35 s -> 2.30 s). The helper writes and the caller fills, not the
+other way round: the caller's stream (a generator that may hold locks or device buffers, and
+whose errors must come out as they are) stays in the caller's thread, and only ``pwrite``,
+which releases the GIL, moves. One thread per file, joined before ``write_direct`` returns: a
+forked child never inherits one, and a file that fits in one buffer starts none. Memory: two
+buffers of ``DIRECT_WRITE_BUFFER_BYTES`` per thread that writes data files (16 MiB at the
+default 8 MiB), kept for the process's life; the second is touched only by bigger files.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
+import itertools
 import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable
 
@@ -53,84 +70,193 @@ def open_direct(path: str | os.PathLike[str]) -> tuple[int, bool]:
     return fd, True
 
 
-def _buffer() -> memoryview:
-    """This thread's aligned buffer (a private anonymous mapping: page-aligned), kept between
-    files so that its pages stay mapped."""
+def _buffers() -> tuple[memoryview, memoryview]:
+    """This thread's pair of aligned buffers (private anonymous mappings: page-aligned), kept
+    between files so that their pages stay mapped. The second is touched only by files bigger
+    than one buffer: a thread that writes only small files has the pages of one."""
     size = max(ALIGN, int(knobs.DIRECT_WRITE_BUFFER_BYTES) // ALIGN * ALIGN)
-    buf = getattr(_local, "buffer", None)
-    if buf is None or len(buf) != size:
-        buf = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
-        _local.buffer = buf
-    return buf
+    pair = getattr(_local, "buffers", None)
+    if pair is None or len(pair[0]) != size:
+        pair = tuple(
+            memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+            for _ in range(2)
+        )
+        _local.buffers = pair
+    return pair
+
+
+class _Refused(Exception):
+    """The filesystem refused a direct write (EINVAL). ``jobs``: the (buffer, bytes, offset)
+    not written, oldest (the refused one) first; the buffered way goes on from its offset."""
+
+    def __init__(self, jobs: list[tuple[memoryview, int, int]]) -> None:
+        super().__init__("direct write refused")
+        self.jobs = jobs
+
+
+class _Writer:
+    """A thread that writes full buffers while the caller fills the other one, so the CPU
+    (copy, checksums) and the disk work at once instead of taking turns.
+
+    One per file, started for its second buffer and joined before ``write_direct`` returns: a
+    forked child never inherits one, and a small file starts none. Jobs are written in the
+    order sent; after a failure nothing more is written (the rest are skipped) and the caller
+    gets the error, as itself, at its next ``send`` or ``finish``. At most two jobs are out at
+    once: one being written, one waiting (the caller's two buffers).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._todo: queue.SimpleQueue[tuple[memoryview, int, int] | None] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._sent: collections.deque[tuple[memoryview, int, int]] = collections.deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="stepsafe-direct-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failed = False
+        while (job := self._todo.get()) is not None:
+            if failed or self._stop:  # no write after a failure, or once the caller gave up
+                continue
+            try:
+                _write_block(self._fd, *job)
+            except BaseException as e:  # to the caller's thread, as itself
+                failed = True
+                self._results.put(e)
+            else:
+                self._results.put(None)
+
+    def send(self, buf: memoryview, n: int, offset: int) -> None:
+        """Queue ``buf[:n]`` for ``offset``; return once the buffer sent before it is written
+        (free to fill again).
+
+        Raises:
+            _Refused: a direct write was refused (EINVAL).
+            OSError: a write failed otherwise (ENOSPC, EFBIG, EIO).
+        """
+        self._todo.put((buf, n, offset))
+        self._sent.append((buf, n, offset))
+        while len(self._sent) > 1:
+            self._confirm()
+
+    def finish(self) -> None:
+        """Wait until every job is written.
+
+        Raises:
+            _Refused, OSError: as ``send``.
+        """
+        while self._sent:
+            self._confirm()
+
+    def _confirm(self) -> None:
+        error = self._results.get()
+        if error is None:
+            self._sent.popleft()
+            return
+        self.close()  # nothing is being written now: the unwritten buffers are the caller's
+        if isinstance(error, OSError) and error.errno == errno.EINVAL:
+            raise _Refused(list(self._sent))
+        raise error
+
+    def close(self) -> None:
+        """Skip what is still queued and join the thread (a write under way completes)."""
+        if self._thread.is_alive():
+            self._stop = True
+            self._todo.put(None)
+            self._thread.join()
 
 
 def write_direct(
     fd: int, chunks: Iterable[memoryview | bytes], buffered: Callable[..., int]
 ) -> int:
     """Write every chunk to ``fd`` (set for ``O_DIRECT``, empty) in order; the bytes written.
-    Should the filesystem refuse a direct write (EINVAL: an unaligned length it cut a write
-    to, under a file size limit; a filesystem that takes the flag and not the writes),
-    ``O_DIRECT`` is turned off on ``fd`` and the rest, that buffer first, goes through
-    ``buffered(fd, chunks, start)`` from where the direct writes stopped: the same bytes, and
-    a real error (EFBIG) raised as itself.
+    Chunks are gathered into this thread's two buffers in turn: while one is written (by a
+    ``_Writer`` thread; none for a file that fits in one buffer) the next is filled, the
+    caller's stream (its checksums) running meanwhile. Should the filesystem refuse a direct
+    write (EINVAL: an unaligned length it cut a write to, under a file size limit; a
+    filesystem that takes the flag and not the writes), ``O_DIRECT`` is turned off on ``fd``
+    and the rest, the unwritten buffers first, goes through ``buffered(fd, chunks, start)``
+    from where the direct writes stopped: the same bytes, and a real error (EFBIG) raised as
+    itself.
 
     Raises:
-        OSError: as the writes raised it (a full disk, a size limit).
+        OSError: as the writes raised it (a full disk, a size limit), in the caller's thread.
     """
-    buf = _buffer()
-    size = len(buf)
-    fill = pos = 0
+    bufs = _buffers()
+    size = len(bufs[0])
+    buf, fill, offset = bufs[0], 0, 0  # offset: where buf's first byte goes
+    writer: _Writer | None = None
+    end: int | None = None  # the file's size, once known
     direct = True
-
-    def flush(n: int) -> None:
-        nonlocal pos, direct
-        padded = -(-n // ALIGN) * ALIGN
-        if padded > n:
-            buf[n:padded] = bytes(padded - n)
-        try:
-            _pwrite_all(fd, buf[:padded], pos)
-            pos += n
-            return
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-        buffered_from_here()
-        pos += buffered(fd, [buf[:n]], pos)
-
-    def buffered_from_here() -> None:
-        nonlocal direct
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        os.lseek(fd, pos, os.SEEK_SET)  # pwrite never moved the position
-        direct = False
-
+    view = _EMPTY
+    it = iter(chunks)
     try:
-        it = iter(chunks)
         for chunk in it:
-            view = (
-                memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
-            )
+            view = memoryview(chunk) if isinstance(chunk, bytes) else memoryview(chunk).cast("B")
+            del chunk  # before the stream makes its next chunk (maybe a whole array)
             while len(view):
+                if fill == size:  # full and more to come: written while the other one fills
+                    writer = writer or _Writer(fd)
+                    writer.send(buf, fill, offset)
+                    buf, fill, offset = bufs[1] if buf is bufs[0] else bufs[0], 0, offset + size
                 take = min(len(view), size - fill)
                 buf[fill : fill + take] = view[:take]
                 fill += take
                 view = view[take:]
-                if fill == size:
-                    flush(fill)
-                    fill = 0
-                    if not direct:  # refused: the rest the buffered way
-                        pos += buffered(fd, _rest(view, it), pos)
-                        return pos
-            del chunk, view  # before the stream makes its next chunk (maybe a whole array)
-        if fill and not pos:  # all in one buffer (a small file): one buffered write and the
-            buffered_from_here()  # caller's fsync cost less than a direct write's wait
-            pos += buffered(fd, [buf[:fill]], 0)
-        elif fill:
-            flush(fill)
-        return pos
+            view = _EMPTY  # an empty slice still holds the chunk
+        if writer is not None:
+            writer.send(buf, fill, offset)
+            writer.finish()
+        elif fill == size:  # exactly one buffer: one direct write, here
+            _write_here(fd, buf, fill, offset)
+        elif fill:  # all in one buffer (a small file): one buffered write and the caller's
+            direct = False  # fsync cost less than a direct write's wait
+            _buffered_from(fd, 0)
+            return buffered(fd, [buf[:fill]], 0)
+        end = offset + fill
+        return end
+    except _Refused as refused:  # the rest the buffered way, from where direct writes stopped
+        if writer is not None:
+            writer.close()
+        direct = False
+        end = refused.jobs[0][2]
+        _buffered_from(fd, end)
+        views = [b[:n] for b, n, _ in refused.jobs]
+        end += buffered(fd, itertools.chain(views, _rest(view, it)), end)
+        return end
     finally:
-        if pos % ALIGN or not direct:
+        if writer is not None:
+            writer.close()
+        if end is not None and (end % ALIGN or not direct):
             with contextlib.suppress(OSError):  # the padding, or a partial direct write, off
-                os.ftruncate(fd, pos)
+                os.ftruncate(fd, end)
+
+
+_EMPTY = memoryview(b"")
+
+
+def _buffered_from(fd: int, pos: int) -> None:
+    """Turn ``O_DIRECT`` off on ``fd`` and put its position at ``pos`` (pwrite never moved it)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+    os.lseek(fd, pos, os.SEEK_SET)
+
+
+def _write_here(fd: int, buf: memoryview, n: int, offset: int) -> None:
+    try:
+        _write_block(fd, buf, n, offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise _Refused([(buf, n, offset)]) from None
+
+
+def _write_block(fd: int, buf: memoryview, n: int, offset: int) -> None:
+    """One direct write of ``buf[:n]`` at ``offset``, zero-padded to the alignment."""
+    padded = -(-n // ALIGN) * ALIGN
+    if padded > n:
+        buf[n:padded] = bytes(padded - n)
+    _pwrite_all(fd, buf[:padded], offset)
 
 
 def _rest(view: memoryview, chunks: Iterable[memoryview | bytes]) -> Iterable:
