@@ -254,12 +254,12 @@ def test_two_buffers_per_thread_reused_across_files(tmp_path, small_buffer, monk
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", note_source)
-    pair = direct_write._buffers()
+    pair = direct_write.thread_buffers()
     for i in range(3):
         data = os.urandom(5 * 8192 + i)
         assert _write(tmp_path / f"f{i}.data", data, 3000)[0] == len(data)
         assert (tmp_path / f"f{i}.data").read_bytes() == data
-    assert direct_write._buffers() is pair and pair[0].obj is not pair[1].obj
+    assert direct_write.thread_buffers() is pair and pair[0].obj is not pair[1].obj
     if sources:  # empty where the filesystem refuses O_DIRECT
         assert sources == {id(pair[0].obj), id(pair[1].obj)}
 

@@ -70,7 +70,7 @@ def open_direct(path: str | os.PathLike[str]) -> tuple[int, bool]:
     return fd, True
 
 
-def _buffers() -> tuple[memoryview, memoryview]:
+def thread_buffers() -> tuple[memoryview, memoryview]:
     """This thread's pair of aligned buffers (private anonymous mappings: page-aligned), kept
     between files so that their pages stay mapped. The second is touched only by files bigger
     than one buffer: a thread that writes only small files has the pages of one."""
@@ -183,7 +183,7 @@ def write_direct(
     Raises:
         OSError: as the writes raised it (a full disk, a size limit), in the caller's thread.
     """
-    bufs = _buffers()
+    bufs = thread_buffers()
     size = len(bufs[0])
     buf, fill, offset = bufs[0], 0, 0  # offset: where buf's first byte goes
     writer: _Writer | None = None

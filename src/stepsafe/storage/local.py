@@ -15,6 +15,7 @@ import errno
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from stepsafe.errors import (
     TruncatedDataError,
 )
 from stepsafe.storage.base import ReadHandle, Storage, Transaction
+from stepsafe.storage.direct_read import mostly_cached, read_direct, reopen_direct, wanted
 from stepsafe.storage.direct_write import open_direct, write_direct
 from stepsafe.storage.regular_files import open_regular, read_whole
 from stepsafe.storage.temporaries import (
@@ -252,7 +254,9 @@ def _from(views: list[memoryview], pos: int) -> list[memoryview]:
 
 
 class LocalReadHandle(ReadHandle):
-    """An open fd read with ``preadv``: thread-safe (no shared file position)."""
+    """An open fd read with ``preadv``: thread-safe (no shared file position). Big runs not in
+    the page cache are read with ``O_DIRECT`` instead (``direct_read``), through a second fd
+    opened when first needed."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -262,15 +266,28 @@ class LocalReadHandle(ReadHandle):
             raise TruncatedDataError(f"data file {path} is missing") from e
         except OSError as e:
             raise TruncatedDataError(f"data file {path} cannot be read: {e.strerror}") from e
+        self._direct: int | None = None  # the O_DIRECT fd, once opened
+        self._buffered_only = False  # the filesystem refused O_DIRECT
+        self._lock = threading.Lock()
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         self.read_run(offset, [buf])
 
+    def _direct_fd(self) -> int | None:
+        with self._lock:
+            if self._direct is None and not self._buffered_only:
+                self._direct = reopen_direct(self.fd)
+                self._buffered_only = self._direct is None
+            return self._direct
+
     def read_run(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """One ``preadv`` into every buffer (more only when it returns short)."""
+        """One ``preadv`` into every buffer (more only when it returns short); a big run that
+        is not in the page cache, with ``O_DIRECT`` (``direct_read``)."""
         views = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in bufs]
         total = sum(len(v) for v in views)
         pos = 0
+        if wanted(total) and not self._buffered_only and not mostly_cached(self.fd, offset, total):
+            pos = self._read_direct(offset, views)
         while pos < total:
             try:
                 n = os.preadv(self.fd, _from(views, pos), offset + pos)
@@ -286,8 +303,27 @@ class LocalReadHandle(ReadHandle):
                 )
             pos += n
 
+    def _read_direct(self, offset: int, views: list[memoryview]) -> int:
+        """Bytes read with ``O_DIRECT`` into ``views`` from ``offset``: all of them, or fewer
+        where the file ends early or the filesystem refused (the caller reads the rest
+        buffered, and says what is wrong)."""
+        fd = self._direct_fd()
+        if fd is None:
+            return 0
+        try:
+            return read_direct(fd, offset, views)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise TruncatedDataError(
+                    f"data file {self.path} cannot be read: {e.strerror}"
+                ) from e
+            self._buffered_only = True
+            return 0
+
     def close(self) -> None:
         os.close(self.fd)
+        if self._direct is not None:
+            os.close(self._direct)
 
 
 class LocalStorage(Storage):
