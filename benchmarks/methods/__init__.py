@@ -45,7 +45,7 @@ REGISTRY: dict[str, Entry] = {
         "async",
         "stepsafe async (thread), numpy leaves: staging buffers of an earlier save reused",
     ),
-    "raw": Entry("raw", "Raw", "sync", "raw O_DIRECT write+fsync / readinto"),
+    "raw": Entry("raw", "Raw", "sync", "raw O_DIRECT write+fsync / read (O_DIRECT when cold)"),
     "one-object": Entry(
         "one_object", "OneObject", "sync", "one object, same client (best variant)", BUCKETS
     ),

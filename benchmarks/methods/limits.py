@@ -1,9 +1,10 @@
 """The machine's limits for the same byte count: disk write/read and memory copies.
 
 ``Disk`` writes one reused buffer like ``dd ... oflag=direct conv=fdatasync`` (around the page
-cache: ``benchmarks.direct``) and reads the file back into one reused buffer: the disk alone,
-with no page faults. ``Memcpy`` copies the state's bytes into fresh
-memory (page faults included, as a restore into new arrays pays) and into pre-touched memory.
+cache: ``benchmarks.direct``) and reads the file back into one reused buffer (``iflag=direct``
+when it is not cached): the disk alone, with no page faults. ``Memcpy`` copies the state's
+bytes into fresh memory (page faults included, as a restore into new arrays pays) and into
+pre-touched memory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import states
-from benchmarks.direct import ALIGN, aligned, finish, open_write, write_at
+from benchmarks.direct import ALIGN, aligned, cached, finish, open_write, read_direct, write_at
 from benchmarks.methods.base import Method
 
 BLOCK = 64 << 20
@@ -44,7 +45,12 @@ class Disk(Method):
             os.close(fd)
 
     def restore(self, path: str, state: str) -> Any:
-        buf = bytearray(min(states.nbytes(state), BLOCK))
+        """The file into one reused buffer: with ``O_DIRECT`` when it is not cached (the
+        disk alone), through the page cache when it is."""
+        size = -(-min(states.nbytes(state), BLOCK) // ALIGN) * ALIGN
+        if not cached(path) and read_direct(path, aligned(size), lambda data: None):
+            return None
+        buf = bytearray(size)
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass

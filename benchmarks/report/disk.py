@@ -99,7 +99,7 @@ def _limits_table(runs: Runs, state: str, methods: list[str]) -> list[str]:
     if "disk" in methods:
         rows += [
             ("O_DIRECT write + fdatasync (dd-like, one 64 MiB buffer)", "disk", "save", "seconds"),
-            ("cold read (cache dropped) into one reused buffer", "disk", "cold", "seconds"),
+            ("cold O_DIRECT read (cache dropped), one reused buffer", "disk", "cold", "seconds"),
             ("warm read into one reused buffer", "disk", "warm", "seconds"),
         ]
     if "memcpy" in methods:
