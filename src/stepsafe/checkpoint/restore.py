@@ -323,10 +323,11 @@ def _restore_all(
     saved = [i for i, p in enumerate(plans) if p is AS_SAVED]
     if not saved:
         return restore_in_windows(reader, keys, plans, verify)
+    rest = [i for i, p in enumerate(plans) if p is not AS_SAVED]
+    reader.check_files_of([keys[i] for i in rest])  # theirs too, before the batch reads
     out: list[Any] = [None] * len(keys)
     for i, array in zip(saved, reader.read_arrays([keys[i] for i in saved], verify)):
         out[i] = array
-    rest = [i for i, p in enumerate(plans) if p is not AS_SAVED]
     if rest:
         made = restore_in_windows(reader, [keys[i] for i in rest], [plans[i] for i in rest], verify)
         for i, leaf in zip(rest, made):

@@ -117,6 +117,18 @@ class CheckpointReader:
                     "damaged"
                 )
 
+    def check_files_of(self, keys: Sequence[str]) -> None:
+        """The data files that arrays ``keys`` lie in exist and have the sizes the manifest
+        says, checked at once before a batch allocates or reads anything (arrays on a grid:
+        when planned, their cells being in part files).
+
+        Raises:
+            TruncatedDataError: naming the file and the arrays it lost.
+        """
+        arrays = self.manifest.arrays
+        entries = [e for k in keys if (e := arrays.get(k)) is not None and e.grid is None]
+        self._check_named(list({c.file for e in entries for s in e.shards for c in s.chunks}))
+
     def _size(self, path: str, what: str) -> int | None:
         """The size of ``path``, None when it is missing."""
         try:
@@ -276,9 +288,8 @@ class CheckpointReader:
         arrays = self.manifest.arrays
         entries = [arrays[k] for k in keys]
         single = [e.grid is None and len(e.shards) == 1 for e in entries]
-        self._check_named(
-            list({c.file for e, one in zip(entries, single) if one for c in e.shards[0].chunks})
-        )
+        self.check_files_of(keys)
+        plans = {i: self.plan(keys[i]) for i, one in enumerate(single) if not one}
         outs: list[np.ndarray | None] = []
         reads: list[RangeRead] = []
         owner: list[tuple[str, Chunk]] = []
@@ -304,7 +315,6 @@ class CheckpointReader:
 
         if reads:
             self.storage.read_ranges(reads, check if verify else lambda i: None)
-        plans = {i: self.plan(keys[i]) for i, one in enumerate(single) if not one}
         self.read(list(plans.values()), verify)
         for i, plan in plans.items():
             outs[i] = next(iter(plan.outs.values()))

@@ -112,6 +112,14 @@ class _Writer:
         self._sent: collections.deque[tuple[memoryview, int, int]] = collections.deque()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="stepsafe-direct-write", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread: apart from making the writer, so that the caller holds it (and
+        its ``close``) even when an interrupt lands while the thread starts.
+
+        Raises:
+            RuntimeError: no thread can be started (a process at its thread limit).
+        """
         self._thread.start()
 
     def _run(self) -> None:
@@ -160,10 +168,13 @@ class _Writer:
         raise error
 
     def close(self) -> None:
-        """Skip what is still queued and join the thread (a write under way completes)."""
-        if self._thread.is_alive():
+        """Skip what is still queued and join the thread (a write under way completes). The
+        end marker goes in even when the thread does not run (yet): one that an interrupt
+        caught while starting still finds it, and ends."""
+        if not self._stop:
             self._stop = True
             self._todo.put(None)
+        if self._thread.ident is not None:
             self._thread.join()
 
 
@@ -187,6 +198,7 @@ def write_direct(
     size = len(bufs[0])
     buf, fill, offset = bufs[0], 0, 0  # offset: where buf's first byte goes
     writer: _Writer | None = None
+    threaded = True  # False once no thread could be started: each buffer written here
     end: int | None = None  # the file's size, once known
     direct = True
     view = _EMPTY
@@ -197,8 +209,16 @@ def write_direct(
             del chunk  # before the stream makes its next chunk (maybe a whole array)
             while len(view):
                 if fill == size:  # full and more to come: written while the other one fills
-                    writer = writer or _Writer(fd)
-                    writer.send(buf, fill, offset)
+                    if writer is None and threaded:
+                        writer = _Writer(fd)
+                        try:
+                            writer.start()
+                        except RuntimeError:  # no thread to be had: one buffer at a time, here
+                            writer, threaded = None, False
+                    if writer is not None:
+                        writer.send(buf, fill, offset)
+                    else:
+                        _write_here(fd, buf, fill, offset)
                     buf, fill, offset = bufs[1] if buf is bufs[0] else bufs[0], 0, offset + size
                 take = min(len(view), size - fill)
                 buf[fill : fill + take] = view[:take]
@@ -208,8 +228,8 @@ def write_direct(
         if writer is not None:
             writer.send(buf, fill, offset)
             writer.finish()
-        elif fill == size:  # exactly one buffer: one direct write, here
-            _write_here(fd, buf, fill, offset)
+        elif fill == size or (fill and offset):  # exactly one buffer, or the last of buffers
+            _write_here(fd, buf, fill, offset)  # written here (no thread): a direct write
         elif fill:  # all in one buffer (a small file): one buffered write and the caller's
             direct = False  # fsync cost less than a direct write's wait
             _buffered_from(fd, 0)
