@@ -12,10 +12,14 @@ Read with ``O_DIRECT``: only runs (bytes that one ``preadv`` would read) of at l
 (``knobs.DIRECT_WRITE_BUFFER_BYTES``; 0: never), and only when most of the run is not in the
 page cache (``mincore`` of a mapping of the range, which maps no page): a checkpoint read a
 moment ago, or copied in by a tool, is read from memory, many times faster than from the disk.
+Linux reports every page of a file the caller neither owns nor may write as resident, so such
+a file (another user's checkpoint) is read the buffered way: the same bytes, not faster.
 ``O_DIRECT`` wants the offset, the length and the buffer aligned, and a restore's arrays are
 neither, so the aligned span around the run is read a buffer at a time and the wanted bytes
-copied out (memory bandwidth, well above the disk's). A filesystem that refuses ``O_DIRECT``
-(at open or at a read) is read the buffered way: the same bytes.
+copied out (memory bandwidth, well above the disk's). The buffer is the reading thread's own,
+not one of its write buffers: a stream that reads as it is written (a copy of a step) runs
+inside ``write_direct``, whose buffers hold bytes on their way to the disk. A filesystem that
+refuses ``O_DIRECT`` (at open or at a read) is read the buffered way: the same bytes.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from stepsafe import knobs
-from stepsafe.storage.direct_write import ALIGN, thread_buffers
+from stepsafe.storage.direct_write import ALIGN
 
 _PAGE = mmap.PAGESIZE
+_local = threading.local()
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -76,6 +82,17 @@ def mostly_cached(fd: int, offset: int, length: int) -> bool:
     return int(np.count_nonzero(vec & 1)) * 2 > len(vec)
 
 
+def _buffer() -> memoryview:
+    """This thread's aligned read buffer (a private anonymous mapping), kept between reads so
+    that its pages stay mapped."""
+    size = max(ALIGN, int(knobs.DIRECT_WRITE_BUFFER_BYTES) // ALIGN * ALIGN)
+    buf = getattr(_local, "buffer", None)
+    if buf is None or len(buf) != size:
+        buf = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        _local.buffer = buf
+    return buf
+
+
 def read_direct(fd: int, offset: int, views: Sequence[memoryview]) -> int:
     """Fill ``views`` (byte views, one after another) from ``fd`` (opened with ``O_DIRECT``) at
     ``offset``, through this thread's aligned buffer; the bytes filled, fewer only when the
@@ -84,7 +101,7 @@ def read_direct(fd: int, offset: int, views: Sequence[memoryview]) -> int:
     Raises:
         OSError: as the reads raised it; EINVAL when the filesystem refuses direct reads.
     """
-    buf = thread_buffers()[0]
+    buf = _buffer()
     total = sum(len(v) for v in views)
     end = offset + total
     pos = offset - offset % ALIGN  # the aligned read's position in the file

@@ -313,7 +313,7 @@ class LocalReadHandle(ReadHandle):
         try:
             return read_direct(fd, offset, views)
         except OSError as e:
-            if e.errno != errno.EINVAL:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # else refused: buffered
                 raise TruncatedDataError(
                     f"data file {self.path} cannot be read: {e.strerror}"
                 ) from e
@@ -321,9 +321,10 @@ class LocalReadHandle(ReadHandle):
             return 0
 
     def close(self) -> None:
-        os.close(self.fd)
-        if self._direct is not None:
-            os.close(self._direct)
+        fds = [fd for fd in (self.fd, self._direct) if fd is not None and fd >= 0]
+        self.fd, self._direct, self._buffered_only = -1, None, True
+        for fd in fds:
+            os.close(fd)
 
 
 class LocalStorage(Storage):
