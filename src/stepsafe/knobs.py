@@ -121,8 +121,9 @@ KNOBS = {
              "of this size per thread that writes them, one written while the other fills "
              "(storage.direct_write; kept for the process's life: up to 2 x IO_THREADS of them, "
              "the second touched only by files bigger than one buffer). Restores read runs of "
-             "at least this size that are not in the page cache with O_DIRECT through the "
-             "first (storage.direct_read). 0: buffered writes and reads.",
+             "at least this size that are not in the page cache with O_DIRECT, through one "
+             "more such buffer per reading thread (storage.direct_read). 0: buffered writes and "
+             "reads.",
              minimum=0),
         Knob("WRITEBACK_KICK_BYTES", 8 << 20, "bytes", "Writeback of a file being written is "
              "started after every this many bytes (``sync_file_range``), so that the final "
