@@ -102,10 +102,11 @@ def read_direct(fd: int, offset: int, views: Sequence[memoryview]) -> int:
         OSError: as the reads raised it; EINVAL when the filesystem refuses direct reads.
     """
     buf = _buffer()
-    total = sum(len(v) for v in views)
+    src = np.frombuffer(buf, np.uint8)  # copies by numpy: they let go of the GIL, so threads
+    total = sum(len(v) for v in views)  # fill fresh pages (host faults, on a VM) side by side
     end = offset + total
     pos = offset - offset % ALIGN  # the aligned read's position in the file
-    it = iter(views)
+    it = (np.frombuffer(v, np.uint8) for v in views)
     view, at = next(it, None), 0  # the view being filled, and how much of it is
     filled = 0
     while pos < end:
@@ -115,7 +116,7 @@ def read_direct(fd: int, offset: int, views: Sequence[memoryview]) -> int:
         hi = min(end, pos + got) - pos
         while lo < hi and view is not None:
             take = min(hi - lo, len(view) - at)
-            view[at : at + take] = buf[lo : lo + take]
+            view[at : at + take] = src[lo : lo + take]
             lo, at, filled = lo + take, at + take, filled + take
             if at == len(view):
                 view, at = next(it, None), 0
