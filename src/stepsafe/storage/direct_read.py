@@ -1,5 +1,5 @@
-"""Cold reads of data files around the page cache (``O_DIRECT``), through the thread's aligned
-buffers; ranges already in the page cache are read from there.
+"""Cold reads of data files around the page cache (``O_DIRECT``), through an aligned buffer of
+the reading thread; ranges already in the page cache are read from there.
 
 A buffered read of a file that is not cached first fills page-cache pages the kernel allocates
 for it, then copies them out. On a virtual machine that hands freed memory back to its host
@@ -102,8 +102,10 @@ def read_direct(fd: int, offset: int, views: Sequence[memoryview]) -> int:
         OSError: as the reads raised it; EINVAL when the filesystem refuses direct reads.
     """
     buf = _buffer()
-    src = np.frombuffer(buf, np.uint8)  # copies by numpy: they let go of the GIL, so threads
-    total = sum(len(v) for v in views)  # fill fresh pages (host faults, on a VM) side by side
+    # Copied out by numpy, which lets go of the GIL (a memoryview assignment does not): the
+    # I/O threads fill fresh output pages (host faults, on a VM) side by side.
+    src = np.frombuffer(buf, np.uint8)
+    total = sum(len(v) for v in views)
     end = offset + total
     pos = offset - offset % ALIGN  # the aligned read's position in the file
     it = (np.frombuffer(v, np.uint8) for v in views)
