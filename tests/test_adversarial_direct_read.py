@@ -31,6 +31,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from trees import bit_exact, odd_tree
 
 import stepsafe
 from stepsafe import knobs
@@ -129,9 +130,7 @@ def _is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
-def _same(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+_same = bit_exact  # dtype, shape and bytes; dicts leaf by leaf
 
 
 # -- 1. the same bytes as a buffered read, every offset, length and split --------------------
@@ -746,18 +745,7 @@ def test_fork_while_a_thread_reads_direct(tmp_path):
 
 
 def _tree(k: int = 0) -> dict:
-    rng = np.random.default_rng(k)
-    return {
-        "f32": rng.standard_normal(200_003).astype(np.float32),
-        "bf16": rng.standard_normal((301, 257)).astype(ml_dtypes.bfloat16),
-        "c128": (rng.standard_normal(9_999) + 1j).astype(np.complex128),
-        "i4": rng.integers(-8, 8, 70_001).astype(ml_dtypes.int4),
-        "bool": rng.integers(0, 2, 65_537).astype(bool),
-        "empty": np.zeros((0, 5), np.float32),
-        "scalar": np.float64(2.5),
-        "u8": rng.integers(0, 256, 3 * BUF + 1, dtype=np.uint8),
-        "nested": {"i64": rng.integers(-(2**62), 2**62, 50_001, dtype=np.int64)},
-    }
+    return odd_tree(k, 3 * BUF + 1)
 
 
 def _uncache_dir(d: Path) -> None:
